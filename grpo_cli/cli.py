@@ -1,0 +1,119 @@
+"""The `grpo` command: train, eval, config, recipes.
+
+Every command takes Hydra-style overrides (key=value, +new_key=value, ~key, group=option). User
+mistakes print one line on stderr and exit with code 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from grpo_cli.errors import UserError
+
+app = typer.Typer(
+    name="grpo",
+    help="Train language models with GRPO (Group Relative Policy Optimization).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides in Hydra's grammar: key=value, +new_key=value, ~key, group=option.",
+                   show_default=False),
+]
+ConfigDir = Annotated[
+    Path | None,
+    typer.Option("--config-dir", "-c", help="A folder with your own recipes/ and config groups (model/, dataset/, ...).",
+                 show_default=False),
+]
+
+
+@app.command(epilog="""
+**Examples**
+
+    grpo train recipe=quickstart
+    grpo train recipe=r1_zero_math model.name_or_path=Qwen/Qwen2.5-1.5B trainer.lr=1e-6
+    grpo train recipe=gsm8k rollout.group_size=16 loss.beta=0 rewards=shaped
+    grpo train resume=runs/quickstart/20261122-101500
+""")
+def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
+    """Train a model with GRPO. The run directory gets config.yaml, metrics.jsonl, samples/, checkpoints/."""
+    from grpo_cli.config import compose
+    from grpo_cli.data import load_prompts
+    from grpo_cli.models import load_tokenizer
+    from grpo_cli.runs import prepare_run_dir
+
+    cfg = compose(overrides or [], config_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg.dataset, tokenizer)
+    run = prepare_run_dir(cfg)
+    typer.echo(f"run directory: {run}  ({len(prompts)} prompts, recipe {cfg.recipe or 'none'})")
+    typer.echo("the training loop is not implemented yet: this build validates the config, model and data only",
+               err=True)
+    raise typer.Exit(1)
+
+
+@app.command(name="eval", epilog="""
+**Examples**
+
+    grpo eval model.name_or_path=smollm2-135m-instruct dataset=reasoning_gym eval.n=4 eval.k=[1,4]
+    grpo eval run=runs/quickstart/20261122-101500
+    grpo eval model.name_or_path=Qwen/Qwen2.5-Math-1.5B dataset=math eval.n=16 eval.k=[1,4,16]
+""")
+def evaluate(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
+    """Evaluate a model or checkpoint: pass@k, maj@k, avg@n. `run=` and `checkpoint=` are short for eval.run / eval.checkpoint."""
+    from grpo_cli.config import compose
+
+    shorthands = ("run=", "checkpoint=")
+    overrides = [f"eval.{o}" if o.startswith(shorthands) else o for o in overrides or []]
+    cfg = compose(overrides, config_dir)
+    typer.echo(f"eval config is valid (model {cfg.model.name_or_path}, n={cfg.eval.n}, k={list(cfg.eval.k)})")
+    typer.echo("evaluation is not implemented yet: this build validates the config only", err=True)
+    raise typer.Exit(1)
+
+
+@app.command(epilog="""
+**Examples**
+
+    grpo config recipe=r1_zero_math trainer.lr=3e-6
+    grpo config recipe=quickstart rewards=shaped rollout.group_size=16
+""")
+def config(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
+    """Print the fully composed, resolved configuration as YAML (exactly what `grpo train` would run)."""
+    from grpo_cli.config import compose, to_yaml
+
+    typer.echo(to_yaml(compose(overrides or [], config_dir)), nl=False)
+
+
+@app.command(epilog="""
+**Examples**
+
+    grpo recipes
+    grpo recipes --config-dir ./my_configs
+""")
+def recipes(config_dir: ConfigDir = None) -> None:
+    """List the recipes (full experiments) with a one-line description each."""
+    from grpo_cli.config import find_recipes, recipe_description
+
+    found = find_recipes(config_dir.expanduser().resolve() if config_dir else None)
+    width = max(map(len, found), default=0)
+    for name, path in found.items():
+        typer.echo(f"{name:<{width}}  {recipe_description(path)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,418 @@
+"""The configuration schema, and composition of conf/ + recipes/ + command-line overrides into it.
+
+Hydra composes YAML files; the typed schema below is registered as the base of the root config,
+so Hydra itself rejects unknown keys and values of the wrong type while it composes. What Hydra
+cannot check (a value outside a fixed set of choices, relations between fields) is checked in
+`validate`. Every user mistake surfaces as a `UserError`: one line, naming the key and the fix.
+
+Defaults live here; the YAML files in conf/ document them field by field and recipes overlay them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_cli.errors import UserError, did_you_mean
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+GROUPS = ("model", "dataset", "rewards", "optimizer", "rollout", "trainer", "logging")
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = _choice("auto", "float32", "bfloat16", "float16")
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: str = _choice("reasoning_gym", "hf", "jsonl")
+    path: str | None = None  # hf: dataset id or local dir; jsonl: file
+    name: str | None = None  # hf: configuration name
+    split: str = "train"
+    task: str = "chain_sum"  # reasoning_gym task
+    task_args: dict[str, Any] = field(default_factory=dict)
+    size: int = 1000
+    seed: int = 0
+    problem_column: str = "question"
+    answer_column: str = "answer"
+    template: str = _choice("r1_zero", "chat", "plain")
+    system_prompt: str | None = None
+    prefill: str = ""
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    fn: str | None = None  # reward function name; None = the term's own name
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = _choice("adamw")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = _choice("vllm", "hf")
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    sync_every: int = 1
+    gpu_memory_utilization: float = 0.35
+    cpu_kv_cache_mib: int = 256
+    enforce_eager: bool = True
+    sleep_mode: bool = True
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = 100
+    prompts_per_step: int = 8
+    micro_batch_size: int = 8
+    lr: float = 1e-6
+    lr_scheduler: str = _choice("constant", "cosine", "linear")
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    num_iterations: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = 0.04
+    kl: str = _choice("k3", "k1", "k2")
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = _choice("seq_mean_token_mean", "token_mean", "seq_sum_norm")
+    ratio_level: str = _choice("token", "sequence")
+    adv_scale: str = _choice("group", "batch", "none")
+    adv_eps: float = 1e-4
+    tis_cap: float | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 1
+    samples_per_step: int = 4
+    wandb: bool = False
+    wandb_project: str = "grpo"
+    wandb_entity: str | None = None
+    wandb_mode: str = _choice("online", "offline")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 1
+    k: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None
+    limit: int | None = None
+    split: str = "test"
+    run: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str | None = None  # filled in from the composition, not set by hand
+    description: str = ""
+    output_dir: str | None = None
+    resume: str | None = None  # a run directory to continue
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # label -> RewardTerm. Untyped for Hydra (whose `+rewards.x.weight=1` cannot create a typed
+    # dict value); `compose` turns each entry into a RewardTerm and checks its keys.
+    rewards: dict[str, Any] = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- locations
+def config_dir() -> Path:
+    """conf/ beside the package in a wheel, at the top of the repository in a source checkout."""
+    inside = PACKAGE_DIR / "conf"
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / "conf"
+
+
+def recipe_dirs(extra: Path | None = None) -> list[Path]:
+    """Built-in recipes first; a user's `--config-dir` (its recipes/ or recipe/ folder) wins on clashes."""
+    inside = PACKAGE_DIR / "recipes"
+    dirs = [inside if inside.is_dir() else PACKAGE_DIR.parent / "recipes"]
+    if extra is not None:
+        dirs += [d for d in (extra / "recipes", extra / "recipe") if d.is_dir()]
+    return dirs
+
+
+def find_recipes(extra: Path | None = None) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in recipe_dirs(extra):
+        found.update({p.stem: p for p in sorted(d.glob("*.yaml"))})
+    return found
+
+
+def recipe_description(path: Path) -> str:
+    return str(OmegaConf.load(path).get("description", ""))
+
+
+# ----------------------------------------------------------------------------- composition
+def _register(extra: Path | None) -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    schema = OmegaConf.structured(Config)
+    _writable(schema)
+    store.store(name="grpo_schema", node=schema)
+    for name, path in find_recipes(extra).items():
+        store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def _writable(node: Any) -> None:
+    """Frozen dataclasses make every node read-only; composition must be free to merge into them."""
+    if isinstance(node, DictConfig):
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            _writable(node._get_node(key))
+
+
+def compose(overrides: list[str], config_dir_extra: str | Path | None = None) -> Config:
+    """Compose conf/ + recipes + overrides (Hydra's grammar) into a validated `Config`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    extra = _existing_dir(config_dir_extra)
+    _register(extra)
+    overrides = list(overrides)
+    if extra is not None:
+        overrides.append(f"hydra.searchpath=[file://{extra}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            raw = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(explain(e)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    recipe = raw.hydra.runtime.choices.get("recipe")
+    with _open(raw):
+        del raw["hydra"]
+        raw.recipe = None if recipe in (None, "null") else recipe
+    _check_known_keys(raw, Config, "")
+    try:
+        cfg: Config = OmegaConf.to_object(raw)
+    except OmegaConfBaseException as e:
+        raise UserError(explain(e)) from None
+    cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards))
+    validate(cfg)
+    return cfg
+
+
+class _open:
+    """Temporarily lift struct/readonly flags so the composed config can be edited."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> None:
+        OmegaConf.set_struct(self.cfg, False)
+        OmegaConf.set_readonly(self.cfg, False)
+
+    def __exit__(self, *_: object) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def _existing_dir(path: str | Path | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise UserError(f"--config-dir {path}: no such directory; pass a folder holding your recipes/ and config groups")
+    return p
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(cfg: Config) -> None:
+    """Checks Hydra's types cannot express: fixed choices and relations between fields."""
+    _check_choices(cfg, "")
+    positive = {
+        "rollout.group_size": cfg.rollout.group_size,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.sync_every": cfg.rollout.sync_every,
+        "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
+        "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
+        "trainer.num_iterations": cfg.trainer.num_iterations,
+        "dataset.size": cfg.dataset.size,
+        "eval.n": cfg.eval.n,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{key}={value}: must be at least 1")
+    for key, value in {"trainer.lr": cfg.trainer.lr, "loss.beta": cfg.loss.beta,
+                       "loss.clip_low": cfg.loss.clip_low, "loss.clip_high": cfg.loss.clip_high,
+                       "trainer.max_steps": cfg.trainer.max_steps}.items():
+        if value < 0:
+            raise UserError(f"{key}={value}: must not be negative")
+    if cfg.loss.clip_low >= 1:
+        raise UserError(f"loss.clip_low={cfg.loss.clip_low}: must be below 1 (the ratio is clipped at 1 - clip_low)")
+    if cfg.rollout.group_size < 2:
+        raise UserError(f"rollout.group_size={cfg.rollout.group_size}: GRPO compares completions within a group; use 2 or more")
+    if not 0 < cfg.rollout.temperature:
+        raise UserError(f"rollout.temperature={cfg.rollout.temperature}: training samples need a temperature above 0")
+    bad_k = [k for k in cfg.eval.k if not 1 <= k <= cfg.eval.n]
+    if bad_k:
+        raise UserError(f"eval.k={list(cfg.eval.k)}: every k must be between 1 and eval.n={cfg.eval.n}; raise eval.n or drop k={bad_k[0]}")
+    if cfg.dataset.source in ("hf", "jsonl") and not cfg.dataset.path:
+        raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path=openai/gsm8k")
+    if not cfg.rewards:
+        raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
+
+
+def _check_choices(node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{key}={value}: expected one of {', '.join(choices)}{did_you_mean(str(value), choices)}")
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+
+
+# ----------------------------------------------------------------------------- error messages
+
+_ANY_LABEL = object()
+
+
+def _schema_keys(key: str) -> tuple[str, list[str]] | None:
+    """For a dotted key, its last part and the keys its parent node knows (None if the parent is unknown)."""
+    node: Any = Config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if node is _ANY_LABEL:  # rewards.<label>: any label, then a RewardTerm
+            node = RewardTerm
+            continue
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+        node = _ANY_LABEL if (node == dict[str, Any] and part == "rewards") else node
+    if not dataclasses.is_dataclass(node):
+        return None
+    return leaf, [f.name for f in dataclasses.fields(node)]
+
+
+def explain(error: Exception) -> str:
+    """Turn a Hydra/OmegaConf exception into one line that names the key and suggests the fix."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = error.__cause__ or error
+    text = str(cause)
+    first = text.strip().splitlines()[0] if text.strip() else type(cause).__name__
+    full_key = re.search(r"full_key: (\S+)", text)
+    key = full_key.group(1) if full_key else None
+
+    if isinstance(error, MissingConfigException):
+        group, option = re.search(r"Could not find '(?:(.+)/)?([^'/]+)'", text).groups()
+        if group == "recipe":
+            options = sorted(find_recipes())
+            return f"unknown recipe '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
+        options = sorted(p.stem for p in (config_dir() / (group or "")).glob("*.yaml"))
+        return f"unknown {group} option '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse override: {first}; overrides look like key=value, +new_key=value or ~key"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return _unknown_key(key)
+    if isinstance(cause, ValidationError) and key:
+        value = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
+        if value:
+            return f"bad value for '{key}': '{value.group(1)}' is not a valid {value.group(2).lower()}"
+        if "is not Optional" in text:
+            return f"bad value for '{key}': it cannot be null"
+        return f"bad value for '{key}': {first}"
+    deleted = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
+    if deleted:
+        return f"cannot delete '{deleted.group(1)}': no such key"
+    return f"invalid configuration: {first}" + (f" (at '{key}')" if key else "")
+
+
+def _unknown_key(key: str) -> str:
+    found = _schema_keys(key)
+    hint = ""
+    if found is not None:
+        leaf, siblings = found
+        hint = did_you_mean(leaf, siblings) or f" (known keys there: {', '.join(siblings)})"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _check_known_keys(node: DictConfig, schema: Any, prefix: str) -> None:
+    """`+key=value` bypasses Hydra's struct check; the schema has the last word."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        if key not in fields:
+            raise UserError(_unknown_key(f"{prefix}{key}") + "; grpo has no such setting")
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            _check_known_keys(child, hints[key], f"{prefix}{key}.")
+
+
+def _reward_terms(raw: Any) -> dict[str, RewardTerm]:
+    known = [f.name for f in dataclasses.fields(RewardTerm)]
+    terms = {}
+    for label, term in (raw or {}).items():
+        if not isinstance(term, dict):
+            raise UserError(f"rewards.{label}: expected a mapping like {{weight: 1.0, args: {{}}}}, got {term!r}")
+        for key in term:
+            if key not in known:
+                raise UserError(_unknown_key(f"rewards.{label}.{key}"))
+        try:
+            weight = float(term.get("weight", 1.0))
+        except (TypeError, ValueError):
+            raise UserError(f"bad value for 'rewards.{label}.weight': {term.get('weight')!r} is not a number") from None
+        args = term.get("args") or {}
+        if not isinstance(args, dict):
+            raise UserError(f"rewards.{label}.args: expected a mapping of argument names to values, got {args!r}")
+        terms[str(label)] = RewardTerm(fn=term.get("fn"), weight=weight, args=args)
+    return terms
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container

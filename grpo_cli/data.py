@@ -1,0 +1,120 @@
+"""Datasets and prompt templates: turn a dataset config into prompts with their answer columns.
+
+Every source yields plain rows (dicts). Each row keeps its original columns and gains three:
+`problem` and `answer` (copied from the configured columns, so rewards always find `answer`) and
+`prompt`, the exact text the model continues (template applied, prefill appended).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpo_cli.errors import UserError, did_you_mean, first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from grpo_cli.config import DatasetConfig
+
+# The base-model template of DeepSeek-R1-Zero (DeepSeek-R1 paper, Table 1).
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {problem}. Assistant:"
+)
+
+
+def load_rows(cfg: DatasetConfig, split: str | None = None) -> list[dict[str, Any]]:
+    """The dataset's rows with `problem` and `answer` columns added (no prompt yet)."""
+    loaders = {"reasoning_gym": _reasoning_gym, "hf": _hub, "jsonl": _jsonl}
+    rows = loaders[cfg.source](cfg, split or cfg.split)
+    if not rows:
+        raise UserError(f"dataset {cfg.path or cfg.task}: no rows; check dataset.path / dataset.split / dataset.size")
+    for column, role in ((cfg.problem_column, "problem_column"), (cfg.answer_column, "answer_column")):
+        if column not in rows[0]:
+            existing = list(rows[0])
+            raise UserError(f"dataset has no column '{column}' (dataset.{role}); its columns are: {', '.join(existing)}"
+                            f"{did_you_mean(column, existing)}")
+    for row in rows:
+        row["problem"] = row[cfg.problem_column]
+        row["answer"] = row[cfg.answer_column]
+    return rows
+
+
+def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The text the model continues: the problem in its template, then the assistant prefill."""
+    if cfg.template == "r1_zero":
+        text = R1_ZERO_TEMPLATE.format(problem=str(problem).strip())
+        # The template ends "Assistant:"; a prefill such as "<think>" goes after one space.
+        return text + (" " + cfg.prefill if cfg.prefill else "")
+    if cfg.template == "plain":
+        return str(problem) + cfg.prefill
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("dataset.template=chat needs a tokenizer with a chat template; this model has none: "
+                        "use dataset.template=r1_zero (base models) or plain")
+    messages = [{"role": "user", "content": str(problem)}]
+    if cfg.system_prompt:
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cfg.prefill
+
+
+def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
+                 split: str | None = None) -> list[dict[str, Any]]:
+    rows = load_rows(cfg, split)
+    for row in rows:
+        row["prompt"] = render_prompt(row["problem"], cfg, tokenizer)
+    return rows
+
+
+# ----------------------------------------------------------------------------- sources
+def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    if cfg.task not in DATASETS:
+        raise UserError(f"dataset.task={cfg.task}: not a reasoning-gym task{did_you_mean(cfg.task, DATASETS)}")
+    # A different seed per split keeps evaluation problems apart from training ones.
+    seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
+    try:
+        items = reasoning_gym.create_dataset(cfg.task, size=cfg.size, seed=seed, **cfg.task_args)
+    except TypeError as e:
+        raise UserError(f"dataset.task_args for {cfg.task}: {e}") from None
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"dataset.task_args for {cfg.task}: invalid ({e})") from None
+    return [dict(item) for item in items]
+
+
+def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.name, split=split)
+    except ValueError as e:  # most often an unknown split or configuration name
+        raise UserError(f"dataset {cfg.path} (name={cfg.name}, split={split}): {first_line(e)}") from None
+    except Exception as e:  # not found, no network, gated: the hub raises many types
+        raise UserError(f"dataset.path={cfg.path}: cannot load it from the Hugging Face Hub or disk "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    return ds.to_list()
+
+
+def _jsonl(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
+    path = Path(str(cfg.path)).expanduser()
+    if not path.is_file():
+        raise UserError(f"dataset.path={cfg.path}: no such file; pass a .jsonl file with one JSON object per line")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows

@@ -1,0 +1,21 @@
+"""The one exception type for mistakes a user can fix, and helpers to word its one-line messages."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input (config, override, path, dataset column): the CLI prints it as one line and exits 2."""
+
+
+def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.5) -> str:
+    """' (did you mean a or b?)' for close matches of `word` among `options`, else ''."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=cutoff)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,64 @@
+"""Run directories: where a run's config, metrics, samples and checkpoints live, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from grpo_cli.config import Config, to_yaml
+from grpo_cli.errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create (or, with resume=RUN_DIR, reopen) the run directory and save the resolved config in it.
+
+    A new run never lands in a directory that already holds files: it is either named by the user
+    (output_dir=...) and must be empty, or made fresh under runs/<recipe>/<timestamp>.
+    """
+    if cfg.resume:
+        run = Path(cfg.resume).expanduser()
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"resume={cfg.resume}: not a run directory (no config.yaml); pass the folder a "
+                            "previous `grpo train` wrote")
+        return run
+    if cfg.output_dir:
+        run = Path(cfg.output_dir).expanduser()
+        if run.exists() and any(run.iterdir()):
+            raise UserError(f"output_dir={cfg.output_dir} already holds files; choose a new output_dir, or "
+                            f"continue that run with resume={cfg.output_dir}")
+    else:
+        run = _fresh(Path("runs") / (cfg.recipe or "default"))
+    for sub in ("checkpoints", "samples"):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", to_yaml(cfg))
+    return run
+
+
+def _fresh(parent: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        run = parent / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run.mkdir(parents=True)
+            return run
+        except FileExistsError:  # two runs started within the same second
+            continue
+    raise UserError(f"cannot create a fresh run directory under {parent}")

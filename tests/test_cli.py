@@ -1,0 +1,94 @@
+"""The real `grpo` command in a subprocess: help, recipes, config, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["config"], ["recipes"]])
+def test_help(grpo, command: list[str]) -> None:
+    result = grpo(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    if command and command != ["recipes"]:
+        assert "Examples" in result.stdout and "grpo " in result.stdout
+
+
+def test_recipes_lists_each_with_a_description(grpo) -> None:
+    result = grpo("recipes")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+    assert set(lines) == {"countdown", "gsm8k", "quickstart", "r1_zero_math"}
+    assert "SmolLM2-135M-Instruct" in lines["quickstart"]
+
+
+def test_config_prints_the_resolved_config_with_overrides(grpo) -> None:
+    result = grpo("config", "recipe=r1_zero_math", "trainer.lr=3e-6", "rollout.group_size=4")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["recipe"] == "r1_zero_math"
+    assert cfg["trainer"]["lr"] == 3e-6
+    assert cfg["rollout"]["group_size"] == 4
+    assert cfg["model"]["name_or_path"] == "Qwen/Qwen2.5-Math-1.5B"
+
+
+def _one_line_error(result) -> str:  # noqa: ANN001
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().endswith(errors[0]), result.stderr  # the error is the last word
+    return errors[0]
+
+
+def test_unknown_key_exits_2_naming_it(grpo) -> None:
+    line = _one_line_error(grpo("train", "recipe=quickstart", "trainer.not_a_key=1"))
+    assert "trainer.not_a_key" in line
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["config", "trainer.lr=fast"], "'fast' is not a valid float"),
+    (["config", "recipe=r1_zero"], "unknown recipe 'r1_zero'"),
+    (["config", "rollout=vlm"], "unknown rollout option 'vlm'"),
+    (["config", "trainer.lr"], "cannot parse override"),
+    (["eval", "eval.n=1", "eval.k=[4]"], "every k must be between 1 and eval.n=1"),
+    (["train", "model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such directory"),
+    (["train", "model.name_or_path=nobody/no-such-model-xyz"], "not a local directory, a built-in model"),
+    (["train", "dataset.task=chain_sun"], "not a reasoning-gym task (did you mean chain_sum"),
+    (["config", "--config-dir", "/no/such/dir"], "--config-dir /no/such/dir: no such directory"),
+])
+def test_bad_input_exits_2_with_one_line(grpo, args: list[str], expected: str) -> None:
+    assert expected in _one_line_error(grpo(*args))
+
+
+def test_missing_dataset_column_names_the_columns(grpo, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "solution": "2"}) + "\n")
+    line = _one_line_error(grpo("train", "dataset=jsonl", f"dataset.path={data}", f"output_dir={tmp_path / 'run'}"))
+    assert "no column 'question' (dataset.problem_column)" in line
+    assert "problem, solution" in line
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_existing_run_is_never_overwritten(grpo, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    line = _one_line_error(grpo("train", "recipe=quickstart", f"output_dir={run}"))
+    assert "already holds files" in line and f"resume={run}" in line
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_train_writes_the_resolved_config_into_the_run_dir(grpo, tmp_path: Path) -> None:
+    result = grpo("train", "recipe=quickstart", "trainer.lr=4e-6", cwd=tmp_path)
+    # The loop lands with a later issue; until then train stops after preparing the run (exit 1).
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = (tmp_path / "runs" / "quickstart").iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["lr"] == 4e-6 and saved["recipe"] == "quickstart"
+    assert (run / "checkpoints").is_dir() and (run / "samples").is_dir()

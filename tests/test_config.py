@@ -1,0 +1,125 @@
+"""Composition of conf/ + recipes + overrides into the typed Config, and its one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from grpo_cli.config import Config, RewardTerm, compose, config_dir, find_recipes, to_yaml
+from grpo_cli.errors import UserError
+
+GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in config_dir().glob("*/*.yaml"))
+NEEDS_PATH = {"hf", "jsonl"}  # dataset options with no default path
+
+
+@pytest.mark.parametrize("recipe", sorted(find_recipes()))
+def test_every_recipe_composes(recipe: str) -> None:
+    cfg = compose([f"recipe={recipe}"])
+    assert isinstance(cfg, Config)
+    assert cfg.recipe == recipe
+    assert cfg.description and "\n" not in cfg.description
+    assert all(isinstance(t, RewardTerm) for t in cfg.rewards.values())
+
+
+@pytest.mark.parametrize("recipe", sorted(find_recipes()))
+def test_every_recipe_is_headed_by_its_command(recipe: str) -> None:
+    first_line = find_recipes()[recipe].read_text().splitlines()[0]
+    assert first_line == f"# grpo train recipe={recipe}"
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_group_option_composes(group: str, option: str) -> None:
+    extra = ["dataset.path=some/dataset"] if option in NEEDS_PATH else []
+    cfg = compose([f"{group}={option}", *extra])
+    assert isinstance(cfg, Config)
+
+
+def test_every_yaml_field_has_a_comment() -> None:
+    files = [*config_dir().rglob("*.yaml"), *find_recipes().values()]
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            body = line.strip()
+            is_field = body and not body.startswith(("#", "-")) and ":" in body and not body.endswith(":")
+            if is_field:
+                assert "#" in line, f"{path}:{number} has no comment: {line}"
+
+
+def test_overrides_reach_the_config() -> None:
+    cfg = compose(["recipe=r1_zero_math", "trainer.lr=3e-6", "rollout.group_size=16", "model=qwen2_5_1_5b",
+                   "loss.beta=0", "+rewards.tags.fn=tag_count", "+rewards.tags.weight=0.25",
+                   "rewards.format.weight=0.1", "+dataset.task_args.min_terms=2", "~rewards.accuracy"])
+    assert cfg.trainer.lr == 3e-6
+    assert cfg.rollout.group_size == 16
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-1.5B"
+    assert cfg.loss.beta == 0.0
+    assert cfg.rewards == {"format": RewardTerm(weight=0.1), "tags": RewardTerm(fn="tag_count", weight=0.25)}
+    assert cfg.dataset.task_args == {"min_terms": 2}
+    assert "lr: 3.0e-06" in to_yaml(cfg)
+
+
+def test_recipe_overrides_groups_and_command_line_overrides_recipe() -> None:
+    base = compose([])
+    quick = compose(["recipe=quickstart"])
+    assert base.recipe is None and base.rollout.max_new_tokens == 256
+    assert quick.rollout.max_new_tokens == 48  # set by the recipe over rollout/vllm.yaml
+    assert compose(["recipe=quickstart", "rollout.max_new_tokens=12"]).rollout.max_new_tokens == 12
+
+
+def test_reward_set_switches_from_the_command_line() -> None:
+    cfg = compose(["recipe=r1_zero_math", "rewards=shaped", "rewards.overlong.args.max_len=512"])
+    assert set(cfg.rewards) == {"accuracy", "format", "tag_count", "repetition", "overlong"}
+    assert cfg.rewards["repetition"] == RewardTerm(fn="repetition_penalty", weight=1.0,
+                                                   args={"ngram_size": 3, "max_penalty": -1.0})
+    assert cfg.rewards["overlong"].args == {"max_len": 512, "buffer": 256}
+
+
+def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name_or_path: /models/mine  # my model\n")
+    (tmp_path / "recipes" / "mine.yaml").write_text(
+        "# grpo train recipe=mine --config-dir DIR\n# @package _global_\n"
+        "defaults:\n  - override /model: mine\n  - _self_\n"
+        "description: my recipe  # shown by grpo recipes\ntrainer:\n  lr: 5.0e-7  # mine\n")
+    cfg = compose(["recipe=mine"], tmp_path)
+    assert cfg.recipe == "mine"
+    assert cfg.model.name_or_path == "/models/mine"
+    assert cfg.trainer.lr == 5e-7
+    assert "mine" in find_recipes(tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["recipe=quickstart", "trainer.not_a_key=1"], "unknown config key 'trainer.not_a_key'"),
+    (["trainer.lrr=1"], "unknown config key 'trainer.lrr' (did you mean lr?)"),
+    (["rewards.accuracy.wieght=2"], "unknown config key 'rewards.accuracy.wieght' (did you mean weight?)"),
+    (["+model.bogus=1"], "unknown config key 'model.bogus'"),
+    (["+new.key=3"], "unknown config key 'new'"),
+    (["trainer.lr=abc"], "bad value for 'trainer.lr': 'abc' is not a valid float"),
+    (["trainer.max_steps=1.5"], "bad value for 'trainer.max_steps': '1.5' is not a valid integer"),
+    (["model.name_or_path=null"], "bad value for 'model.name_or_path': it cannot be null"),
+    (["rewards.format.weight=abc"], "bad value for 'rewards.format.weight': 'abc' is not a number"),
+    (["recipe=quikstart"], "unknown recipe 'quikstart'; available: countdown, gsm8k, quickstart, r1_zero_math "
+                           "(did you mean quickstart?)"),
+    (["model=qwen2_5_15b"], "unknown model option 'qwen2_5_15b'"),
+    (["trainer=nope"], "unknown trainer option 'nope'; available: default"),
+    (["dataset.template=chatt"], "dataset.template=chatt: expected one of r1_zero, chat, plain (did you mean chat?)"),
+    (["foo"], "cannot parse override"),
+    (["trainer.lr=[1"], "cannot parse override"),
+    (["~nothere"], "cannot delete 'nothere': no such key"),
+    (["rollout.group_size=1"], "rollout.group_size=1"),
+    (["eval.n=2", "eval.k=[1,4]"], "eval.k=[1, 4]: every k must be between 1 and eval.n=2"),
+    (["dataset=hf"], "dataset.path is required"),
+    (["rewards=accuracy", "~rewards.accuracy"], "no rewards configured"),
+])
+def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError) as caught:
+        compose(overrides)
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--config-dir"):
+        compose([], tmp_path / "nope")

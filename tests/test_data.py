@@ -1,0 +1,106 @@
+"""Datasets and prompt templates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from grpo_cli.config import DatasetConfig
+from grpo_cli.data import load_prompts, load_rows, render_prompt
+from grpo_cli.errors import UserError
+
+GYM = DatasetConfig(source="reasoning_gym", task="chain_sum", size=5, seed=7,
+                    task_args={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+
+
+def test_r1_zero_template_is_the_papers() -> None:
+    cfg = DatasetConfig(template="r1_zero", prefill="<think>")
+    assert render_prompt("What is 2+3?", cfg, None) == (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+        "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+        "User: What is 2+3?. Assistant: <think>")
+
+
+def test_chat_template_with_system_prompt_and_prefill(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = DatasetConfig(template="chat", system_prompt="Be brief.", prefill="<think>")
+    assert render_prompt("2+3?", cfg, tokenizer) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n<think>")
+
+
+def test_plain_template() -> None:
+    assert render_prompt("2+3 =", DatasetConfig(template="plain", prefill=" "), None) == "2+3 = "
+
+
+def test_reasoning_gym_rows_are_seeded_and_eval_split_differs() -> None:
+    rows = load_rows(GYM)
+    assert len(rows) == 5
+    assert rows == load_rows(GYM)  # same seed, same problems
+    assert rows[0]["problem"] == rows[0]["question"] and rows[0]["answer"] == rows[0]["answer"]
+    assert rows[0]["metadata"]["source_dataset"] == "chain_sum"
+    assert [r["question"] for r in load_rows(GYM, split="test")] != [r["question"] for r in rows]
+
+
+def test_reasoning_gym_errors() -> None:
+    with pytest.raises(UserError, match="not a reasoning-gym task"):
+        load_rows(dataclasses.replace(GYM, task="chain_sums"))
+    with pytest.raises(UserError, match="task_args for chain_sum"):
+        load_rows(dataclasses.replace(GYM, task_args={"bogus": 1}))
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "solution": "2"}, {"problem": "2+2", "solution": "4"}])
+    cfg = DatasetConfig(source="jsonl", path=str(data), problem_column="problem", answer_column="solution",
+                        template="plain")
+    rows = load_prompts(cfg, None)
+    assert [(r["problem"], r["answer"], r["prompt"]) for r in rows] == [("1+1", "2", "1+1"), ("2+2", "4", "2+2")]
+
+
+def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "solution": "2"}])
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert str(caught.value) == ("dataset has no column 'answer' (dataset.answer_column); "
+                                 "its columns are: question, solution")
+
+
+def test_jsonl_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        load_rows(DatasetConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1", "answer": "1"}\n{oops\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        load_rows(DatasetConfig(source="jsonl", path=str(bad)))
+
+
+def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "train.jsonl", [{"q": "1+2", "a": "3"}])
+    _jsonl(tmp_path / "test.jsonl", [{"q": "2+2", "a": "4"}])
+    cfg = DatasetConfig(source="hf", path=str(tmp_path), problem_column="q", answer_column="a")
+    assert [r["answer"] for r in load_rows(cfg)] == ["3"]
+    assert [r["answer"] for r in load_rows(cfg, split="test")] == ["4"]
+
+
+def test_hf_source_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="dataset.path=nobody/no-such-dataset-xyz: cannot load it"):
+        load_rows(DatasetConfig(source="hf", path="nobody/no-such-dataset-xyz"))
+    _jsonl(tmp_path / "train.jsonl", [{"question": "1+2", "answer": "3"}])
+    with pytest.raises(UserError, match="split=validation"):
+        load_rows(DatasetConfig(source="hf", path=str(tmp_path), split="validation"))
+
+
+def test_chat_template_without_one_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="needs a tokenizer with a chat template"):
+        render_prompt("x", DatasetConfig(template="chat"), None)

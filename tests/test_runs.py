@@ -1,0 +1,44 @@
+"""Run directories and atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_cli.config import compose, to_yaml
+from grpo_cli.errors import UserError
+from grpo_cli.runs import atomic_write_text, prepare_run_dir
+
+
+def test_fresh_runs_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["recipe=quickstart"])
+    first, second = prepare_run_dir(cfg), prepare_run_dir(cfg)
+    assert first != second
+    assert first.parent == second.parent == Path("runs/quickstart")
+    for run in (first, second):
+        assert (run / "config.yaml").read_text() == to_yaml(cfg)
+        assert yaml.safe_load((run / "config.yaml").read_text())["recipe"] == "quickstart"
+
+
+def test_named_output_dir_must_be_empty_and_resume_needs_a_run(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(compose([]), output_dir=str(tmp_path / "run"))
+    run = prepare_run_dir(cfg)
+    assert run == tmp_path / "run" and (run / "checkpoints").is_dir()
+    with pytest.raises(UserError, match="already holds files"):
+        prepare_run_dir(cfg)
+    assert prepare_run_dir(dataclasses.replace(cfg, resume=str(run))) == run
+    with pytest.raises(UserError, match="not a run directory"):
+        prepare_run_dir(dataclasses.replace(cfg, resume=str(tmp_path)))
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert os.listdir(target.parent) == ["file.txt"]
