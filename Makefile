@@ -32,6 +32,8 @@ endif
 	touch $(STAMP)
 
 test: install
+	@# Chromium for the report's screenshot test; a note, never a failure, when it cannot be installed.
+	@sh tests/setup_browser.sh
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -1,7 +1,8 @@
-"""The `grpo` command: train, eval, config, recipes.
+"""The `grpo` command: train, eval, report, config, recipes, rollout-server.
 
-Every command takes Hydra-style overrides (key=value, +new_key=value, ~key, group=option). User
-mistakes print one line on stderr and exit with code 2; bugs keep their traceback.
+Every command but `report` takes Hydra-style overrides (key=value, +new_key=value, ~key, group=option). User
+mistakes print one line on stderr and exit with code 2; an unreachable or failing rollout server one
+line and code 1; bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from grpo_cli.errors import UserError
+from grpo_cli.errors import RolloutServerError, UserError
 
 app = typer.Typer(
     name="grpo",
@@ -28,6 +29,7 @@ app = typer.Typer(
     grpo config recipe=r1_zero_math trainer.lr=3e-6
     grpo train recipe=quickstart
     grpo train recipe=gsm8k model=qwen2_5_1_5b +rewards.tags.fn=tag_count ~rewards.format
+    grpo report runs/quickstart/20261122-101500
     grpo COMMAND --help
 """,
 )
@@ -139,12 +141,64 @@ def recipes(config_dir: ConfigDir = None) -> None:
         typer.echo(f"{name:<{width}}  {recipe_description(path)}")
 
 
+@app.command(epilog="""
+**Examples**
+
+    grpo report runs/quickstart/20261122-101500
+    grpo report runs/quickstart/20261122-101500 -o quickstart.html
+    grpo report runs/gsm8k/20261122-101500 runs/gsm8k/20261123-090000 -o compare.html
+""")
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by `grpo train`.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file to write (default: "
+                                                "RUN_DIR/report.html for one run, ./grpo-report.html for several).",
+                                                show_default=False)] = None,
+) -> None:
+    """Plot a run, or several overlaid, into one self-contained HTML page (reward, accuracy, length,
+    reflection, KL, clipping, entropy, grad norm, time per phase, evals, browsable samples); print a summary."""
+    from grpo_cli.report import build_report, summary_text
+
+    out, read = build_report(runs, output)
+    typer.echo(summary_text(read, out))
+
+
+@app.command(name="rollout-server", epilog="""
+**Examples**
+
+    grpo rollout-server model.name_or_path=Qwen/Qwen2.5-1.5B --host 0.0.0.0 --port 8000
+    CUDA_VISIBLE_DEVICES=4,5 grpo rollout-server recipe=gsm8k rollout.tensor_parallel_size=2 --port 8000
+    grpo rollout-server recipe=quickstart rollout.cpu_kv_cache_mib=512 --port 0
+
+Then: `grpo train recipe=gsm8k rollout=vllm_server rollout.servers=[HOST:8000]` (docs/rollout-servers.md).
+""")
+def rollout_server(
+    overrides: Overrides = None,
+    config_dir: ConfigDir = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one, printed).")] = 8000,
+) -> None:
+    """Serve rollouts for `rollout=vllm_server`: a vLLM engine behind HTTP that takes weight updates.
+
+    Takes the training run's overrides (model.*, rollout.max_new_tokens, rollout.tensor_parallel_size, ...);
+    prints `ready: ... on HOST:PORT` once it serves, and runs until Ctrl-C or SIGTERM.
+    """
+    from grpo_cli.config import compose
+    from grpo_cli.rollout.server import serve
+
+    # The server hosts an in-process engine, whatever `rollout.engine` the training run uses.
+    cfg = compose([*(overrides or []), "rollout.engine=vllm"], config_dir)
+    serve(cfg, host, port, say=lambda line: typer.echo(line, err=True))
+
+
 def main() -> None:
     try:
         app()
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RolloutServerError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -79,7 +79,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = _choice("vllm", "hf")
+    engine: str = _choice("vllm", "hf", "vllm_server")
     group_size: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -91,6 +91,11 @@ class RolloutConfig:
     cpu_kv_cache_mib: int = 256
     enforce_eager: bool = True
     sleep_mode: bool = True
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (a rollout server's)
+    servers: list[str] = field(default_factory=list)  # vllm_server: host:port of each `grpo rollout-server`
+    server_timeout_s: float = 600.0  # vllm_server: longest wait for one server reply, and for start-up
+    sync_method: str = _choice("file", "nccl")  # vllm_server: weights through sync_dir, or NCCL (GPU)
+    sync_dir: str | None = None  # vllm_server, file sync: a folder the servers can read; None = <run>/weight-sync
 
 
 @dataclass(frozen=True)
@@ -124,10 +129,18 @@ class LossConfig:
     tis_cap: float | None = None
 
 
+# Words and phrases of a model re-checking its own work (R1-Zero's "aha moment"): matched as whole
+# words, in any case, by the completion/reflection_rate metric.
+REFLECTION_WORDS = ("wait", "let me check", "let me re-check", "let me recheck", "let me verify", "re-evaluate",
+                    "reevaluate", "re-examine", "verify", "double-check", "double check", "however", "hmm",
+                    "on second thought", "mistake")
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     log_every: int = 1
     samples_per_step: int = 4
+    reflection_words: list[str] = field(default_factory=lambda: list(REFLECTION_WORDS))
     wandb: bool = False
     wandb_project: str = "grpo"
     wandb_entity: str | None = None
@@ -331,10 +344,24 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.rollout.temperature:
         raise UserError(f"rollout.temperature={cfg.rollout.temperature}: training samples need a temperature above 0")
     _validate_eval(cfg)
+    _validate_servers(cfg.rollout)
     if cfg.dataset.source in ("hf", "jsonl") and not cfg.dataset.path:
         raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path=openai/gsm8k")
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
+
+
+def _validate_servers(r: RolloutConfig) -> None:
+    if r.tensor_parallel_size < 1:
+        raise UserError(f"rollout.tensor_parallel_size={r.tensor_parallel_size}: must be at least 1")
+    if r.server_timeout_s <= 0:
+        raise UserError(f"rollout.server_timeout_s={r.server_timeout_s}: must be above 0 (seconds)")
+    if r.engine == "vllm_server" and not r.servers:
+        raise UserError("rollout.engine=vllm_server needs rollout.servers, the `grpo rollout-server` addresses, "
+                        "e.g. rollout.servers=[127.0.0.1:8000]")
+    for address in r.servers:
+        if not re.fullmatch(r"(?:https?://)?[\w.\-]+:\d+/?", str(address)):
+            raise UserError(f"rollout.servers: '{address}' is not host:port (e.g. 127.0.0.1:8000)")
 
 
 def _validate_eval(cfg: Config) -> None:

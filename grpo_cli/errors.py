@@ -10,6 +10,11 @@ class UserError(Exception):
     """Bad input (config, override, path, dataset column): the CLI prints it as one line and exits 2."""
 
 
+class RolloutServerError(RuntimeError):
+    """A rollout server did not answer, or answered with an error: the message names the server and
+    what to check. The CLI prints it as one line and exits 1."""
+
+
 def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.5) -> str:
     """' (did you mean a or b?)' for close matches of `word` among `options`, else ''."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=cutoff)

@@ -276,16 +276,17 @@ class PeriodicEval:
         every = self.cfg.trainer.eval_every
         return every > 0 and (step % every == 0 or step == self.cfg.trainer.max_steps)
 
-    def run(self, engine: Engine, step: int, samples_dir: Path, say: Callable[[str], None]) -> dict[str, float]:
+    def run(self, engine: Engine, step: int, samples_dir: Path | None, say: Callable[[str], None]) -> dict[str, float]:
         """`eval/<dataset>/<metric>` for every eval dataset, plus `time/eval`. The engine must hold
-        the weights to evaluate."""
+        the weights to evaluate. samples_dir None: the completions are not written."""
         start = time.perf_counter()
         engine.wake()  # on a GPU the engine sleeps while the learner trains
         try:
             results = [evaluate_set(self.cfg, engine, self.rewards, s, self.sampling) for s in self.sets]
         finally:
             engine.sleep()
-        atomic_write_text(samples_dir / f"eval-step-{step:06d}.jsonl", samples_jsonl(results))
+        if samples_dir is not None:
+            atomic_write_text(samples_dir / f"eval-step-{step:06d}.jsonl", samples_jsonl(results))
         metrics: dict[str, float] = {}
         for r in results:
             metrics.update({f"eval/{r.label}/{name}": value for name, value in r.metrics.items()})

@@ -14,6 +14,8 @@ the sum equal the full-batch gradient for every aggregation (per-sequence or per
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,10 +26,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from grpo_cli import distributed
 from grpo_cli.config import Config, ModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.loss import policy_loss
-from grpo_cli.models import load_model
+from grpo_cli.models import load_model, torch_dtype
 
 LOGIT_CHUNK = 1024  # completion tokens whose full-vocabulary logits exist at once
 
@@ -76,11 +79,13 @@ class SharedPrompts(NamedTuple):
 
 
 def pack_shared(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                device: torch.device) -> SharedPrompts:
+                device: torch.device, min_width: int = 1) -> SharedPrompts:
+    """min_width: T at least this (padding columns); 2 keeps the completion pass of
+    `_predicting_states` even when every completion has one token."""
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     U, P = len(distinct), max(len(p) for p in distinct)
-    B, T = len(completions), max(max(len(c) for c in completions), 1)
+    B, T = len(completions), max(max(len(c) for c in completions), min_width)
     prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((U, P), dtype=torch.long)
     for p, u in distinct.items():
@@ -166,14 +171,30 @@ class MicroBatch:
     engine_logp: Tensor      # (B, T) the rollout engine's log-probs of the same tokens
     ref_logp: Tensor | None  # (B, T) frozen reference model's log-probs (None when beta = 0)
     old_logp: Tensor | None  # (B, T) policy before this step's updates (only when num_iterations > 1)
+    filler: bool = False     # sharded: a stand-in so that every rank runs as many micro-batches; weight 0
 
 
 class Learner:
+    """Under torchrun (grpo_cli.distributed) the policy and reference are sharded over the ranks
+    with FSDP2 and each rank's `update` gets its own rows; the micro-batch weights use the global
+    row and token counts and gradients are summed over ranks, so the step equals one process
+    training on all the rows. Every method then must be called by all ranks together."""
+
     def __init__(self, cfg: Config, device: torch.device, pad_id: int) -> None:
         self.cfg, self.device, self.pad_id = cfg, device, pad_id
+        self.sharded = distributed.world() > 1
+        model_cfg, load_device = cfg.model, device
+        if self.sharded:
+            if cfg.model.lora_rank > 0:
+                raise UserError("model.lora_rank > 0 is not supported with several learner processes (torchrun) "
+                                "yet: train LoRA in one process, or set model.lora_rank=0")
+            # fp32 master weights loaded on the host; FSDP moves each rank's shard to its device and
+            # computes in model.dtype (bf16 on a GPU by default).
+            model_cfg, load_device = dataclasses.replace(cfg.model, dtype="float32"), torch.device("cpu")
+        compute_dtype = torch_dtype(cfg.model.dtype, device)
         # `policy` is always the plain transformers model; with LoRA its linear layers carry adapters
         # (injected in place by peft, whose wrapper `peft` is kept for adapter switching and saving).
-        self.policy = load_model(cfg.model, device)
+        self.policy = load_model(model_cfg, load_device)
         self.peft = _add_lora(self.policy, cfg.model) if cfg.model.lora_rank > 0 else None
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -186,7 +207,11 @@ class Learner:
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
             # it is the same model with its adapters switched off, so no second copy is loaded
-            self.reference = load_model(cfg.model, device).eval().requires_grad_(False)
+            self.reference = load_model(model_cfg, load_device).eval().requires_grad_(False)
+        if self.sharded:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    distributed.shard(model, compute_dtype, {_LOGPROBS: sequence_logprobs})
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         opt = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.trainer.lr, betas=tuple(opt.betas),
@@ -207,17 +232,23 @@ class Learner:
         """
         cfg = self.cfg
         temperature = cfg.rollout.temperature
-        batches = list(self._micro_batches(prompts, completions, engine_logprobs))
-        n_rows = len(completions)
-        n_tokens = sum(int(mb.packed.mask.sum()) for mb in batches)
-        advantages = advantages.to(self.device, torch.float32)
+        # Sharded, every rank runs as many micro-batches (each is a fixed sequence of collectives);
+        # one with fewer rows makes up the difference with fillers of weight 0.
+        local_count = math.ceil(len(completions) / cfg.trainer.micro_batch_size)
+        count = int(distributed.all_reduce([float(local_count)], "max")[0])
+        batches = list(self._micro_batches(prompts, completions, engine_logprobs, count))
+        local_tokens = sum(int(mb.packed.mask.sum()) for mb in batches if not mb.filler)
+        # The micro-batch weights below use the counts of the whole (global) batch.
+        n_rows, n_tokens = (int(x) for x in distributed.all_reduce([float(len(completions)), float(local_tokens)]))
+        # One extra zero at index N: the advantage of the filler rows.
+        advantages = torch.cat([advantages.to(self.device, torch.float32), torch.zeros(1, device=self.device)])
         totals: dict[str, float] = {}
         diffs_max, diffs_sum, entropy_sum = 0.0, 0.0, 0.0
         grad_norm = 0.0
         for iteration in range(cfg.trainer.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for mb in batches:
-                logp, entropy = sequence_logprobs(self.policy, mb.packed, temperature)
+                logp, entropy = _logprobs(self.policy, mb.packed, temperature)
                 mask = mb.packed.mask
                 old = mb.old_logp if mb.old_logp is not None else logp.detach()
                 is_weight = None
@@ -228,22 +259,31 @@ class Learner:
                     clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, agg=cfg.loss.agg,
                     max_tokens=cfg.rollout.max_new_tokens, kl=cfg.loss.kl, ratio_level=cfg.loss.ratio_level,
                     is_weight=is_weight)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {loss.item()} (not finite); the weights were not updated. "
+                finite = bool(torch.isfinite(loss))
+                if distributed.all_reduce([0.0 if finite else 1.0], "max")[0]:  # on any rank: all stop together
+                    value = "not finite on another rank" if finite else f"{loss.item()} (not finite)"
+                    raise TrainingError(f"loss is {value}; the weights were not updated. "
                                         "Lower trainer.lr or raise loss.adv_eps; the last checkpoint is intact")
-                # Weighted so that summing over micro-batches gives the full batch's loss exactly.
-                share = (int(mask.sum()) / max(n_tokens, 1)) if cfg.loss.agg == "token_mean" else len(mb.rows) / n_rows
+                # Weighted so that summing over micro-batches (and ranks) gives the full batch's loss exactly.
+                if mb.filler:
+                    share = 0.0
+                elif cfg.loss.agg == "token_mean":
+                    share = int(mask.sum()) / max(n_tokens, 1)
+                else:
+                    share = len(mb.rows) / n_rows
                 (loss * share).backward()
                 if iteration == 0:
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value * share
                     with torch.no_grad():
                         diff = (logp.detach() - mb.engine_logp).abs()[mask]
-                        if diff.numel():
+                        if diff.numel() and not mb.filler:
                             diffs_max = max(diffs_max, diff.max().item())
                             diffs_sum += diff.sum().item()
-                        entropy_sum += entropy[mask].sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.trainer.max_grad_norm).item()
+                            entropy_sum += entropy[mask].sum().item()
+            # Sharded: the gradients are DTensors and the norm is that of the whole gradient.
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.trainer.max_grad_norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(f"gradient norm is {grad_norm}; the weights were not updated. "
@@ -252,6 +292,11 @@ class Learner:
             self.optimizer.step()
             self.scheduler.step()
         self.dirty = False
+        keys = sorted(totals)
+        summed = distributed.all_reduce([totals[k] for k in keys] + [entropy_sum, diffs_sum])
+        totals = dict(zip(keys, summed, strict=False))
+        entropy_sum, diffs_sum = summed[-2:]
+        diffs_max = distributed.all_reduce([diffs_max], "max")[0]
         return {
             **totals,
             "grad_norm": grad_norm,
@@ -263,7 +308,9 @@ class Learner:
         }
 
     def _micro_batches(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                       engine_logprobs: Sequence[Sequence[float]]) -> Iterator[MicroBatch]:
+                       engine_logprobs: Sequence[Sequence[float]], count: int = 0) -> Iterator[MicroBatch]:
+        """The rows cut into micro-batches, then filler micro-batches (one padding row each, whose row
+        index N points at a zero advantage) up to `count` in all."""
         size = self.cfg.trainer.micro_batch_size
         temperature = self.cfg.rollout.temperature
         if self.share_prompts:
@@ -275,12 +322,20 @@ class Learner:
                                                                    len(completions[i])))
         else:  # sorting by length keeps sequences of similar length together: little padding
             order = sorted(range(len(completions)), key=lambda i: len(prompts[i]) + len(completions[i]))
-        packer = pack_shared if self.share_prompts else pack
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
-            packed = packer([prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id, self.device)
+        packer = pack
+        if self.share_prompts:
+            # Sharded, the model must be called the same number of times on every rank: always two passes.
+            packer = functools.partial(pack_shared, min_width=2 if self.sharded else 1)
+        cuts = [order[start : start + size] for start in range(0, len(order), size)]
+        fillers = max(count - len(cuts), 0)
+        for k, rows in enumerate(cuts + [[len(completions)]] * fillers):
+            filler = k >= len(cuts)
+            if filler:
+                packed = packer([[self.pad_id]], [[self.pad_id, self.pad_id]], self.pad_id, self.device)
+            else:
+                packed = packer([prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id, self.device)
             engine = torch.zeros(packed.mask.shape, dtype=torch.float32)
-            for j, i in enumerate(rows):
+            for j, i in enumerate([] if filler else rows):
                 engine[j, : len(engine_logprobs[i])] = torch.tensor(engine_logprobs[i], dtype=torch.float32)
             with torch.no_grad():
                 ref = None
@@ -288,21 +343,27 @@ class Learner:
                     ref = self._reference_logprobs(packed, temperature)
                 old = None
                 if self.cfg.trainer.num_iterations > 1:  # the ratio needs the pre-update policy fixed
-                    old = sequence_logprobs(self.policy, packed, temperature)[0]
-            yield MicroBatch(torch.tensor(rows, device=self.device), packed, engine.to(self.device), ref, old)
+                    old = _logprobs(self.policy, packed, temperature)[0]
+            yield MicroBatch(torch.tensor(rows, device=self.device), packed, engine.to(self.device), ref, old, filler)
 
     def _reference_logprobs(self, packed: Packed | SharedPrompts, temperature: float) -> Tensor:
         if self.peft is not None:
             with self.peft.disable_adapter():
                 return sequence_logprobs(self.policy, packed, temperature)[0]
         assert self.reference is not None
-        return sequence_logprobs(self.reference, packed, temperature)[0]
+        return _logprobs(self.reference, packed, temperature)[0]
 
     # ------------------------------------------------------------------ state
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """(HF name, tensor) pairs of the policy in state-dict order, for a rollout engine or a
         checkpoint. With LoRA: the base weights with each adapter's update merged in, under the
-        base model's own names (the adapters themselves are left out)."""
+        base model's own names (the adapters themselves are left out).
+
+        Sharded: whole tensors on every rank, each gathered as it is reached, so all ranks must
+        iterate together to the end (a weight push does: each rank fills its own engine)."""
+        if self.sharded:
+            yield from distributed.full_tensors(self.policy.state_dict().items())
+            return
         if self.peft is None:
             for name, tensor in self.policy.state_dict().items():
                 yield name, tensor.detach()
@@ -320,7 +381,13 @@ class Learner:
             yield name, tensor.detach()
 
     def save_weights(self, folder: Path) -> None:
-        """A Hugging Face model folder (merged weights with LoRA), plus adapter/ with LoRA for resuming."""
+        """A Hugging Face model folder (merged weights with LoRA), plus adapter/ with LoRA for resuming.
+        Sharded: every rank takes part, rank 0 writes the fp32 master weights."""
+        if self.sharded:
+            full = dict(distributed.full_tensors(self.policy.state_dict().items(), keep=False, to_cpu=True))
+            if distributed.is_main():
+                self.policy.save_pretrained(folder, state_dict=full, safe_serialization=True)
+            return
         if self.peft is None:
             self.policy.save_pretrained(folder, safe_serialization=True)
             return
@@ -328,12 +395,25 @@ class Learner:
         self.peft.save_pretrained(folder / "adapter")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer and schedule. Sharded: the optimizer state gathered whole (complete on rank 0
+        only), in the layout one process saves, so a checkpoint resumes on any number of ranks."""
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer["state"] = {index: dict(distributed.full_tensors(sorted(values.items()), keep=False, to_cpu=True))
+                                  for index, values in sorted(optimizer["state"].items())}
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], weights_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if self.sharded:  # whole tensors in the file: each rank keeps its own piece
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer = {**optimizer, "state": {
+                index: {k: distributed.shard_like(v, params[index]) if isinstance(v, Tensor) else v
+                        for k, v in values.items()}
+                for index, values in optimizer["state"].items()}}
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.peft is not None:
             from peft import set_peft_model_state_dict
@@ -349,13 +429,30 @@ class Learner:
             return
         tensors: dict[str, Tensor] = {}
         for shard in sorted(weights_dir.glob("*.safetensors")):
-            tensors.update(load_file(shard, device=str(self.device)))
-        missing, unexpected = self.policy.load_state_dict(tensors, strict=False)
+            tensors.update(load_file(shard, device="cpu" if self.sharded else str(self.device)))
+        if self.sharded:
+            current = self.policy.state_dict()
+            missing, unexpected = [k for k in current if k not in tensors], [k for k in tensors if k not in current]
+            for name, target in current.items():
+                if name in tensors:
+                    distributed.load_full(target, tensors[name])
+        else:
+            missing, unexpected = self.policy.load_state_dict(tensors, strict=False)
         # A tied output layer is saved once, under the input embedding's name.
         missing = [k for k in missing if not (k.endswith("lm_head.weight") and self.policy.config.tie_word_embeddings)]
         if missing or unexpected:
             raise TrainingError(f"checkpoint {weights_dir} does not match the model: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")
+
+
+_LOGPROBS = "grpo_sequence_logprobs"  # sharded models: sequence_logprobs as an FSDP forward method
+
+
+def _logprobs(model: torch.nn.Module, batch: Packed | SharedPrompts, temperature: float) -> tuple[Tensor, Tensor]:
+    """`sequence_logprobs`; on a sharded model through its root's FSDP hooks (see distributed.shard),
+    because it calls the base model and the output layer directly, not the root's forward."""
+    forward = getattr(model, _LOGPROBS, None)
+    return forward(batch, temperature) if forward is not None else sequence_logprobs(model, batch, temperature)
 
 
 def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:

