@@ -4,18 +4,18 @@ Log-probabilities are computed only at completion positions and through the outp
 chunks, each recomputed in backward (activation checkpointing), so the full-vocabulary logits
 (vocab x tokens x 4 bytes: 49k words make that 200 KB per token) never exist for a whole batch.
 
-The G completions of a prompt share it: by default (`model.share_prompts`) each distinct prompt of
-a micro-batch runs through the model once, and its keys/values are handed to each of its
-completions as a cache, so prompt tokens cost one forward/backward per group instead of G. Rows are
-ordered by prompt, then by length, before they are cut into micro-batches, so a group stays
-together and padding stays small. Gradients accumulate over micro-batches with weights that make
+The G completions of a prompt share it: by default (`model.share_prompts`) a micro-batch is packed
+into rows holding each distinct prompt once followed by its completions, back to back with no
+padding between them, and a block mask lets each completion see only its own prompt and itself
+(`pack_segments`). Prompt tokens then cost one forward/backward per group instead of G, and no
+time goes into padding short completions up to the longest one. Rows are ordered by prompt, then
+by length, before they are cut into micro-batches, so a group stays together. Gradients accumulate over micro-batches with weights that make
 the sum equal the full-batch gradient for every aggregation (per-sequence or per-token).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +33,9 @@ from grpo_cli.loss import policy_loss
 from grpo_cli.models import load_model, torch_dtype
 
 LOGIT_CHUNK = 1024  # completion tokens whose full-vocabulary logits exist at once
+# Tokens per packed row. Attention over a row costs N^2 whatever the mask hides, so a row holds at
+# most this many (one long prompt + completion gets a row of its own).
+PACK_TOKENS = 2048
 
 
 class TrainingError(RuntimeError):
@@ -67,41 +70,72 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return Packed(*(t.to(device) for t in (input_ids, attention_mask, positions, targets, mask)))
 
 
-class SharedPrompts(NamedTuple):
-    """A micro-batch whose B rows share U distinct prompts, each prompt stored once, right-padded."""
+class Segments(NamedTuple):
+    """A micro-batch packed without per-completion padding: in each of R rows, every distinct prompt
+    once, followed by its completions (all but their last token, which predicts nothing we need).
+    A block mask lets each completion attend to its own prompt and to itself, causally."""
 
-    prompt_ids: Tensor      # (U, P) distinct prompts, then padding
-    prompt_mask: Tensor     # (U, P) 1 on real prompt tokens
-    prompt_lens: Tensor     # (U,)
-    row_prompt: Tensor      # (B,) index into the U prompts of each row's prompt
-    targets: Tensor         # (B, T) completion token ids (0 on padding)
-    mask: Tensor            # (B, T) True on completion tokens
+    input_ids: Tensor   # (R, N) prompts and completions back to back, then padding
+    positions: Tensor   # (R, N) position of each token within its own prompt + completion
+    allowed: Tensor     # (R, N, N) bool: query token i may attend to key token j
+    index: Tensor       # (B, T) flat index (row * N + column) of the state predicting completion token t
+    targets: Tensor     # (B, T) completion token ids (0 on padding)
+    mask: Tensor        # (B, T) True on completion tokens
 
 
-def pack_shared(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                device: torch.device, min_width: int = 1) -> SharedPrompts:
-    """min_width: T at least this (padding columns); 2 keeps the completion pass of
-    `_predicting_states` even when every completion has one token."""
-    distinct: dict[tuple[int, ...], int] = {}
-    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    U, P = len(distinct), max(len(p) for p in distinct)
-    B, T = len(completions), max(max(len(c) for c in completions), min_width)
-    prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((U, P), dtype=torch.long)
-    for p, u in distinct.items():
-        prompt_ids[u, : len(p)] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[u, : len(p)] = 1
+def pack_segments(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                  device: torch.device, row_tokens: int = PACK_TOKENS) -> Segments:
+    """Rows of at most `row_tokens` tokens (a longer prompt + completion gets a row of its own),
+    filled in order: callers put a prompt's completions next to each other so it is stored once."""
+    B, T = len(completions), max(max(len(c) for c in completions), 1)
+    rows: list[dict[str, list[int]]] = []  # per row: token, position, group (prompt), member (completion)
+    groups: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (group, column of its last token), this row
+    placed: list[tuple[int, int, int]] = []  # per completion: row, its prompt's last column, its first column
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        body = list(c[:-1])
+        cost = len(body) + (0 if tuple(p) in groups else len(p))
+        if not rows or (rows[-1]["token"] and len(rows[-1]["token"]) + cost > row_tokens):
+            rows.append({"token": [], "position": [], "group": [], "member": []})
+            groups = {}
+        row = rows[-1]
+        if tuple(p) not in groups:
+            groups[tuple(p)] = (len(groups), len(row["token"]) + len(p) - 1)
+            row["token"] += p
+            row["position"] += range(len(p))
+            row["group"] += [groups[tuple(p)][0]] * len(p)
+            row["member"] += [-1] * len(p)
+        group, last = groups[tuple(p)]
+        placed.append((len(rows) - 1, last, len(row["token"])))
+        row["token"] += body
+        row["position"] += range(len(p), len(p) + len(body))
+        row["group"] += [group] * len(body)
+        row["member"] += [i] * len(body)
+    R, N = len(rows), max(len(row["token"]) for row in rows)
+    columns = {key: torch.full((R, N), fill, dtype=torch.long)
+               for key, fill in (("token", pad_id), ("position", 0), ("group", -1), ("member", -2))}
+    for r, row in enumerate(rows):
+        for key, values in row.items():
+            columns[key][r, : len(values)] = torch.tensor(values, dtype=torch.long)
+    group, member = columns["group"], columns["member"]
+    same_group = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)
+    visible = (member[:, None, :] == -1) | (member[:, :, None] == member[:, None, :])  # key is a prompt token, or ours
+    causal = torch.ones((N, N), dtype=torch.bool).tril()
+    # Padding attends to itself only: no query row is fully masked (that would give NaN).
+    allowed = (same_group & visible & causal) | torch.eye(N, dtype=torch.bool)
+    index = torch.zeros((B, T), dtype=torch.long)
     targets = torch.zeros((B, T), dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
-    for i, c in enumerate(completions):
+    for i, (c, (r, last, first)) in enumerate(zip(completions, placed, strict=True)):
+        if not c:
+            continue
         targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         mask[i, : len(c)] = True
-    lens = prompt_mask.sum(1)
-    return SharedPrompts(*(t.to(device) for t in (prompt_ids, prompt_mask, lens, torch.tensor(row_prompt),
-                                                   targets, mask)))
+        # Completion token 0 is predicted by its prompt's last token, token t by completion token t - 1.
+        index[i, : len(c)] = r * N + torch.tensor([last, *range(first, first + len(c) - 1)], dtype=torch.long)
+    return Segments(*(t.to(device) for t in (columns["token"], columns["position"], allowed, index, targets, mask)))
 
 
-def _predicting_states(model: torch.nn.Module, batch: Packed | SharedPrompts) -> Tensor:
+def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tensor:
     """(B, T, H) final hidden states, the one at [b, t] being what predicts completion token t."""
     base = model.base_model
     if isinstance(batch, Packed):
@@ -109,23 +143,12 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | SharedPrompts) ->
         # The token at position p is predicted from the hidden state at p - 1.
         index = (batch.positions - 1).clamp(min=0)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-    # Each distinct prompt runs once; its keys/values become every one of its rows' cache. Padding
-    # sits between a short prompt and its completion, masked out; positions continue the prompt's.
-    out = base(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, use_cache=True)
-    U = batch.prompt_ids.shape[0]
-    last = out.last_hidden_state[torch.arange(U, device=batch.mask.device), batch.prompt_lens - 1]  # (U, H)
-    first = last[batch.row_prompt][:, None]  # (B, 1, H) predicts completion token 0
-    T = batch.targets.shape[1]
-    if T == 1:
-        return first
-    cache = out.past_key_values
-    cache.batch_select_indices(batch.row_prompt)  # (U, ...) -> (B, ...), differentiable
-    inputs = batch.targets[:, :-1]  # the last completion token predicts nothing we need
-    attention = torch.cat([batch.prompt_mask[batch.row_prompt], batch.mask[:, :-1].long()], dim=1)
-    positions = batch.prompt_lens[batch.row_prompt][:, None] + torch.arange(T - 1, device=inputs.device)
-    rest = base(input_ids=inputs, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                use_cache=True).last_hidden_state  # (B, T - 1, H)
-    return torch.cat([first, rest], dim=1)
+    # A 4-D mask is used as given. SDPA takes it as bool (True = attend); eager attention adds it.
+    mask = batch.allowed[:, None]
+    if model.config._attn_implementation != "sdpa":
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.positions).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
@@ -139,7 +162,7 @@ def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
     return logp, entropy
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: Packed | SharedPrompts,
+def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments,
                       temperature: float) -> tuple[Tensor, Tensor]:
     """Log-probs (B, T) of the completion tokens under log_softmax(logits / temperature), and
     per-token entropies (B, T, no gradient); zeros on padding."""
@@ -167,7 +190,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | SharedPrompts,
 @dataclass
 class MicroBatch:
     rows: Tensor             # (B,) indices into the step's completions
-    packed: Packed | SharedPrompts
+    packed: Packed | Segments
     engine_logp: Tensor      # (B, T) the rollout engine's log-probs of the same tokens
     ref_logp: Tensor | None  # (B, T) frozen reference model's log-probs (None when beta = 0)
     old_logp: Tensor | None  # (B, T) policy before this step's updates (only when num_iterations > 1)
@@ -201,8 +224,8 @@ class Learner:
             if self.peft is not None:  # frozen embeddings: the checkpointed blocks still need an input grad
                 self.policy.enable_input_require_grads()
         self.policy.config.use_cache = False
-        # A prompt's keys/values are reused through a cache, which gradient checkpointing rules out.
-        self.share_prompts = cfg.model.share_prompts and not cfg.model.gradient_checkpointing
+        # Packed rows need a 4-D attention mask, which flash-attention implementations do not take.
+        self.share_prompts = cfg.model.share_prompts and self.policy.config._attn_implementation in ("sdpa", "eager")
         self.policy.train()
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
@@ -314,7 +337,7 @@ class Learner:
         size = self.cfg.trainer.micro_batch_size
         temperature = self.cfg.rollout.temperature
         if self.share_prompts:
-            # A group's rows together (they share one prompt pass), groups of similar length together.
+            # A group's rows together (they share one prompt), groups of similar length together.
             first_seen: dict[tuple[int, ...], int] = {}
             for i, p in enumerate(prompts):
                 first_seen.setdefault(tuple(p), i)
@@ -322,10 +345,7 @@ class Learner:
                                                                    len(completions[i])))
         else:  # sorting by length keeps sequences of similar length together: little padding
             order = sorted(range(len(completions)), key=lambda i: len(prompts[i]) + len(completions[i]))
-        packer = pack
-        if self.share_prompts:
-            # Sharded, the model must be called the same number of times on every rank: always two passes.
-            packer = functools.partial(pack_shared, min_width=2 if self.sharded else 1)
+        packer = pack_segments if self.share_prompts else pack
         cuts = [order[start : start + size] for start in range(0, len(order), size)]
         fillers = max(count - len(cuts), 0)
         for k, rows in enumerate(cuts + [[len(completions)]] * fillers):
@@ -346,7 +366,7 @@ class Learner:
                     old = _logprobs(self.policy, packed, temperature)[0]
             yield MicroBatch(torch.tensor(rows, device=self.device), packed, engine.to(self.device), ref, old, filler)
 
-    def _reference_logprobs(self, packed: Packed | SharedPrompts, temperature: float) -> Tensor:
+    def _reference_logprobs(self, packed: Packed | Segments, temperature: float) -> Tensor:
         if self.peft is not None:
             with self.peft.disable_adapter():
                 return sequence_logprobs(self.policy, packed, temperature)[0]
@@ -448,7 +468,7 @@ class Learner:
 _LOGPROBS = "grpo_sequence_logprobs"  # sharded models: sequence_logprobs as an FSDP forward method
 
 
-def _logprobs(model: torch.nn.Module, batch: Packed | SharedPrompts, temperature: float) -> tuple[Tensor, Tensor]:
+def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float) -> tuple[Tensor, Tensor]:
     """`sequence_logprobs`; on a sharded model through its root's FSDP hooks (see distributed.shard),
     because it calls the base model and the output layer directly, not the root's forward."""
     forward = getattr(model, _LOGPROBS, None)

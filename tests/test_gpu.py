@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from grpo_cli.config import compose
-from grpo_cli.learner import Learner, pack, pack_shared, sequence_logprobs
+from grpo_cli.learner import Learner, pack, pack_segments, sequence_logprobs
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -30,7 +30,7 @@ def test_bf16_learner_shares_prompts_and_steps(tiny_model_dir: Path) -> None:
     learner = Learner(cfg, CUDA, pad_id=0)
     assert next(learner.policy.parameters()).dtype == torch.bfloat16  # model.dtype=auto on a GPU
     with torch.no_grad():
-        shared, _ = sequence_logprobs(learner.policy, pack_shared(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
+        shared, _ = sequence_logprobs(learner.policy, pack_segments(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
         full, _ = sequence_logprobs(learner.policy, pack(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
     torch.testing.assert_close(shared, full, rtol=0, atol=0.05)  # bf16: ~3 significant digits
     before = [p.detach().clone() for p in learner.policy.parameters()]

@@ -112,27 +112,53 @@ GROUP_PROMPTS = [[1, 2, 3, 4, 5]] * 3 + [[6, 7]] * 3
 GROUP_COMPLETIONS = [[11, 12, 13], [14], [15, 16], [17, 18, 19, 20], [21], [22, 23]]
 
 
-def test_shared_prompt_logprobs_equal_the_full_sequence_ones(tiny_model_dir: Path) -> None:
-    learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
-    shared = learner_module.pack_shared(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
-    assert shared.prompt_ids.shape == (2, 5) and shared.row_prompt.tolist() == [0, 0, 0, 1, 1, 1]
+def test_packed_segments_layout() -> None:
+    """Worked by hand: each prompt once, then its completions minus their last token, back to back."""
+    seg = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
+    assert seg.input_ids.tolist() == [[1, 2, 3, 4, 5, 11, 12, 15, 6, 7, 17, 18, 19, 22]]
+    assert seg.positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 5, 0, 1, 2, 3, 4, 2]]
+    # Completion token 0 is predicted at its prompt's last token (column 4 or 9), token t at token t - 1.
+    assert seg.index.tolist() == [[4, 5, 6, 0], [4, 0, 0, 0], [4, 7, 0, 0], [9, 10, 11, 12], [9, 0, 0, 0],
+                                  [9, 13, 0, 0]]
+    allowed = seg.allowed[0]
+    assert allowed[6].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]  # 12 sees prompt A, 11, itself
+    assert allowed[7].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 7]     # 15 sees prompt A and itself only
+    assert allowed[13].nonzero().flatten().tolist() == [8, 9, 13]            # 22 sees prompt B and itself
+    assert allowed[9].nonzero().flatten().tolist() == [8, 9]                 # prompt B is causal on its own
+    # A row budget of 8 tokens: prompt A's three completions fill row 0, prompt B starts row 1.
+    split = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=8)
+    assert split.input_ids.tolist() == [[1, 2, 3, 4, 5, 11, 12, 15], [6, 7, 17, 18, 19, 22, 0, 0]]
+    assert split.index[3].tolist() == [8 + 1, 8 + 2, 8 + 3, 8 + 4]
+    assert split.allowed[1, 6].nonzero().flatten().tolist() == [6]  # padding sees itself only
+
+
+@pytest.mark.parametrize("row_tokens", [2048, 8])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_segment_logprobs_equal_the_full_sequence_ones(tiny_model_dir: Path, row_tokens: int,
+                                                              attention: str) -> None:
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0", f"model.attn_implementation={attention}"), CPU,
+                      pad_id=0)
+    assert learner.policy.config._attn_implementation == attention
+    seg = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=row_tokens)
     full = pack(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
-    got, got_entropy = sequence_logprobs(learner.policy, shared, temperature=0.7)
+    got, got_entropy = sequence_logprobs(learner.policy, seg, temperature=0.7)
     want, want_entropy = sequence_logprobs(learner.policy, full, temperature=0.7)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_entropy, want_entropy, rtol=0, atol=1e-5)
-    assert torch.equal(shared.mask, full.mask)
+    assert torch.equal(seg.mask, full.mask)
     for i, (p, c) in enumerate(zip(GROUP_PROMPTS, GROUP_COMPLETIONS, strict=True)):
         torch.testing.assert_close(got[i, : len(c)], _naive_logprobs(learner.policy, p, c, 0.7), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean"])
-def test_shared_prompts_give_the_same_gradient(tiny_model_dir: Path, agg: str) -> None:
+@pytest.mark.parametrize(("agg", "checkpointing"), [("seq_mean_token_mean", "false"), ("token_mean", "false"),
+                                                    ("token_mean", "true")])
+def test_shared_prompts_give_the_same_gradient(tiny_model_dir: Path, agg: str, checkpointing: str) -> None:
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25])
     grads = []
     for share in ("true", "false"):
         cfg = _config(tiny_model_dir, "loss.beta=0.1", f"loss.agg={agg}", f"model.share_prompts={share}",
-                      "trainer.micro_batch_size=4", "rollout.max_new_tokens=4", "trainer.lr=0")
+                      "trainer.micro_batch_size=4", "rollout.max_new_tokens=4", "trainer.lr=0",
+                      f"model.gradient_checkpointing={checkpointing}")
         learner = Learner(cfg, CPU, pad_id=0)
         assert learner.share_prompts == (share == "true")
         engine = [[0.0] * len(c) for c in GROUP_COMPLETIONS]
