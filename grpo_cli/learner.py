@@ -1,8 +1,9 @@
 """The learner: the policy, its frozen reference, the optimizer and schedule, and the GRPO update.
 
 Log-probabilities are computed only at completion positions and through the output layer in
-chunks, each recomputed in backward (activation checkpointing), so the full-vocabulary logits
-(vocab x tokens x 4 bytes: 49k words make that 200 KB per token) never exist for a whole batch.
+chunks of LOGIT_CHUNK tokens, each recomputed in backward (activation checkpointing) when a
+micro-batch has more than one, so the full-vocabulary logits (vocab x tokens x 4 bytes: 49k words
+make that 200 KB per token) never exist for more than a chunk at a time.
 
 The G completions of a prompt share it: by default (`model.share_prompts`) a micro-batch is packed
 into rows holding each distinct prompt once followed by its completions, back to back with no
@@ -154,11 +155,13 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
                     temperature: float) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy for (M, H) hidden states through the output layer."""
-    logits = head(hidden).float() / temperature  # (M, V)
+    logits = head(hidden).float()  # (M, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
     with torch.no_grad():
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        entropy = lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
     return logp, entropy
 
 
@@ -171,9 +174,12 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments,
     targets = batch.targets[batch.mask]
     head = model.get_output_embeddings()
     logps, entropies = [], []
+    # Each chunk's logits are recomputed in backward rather than kept, unless there is only one:
+    # then keeping it holds no more than a chunk, and recomputing would be pure cost.
+    recompute = torch.is_grad_enabled() and picked.shape[0] > LOGIT_CHUNK
     for start in range(0, picked.shape[0], LOGIT_CHUNK):
         h, t = picked[start : start + LOGIT_CHUNK], targets[start : start + LOGIT_CHUNK]
-        if torch.is_grad_enabled():
+        if recompute:
             lp, ent = checkpoint(_chunk_logprobs, h, t, head, temperature, use_reentrant=False)
         else:
             lp, ent = _chunk_logprobs(h, t, head, temperature)
