@@ -169,7 +169,7 @@ def report(
     CUDA_VISIBLE_DEVICES=4,5 grpo rollout-server recipe=gsm8k rollout.tensor_parallel_size=2 --port 8000
     grpo rollout-server recipe=quickstart rollout.cpu_kv_cache_mib=512 --port 0
 
-Then: `grpo train recipe=gsm8k rollout=vllm_server rollout.servers=[HOST:8000]` (docs/rollout-servers.md).
+Then: `grpo train recipe=gsm8k rollout=vllm_server rollout.servers=[HOST:8000]` (docs/distributed.md, "Rollout servers").
 """)
 def rollout_server(
     overrides: Overrides = None,

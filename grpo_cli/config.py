@@ -87,6 +87,7 @@ class RolloutConfig:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     sync_every: int = 1
+    check_sync: bool = False  # after each push: engine vs learner log-probs of a probe (sync/logprob_diff_max)
     gpu_memory_utilization: float = 0.35
     cpu_kv_cache_mib: int = 256
     enforce_eager: bool = True

@@ -121,6 +121,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank's process is gone (it stopped on
+    its own error, or crashed). gloo notices at once ('Connection closed by peer'); torchrun then
+    stops the remaining ranks, so this is what they raise in the moment before."""
+    text = str(error)
+    return isinstance(error, dist.DistNetworkError) or "closed by peer" in text or "reset by peer" in text
+
+
 # ----------------------------------------------------------------------------- FSDP2
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype,
           methods: dict[str, Callable[..., Any]] | None = None) -> None:

@@ -8,6 +8,8 @@ into the engine -> (every trainer.eval_every steps) evaluate -> log -> checkpoin
 Evaluation (grpo_cli.evaluate) samples from the same engine, so the engine must hold the step's
 weights: on a step the sync schedule skips (rollout.sync_every > 1, or the last step) they are
 pushed first, which also makes the next rollout's weights fresher than the schedule alone would.
+A wrong push raises no error, so `rollout.check_sync` checks each one (the last step's too): the
+engine's log-probs of the step's first sample against the learner's, `sync/logprob_diff_max`.
 
 Filters (trainer.*): `mask_truncated` gives completions cut off at max_new_tokens no loss (their
 group still sets the advantages); `dynamic_sampling` (DAPO) keeps only groups whose rewards differ
@@ -42,14 +44,14 @@ from grpo_cli.config import Config
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import PeriodicEval
-from grpo_cli.learner import Learner, TrainingError
+from grpo_cli.learner import Learner, TrainingError, _logprobs, pack
 from grpo_cli.logging import RunLogger
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set
 from grpo_cli.rollout import Engine, Sample, make_engine, sampling_from_config
 from grpo_cli.runs import prepare_run_dir
-from grpo_cli.sync import push_weights
+from grpo_cli.sync import engine_logprob_diff, push_weights
 
 
 def train(cfg: Config) -> Path:
@@ -78,6 +80,7 @@ def train(cfg: Config) -> Path:
     logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     completed, completed_position = start, position  # the last step whose update finished, and its data position
+    check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
     try:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             timer = _Timer()
@@ -109,16 +112,23 @@ def train(cfg: Config) -> Path:
             completed, completed_position = step, position
 
             # ---------------------------------------------------------------- sync
+            checks: dict[str, float] = {}  # sync/logprob_diff_max, when rollout.check_sync
             with timer("sync"):
-                synced = step % cfg.rollout.sync_every == 0 and step < cfg.trainer.max_steps
+                # Checked pushes also follow the last step, so that every update's push is checked.
+                synced = step % cfg.rollout.sync_every == 0 and (step < cfg.trainer.max_steps or check)
                 if synced:
                     push_weights(engine, learner.named_weights())
+            if synced and check:
+                with timer("sync_check"):
+                    checks = check_sync(engine, learner, first.samples[0])
 
             # ---------------------------------------------------------------- eval
             eval_metrics: dict[str, float] = {}  # eval/<dataset>/<metric>, time/eval (not part of time/step)
             if evaluation is not None and evaluation.due(step):
                 if not synced:  # the engine must sample with this step's weights
                     push_weights(engine, learner.named_weights())
+                    if check:
+                        checks = check_sync(engine, learner, first.samples[0])
                 # Every rank evaluates (the same problems and seeds, in step), rank 0 writes.
                 eval_metrics = evaluation.run(engine, step, run / "samples" if distributed.is_main() else None,
                                               say=logger.message)
@@ -132,7 +142,7 @@ def train(cfg: Config) -> Path:
                        "tokens/generated": generated, "groups/trained": trained / cfg.rollout.group_size,
                        "rollout/rounds": float(len(rounds))}
             metrics["time/step"] = sum(timer.seconds.values())
-            logger.log(step, {**metrics, **eval_metrics})
+            logger.log(step, {**metrics, **checks, **eval_metrics})
             for label, message in first.scores.first_error.items():
                 logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "
                                f"{message}")
@@ -155,6 +165,11 @@ def train(cfg: Config) -> Path:
     except torch.OutOfMemoryError:
         raise TrainingError("out of memory: lower trainer.micro_batch_size or rollout.max_new_tokens, set "
                             "model.gradient_checkpointing=true, or lower rollout.gpu_memory_utilization") from None
+    except RuntimeError as e:
+        if world > 1 and distributed.lost_peer(e):  # one line here; the failed rank printed the cause
+            raise TrainingError(f"learner process {rank} stopped: another learner process failed (its error is "
+                                "above; torchrun's summary names it as the root cause)") from None
+        raise
     finally:
         logger.close()
         engine.close()
@@ -170,6 +185,18 @@ def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.dynamic_sampling:
         raise UserError("trainer.dynamic_sampling is not supported with several learner processes yet: "
                         "set trainer.dynamic_sampling=false or train in one process")
+
+
+def check_sync(engine: Engine, learner: Learner, probe: Sample) -> dict[str, float]:
+    """`sync/logprob_diff_max` right after a push (rollout.check_sync): the engine's log-probs of the
+    tokens of rank 0's `probe` against the learner's, at temperature 1 (grpo_cli.sync.engine_logprob_diff).
+    Several learner processes: every rank calls it, in step (the sharded forward is collective)."""
+    prompt_ids, completion_ids = distributed.broadcast_object((probe.prompt_ids, probe.completion_ids))
+    with torch.no_grad():
+        packed = pack([prompt_ids], [completion_ids], learner.pad_id, learner.device)
+        expected = _logprobs(learner.policy, packed, 1.0)[0][0]  # (T,)
+    diff = engine_logprob_diff(engine, prompt_ids, completion_ids, expected)
+    return {} if diff is None else {"sync/logprob_diff_max": diff}
 
 
 def _prepare_run(cfg: Config) -> Path:

@@ -150,6 +150,36 @@ def _buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
         yield rest
 
 
+def engine_logprob_diff(engine: Engine, prompt_ids: list[int], completion_ids: list[int],
+                        expected: torch.Tensor) -> float | None:
+    """How far the engine's weights are from the learner's after a push: the largest |engine log-prob
+    - expected| of `completion_ids` after `prompt_ids` (temperature 1), over every copy of the weights
+    the push filled. A wrong push (e.g. half a fused q/k/v group) raises no error, only this number.
+
+    expected: (T,) the learner's log-probs of the same tokens. Several learner processes: every rank
+    calls this with the same tokens and gets the same value (a max over ranks). Rollout servers are
+    asked by rank 0 (which pushed), each of them; an in-process engine by its own rank. None for the
+    hf engine: it samples from the learner's own weights, nothing was pushed.
+    """
+    from grpo_cli import distributed
+    from grpo_cli.rollout.hf import HFEngine
+    from grpo_cli.rollout.vllm_server import VLLMServerEngine
+
+    if isinstance(engine, HFEngine):
+        return None
+    expected = expected.detach().double().cpu()
+    engine.wake()  # a sleeping engine (GPU) needs its KV cache to answer; the next rollout wakes it anyway
+    served: list[list[float]] = []
+    if isinstance(engine, VLLMServerEngine):
+        if distributed.is_main():
+            served = [engine.prompt_logprobs(prompt_ids, completion_ids, server=i) for i in range(len(engine.servers))]
+    else:
+        served = [engine.prompt_logprobs(prompt_ids, completion_ids)]
+    diff = max((float((torch.tensor(values, dtype=torch.float64) - expected).abs().max()) for values in served),
+               default=0.0)
+    return distributed.all_reduce([diff], "max")[0]
+
+
 # ----------------------------------------------------------------------------- rollout servers
 def _push_to_servers(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
                      bucket_bytes: int) -> None:

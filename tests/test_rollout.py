@@ -16,7 +16,7 @@ import torch
 
 from grpo_cli.config import ModelConfig, RolloutConfig
 from grpo_cli.rollout import SamplingSettings, make_engine, sampling_from_config
-from grpo_cli.sync import _buckets, layer_key, push_weights
+from grpo_cli.sync import _buckets, engine_logprob_diff, layer_key, push_weights
 
 LONG = " ".join(f"step {i}: add {i % 7} to the total." for i in range(40))  # ~400 tokens: cached prefix blocks
 PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox", LONG]
@@ -161,6 +161,19 @@ def test_push_of_perturbed_weights_syncs_every_layer(fresh_engine, base_model, s
     samples = engine.generate(PROMPTS, SAMPLING)
     assert max_logprob_error(samples, noisy, 1.0) < ATOL
     assert max_logprob_error(samples, base_model, 1.0) > 0.1  # the perturbation is visible at all
+
+
+def test_logprob_diff_after_a_push_tells_a_matching_engine_from_a_stale_one(fresh_engine, base_model) -> None:
+    """rollout.check_sync's measure (sync.engine_logprob_diff): ~1e-6 against the weights just pushed,
+    large against any others."""
+    engine = fresh_engine
+    noisy = perturbed(base_model, seed=3)
+    prompt_ids, completion_ids = list(range(100, 140)), list(range(500, 520))  # fixed tokens
+    push_weights(engine, noisy.state_dict().items())
+    assert engine_logprob_diff(engine, prompt_ids, completion_ids,
+                               forward_logprobs(noisy, prompt_ids, completion_ids, 1.0)) < ATOL
+    assert engine_logprob_diff(engine, prompt_ids, completion_ids,
+                               forward_logprobs(base_model, prompt_ids, completion_ids, 1.0)) > 0.1
 
 
 def test_bucketed_push_equals_full_push_and_does_not_alias(fresh_engine, base_model) -> None:
@@ -396,6 +409,7 @@ def test_make_engine_hf_and_push_is_a_no_op(tiny_model_dir: Path, base_model) ->
     engine = make_engine(rollout, model_cfg, str(tiny_model_dir), policy=policy)
     assert isinstance(engine, HFEngine) and engine.model is policy
     assert push_weights(engine, policy.state_dict().items()) == 0.0
+    assert engine_logprob_diff(engine, [1, 2], [3], torch.zeros(1)) is None  # rollout.check_sync: nothing to check
     samples = engine.generate(PROMPTS[:2], sampling_from_config(rollout, seed=0))
     assert len(samples) == 4 and all(len(s.completion_ids) == 4 for s in samples)
     with pytest.raises(ValueError, match="policy"):

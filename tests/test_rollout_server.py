@@ -15,15 +15,13 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from server_process import free_port, start_server, stop_server  # tests/server_process.py
 
 from grpo_cli.config import RolloutConfig
 from grpo_cli.errors import RolloutServerError, UserError
@@ -37,39 +35,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox"]
 SAMPLING = SamplingSettings(n=4, max_new_tokens=8, temperature=1.0, seed=3)
 ATOL = 1e-4  # vLLM vs transformers, fp32 (measured: ~1e-6)
-START_TIMEOUT = 300  # seconds for the server to print its ready line (the machines are noisy)
 
 
 # ----------------------------------------------------------------------------- fixtures
-def start_server(model_dir: Path, log: Path, *overrides: str, env: dict[str, str] | None = None,
-                 ) -> tuple[subprocess.Popen, str]:
-    """A `grpo rollout-server` subprocess on a free loopback port, once it printed its ready line:
-    (process, "127.0.0.1:PORT"). Its output goes to `log` (a pipe left unread could block it)."""
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "grpo_cli", "rollout-server", f"model.name_or_path={model_dir}", "model.dtype=float32",
-             *overrides, "--host", "127.0.0.1", "--port", "0"],
-            stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        ready = [line for line in log.read_text().splitlines() if line.startswith("ready:")]
-        if ready:
-            return process, ready[0].split(" on ")[1].split()[0]
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the rollout server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The module's CPU server: (process, "127.0.0.1:PORT")."""
@@ -115,12 +83,6 @@ def perturbed(model, seed: int):
         for p in other.parameters():
             p.add_(0.5 * float(p.std()) * torch.randn(p.shape, generator=gen))
     return other
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- no server needed
@@ -286,8 +248,8 @@ def test_generate_contract_seeds_and_split(server, tokenizer, base_model) -> Non
         # the engine's log-probs are the learner's (transformers, fp32) and the server's /logprobs
         assert (torch.tensor(s.logprobs) - forward_logprobs(base_model, s.prompt_ids, s.completion_ids)).abs().max() < ATOL
     first = samples[0]
-    assert engine.logprobs(first.prompt_ids, first.completion_ids) == pytest.approx(first.logprobs, abs=1e-6)
-    hot = engine.logprobs(first.prompt_ids, first.completion_ids, temperature=0.7)  # whole-distribution path
+    assert engine.prompt_logprobs(first.prompt_ids, first.completion_ids) == pytest.approx(first.logprobs, abs=1e-6)
+    hot = engine.prompt_logprobs(first.prompt_ids, first.completion_ids, temperature=0.7)  # whole-distribution path
     assert (torch.tensor(hot) - forward_logprobs(base_model, first.prompt_ids, first.completion_ids, 0.7)).abs().max() < ATOL
 
     assert engine.generate(PROMPTS, SAMPLING) == samples  # same seed, same samples
@@ -303,7 +265,7 @@ def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model,
     engine = client(address, run_dir=tmp_path / "run")
     version = engine.weights_version
     prompt_ids, completion_ids = list(range(100, 140)), list(range(500, 520))  # fixed tokens
-    assert (torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+    assert (torch.tensor(engine.prompt_logprobs(prompt_ids, completion_ids))
             - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
     try:
         for seed, bucket_bytes, source in ((1, 256 << 20, "state_dict"), (2, 1, "named_parameters")):
@@ -313,7 +275,7 @@ def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model,
             assert seconds > 0
             version += 1
             assert engine.health()[0]["weights_version"] == version == engine.weights_version
-            served = torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+            served = torch.tensor(engine.prompt_logprobs(prompt_ids, completion_ids))
             assert (served - forward_logprobs(noisy, prompt_ids, completion_ids)).abs().max() < ATOL
             assert (served - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() > 0.1
             samples = engine.generate(PROMPTS[:2], SAMPLING)  # sampling sees the new weights too
@@ -326,7 +288,7 @@ def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model,
         push_weights(engine, base_model.state_dict().items())  # the next tests expect the original weights
         engine.close()
     assert not (tmp_path / "run" / "weight-sync").exists()
-    assert (torch.tensor(client(address).logprobs(prompt_ids, completion_ids))
+    assert (torch.tensor(client(address).prompt_logprobs(prompt_ids, completion_ids))
             - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
 
 
@@ -416,7 +378,7 @@ def test_nccl_sync_broadcasts_into_a_gpu_server(tiny_model_dir: Path, base_model
             push_weights(engine, on_gpu.state_dict().items(), bucket_bytes=bucket_bytes)
             version += 1
             assert engine.health()[0]["weights_version"] == version
-            served = torch.tensor(engine.logprobs(prompt_ids, completion_ids))
+            served = torch.tensor(engine.prompt_logprobs(prompt_ids, completion_ids))
             assert (served - forward_logprobs(noisy, prompt_ids, completion_ids)).abs().max() < 1e-3  # GPU fp32
             assert (served - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() > 0.1
             samples = engine.generate(PROMPTS[:2], SAMPLING)

@@ -41,7 +41,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_two_steps_write_metrics_samples_and_a_loadable_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = _train(*_args(tiny_model_dir, run, steps=2))
+    result = _train(*_args(tiny_model_dir, run, steps=2), "rollout.check_sync=true")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]
@@ -50,6 +50,8 @@ def test_two_steps_write_metrics_samples_and_a_loadable_checkpoint(tiny_model_di
         assert m["tokens/generated"] > 0 and m["reward/std"] > 0
         # vLLM sampled with the weights the learner holds: their log-probs agree (fp32 on both sides).
         assert m["rollout/logprob_diff_max"] < 1e-3
+        # check_sync: after each step's push (the last step's too) the engine scores a probe as the learner does.
+        assert m["sync/logprob_diff_max"] < 1e-4
     assert (run / "config.yaml").is_file() and (run / "samples" / "step-000002.jsonl").is_file()
     sample = json.loads((run / "samples" / "step-000001.jsonl").read_text().splitlines()[0])
     assert {"prompt", "completion", "reward", "rewards", "advantage", "correct"} <= set(sample)

@@ -56,6 +56,10 @@ class Sample:
 
 
 class Engine(Protocol):
+    """What the training loop and evaluation call. Engines holding their own copy of the weights
+    (vllm, vllm_server) also answer `prompt_logprobs(prompt_ids, completion_ids, temperature)`: the
+    log-probs of given tokens under their current weights, which checks a push (grpo_cli.sync)."""
+
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
         """len(prompts) * n samples, grouped by prompt in prompt order: [p0s0..p0s(n-1), p1s0, ...]."""
         ...

@@ -18,6 +18,7 @@ safetensors into `rollout.sync_dir` (default <run dir>/weight-sync), which every
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -171,8 +172,10 @@ class VLLMServerEngine:
             shutil.rmtree(folder, ignore_errors=True)
         self.sync_folders = []
         for folder in (self._temp_dir, self._sync_dir_default()):
-            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            if folder is not None:
+                # Only when empty; under torchrun every rank closes, and another may have removed it first.
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         if self._nccl is not None and not self._nccl_broken:
             try:
                 self._post_all("/shutdown_weight_transfer_engine", {})
@@ -220,9 +223,10 @@ class VLLMServerEngine:
         self._post_all("/load_weights", {"path": str(Path(folder).resolve()), "version": version})
         self.weights_version = version
 
-    def logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
-                 server: int = 0) -> list[float]:
-        """The completion tokens' log-probs under server `server`'s current weights (for checks)."""
+    def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
+                        server: int = 0) -> list[float]:
+        """The completion tokens' log-probs under server `server`'s current weights (checks a sync;
+        `VLLMEngine.prompt_logprobs` on that server)."""
         body = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "temperature": temperature}
         return call(self.servers[server], "POST", "/logprobs", body, self.timeout)["logprobs"]
 
