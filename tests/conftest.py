@@ -47,6 +47,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     return path
 
 
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A `grpo rollout-server` on the tiny model, one per test module: (process, "127.0.0.1:PORT")."""
+    from server_process import start_server, stop_server
+
+    log = tmp_path_factory.mktemp("server") / "output.log"
+    process, address = start_server(tiny_model_dir, log, "rollout.cpu_kv_cache_mib=64")
+    yield process, address
+    stop_server(process)
+
+
 @pytest.fixture
 def grpo():
     """Run the real `grpo` command in a subprocess: grpo("config", "recipe=quickstart", cwd=...)."""

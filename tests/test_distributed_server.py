@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_process import free_port, start_server, stop_server  # tests/server_process.py
+from server_process import free_port  # tests/server_process.py
 
 from grpo_cli import distributed
 from grpo_cli.rollout.vllm_server import Server, call
@@ -29,15 +29,6 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20  # rollout.server_timeout_s of the killed run: the longest a learner may wait on the dead server
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The module's CPU server: (process, "127.0.0.1:PORT")."""
-    log = tmp_path_factory.mktemp("server") / "output.log"
-    process, address = start_server(tiny_model_dir, log, "rollout.cpu_kv_cache_mib=64")
-    yield process, address
-    stop_server(process)
 
 
 def _torchrun(tiny: Path, run: Path, address: str, *overrides: str) -> list[str]:

@@ -38,15 +38,6 @@ ATOL = 1e-4  # vLLM vs transformers, fp32 (measured: ~1e-6)
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The module's CPU server: (process, "127.0.0.1:PORT")."""
-    log = tmp_path_factory.mktemp("server") / "output.log"
-    process, address = start_server(tiny_model_dir, log, "rollout.cpu_kv_cache_mib=64")
-    yield process, address
-    stop_server(process)
-
-
 def client(address: str | list[str], timeout: float = 120, **kwargs) -> VLLMServerEngine:
     servers = [address] if isinstance(address, str) else address
     return VLLMServerEngine(RolloutConfig(engine="vllm_server", servers=servers, server_timeout_s=timeout,
