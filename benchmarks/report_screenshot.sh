@@ -1,13 +1,13 @@
 #!/bin/sh
 # The README's picture of a run: builds `grpo report RUN_DIR` and screenshots it with headless Chromium.
 #   sh benchmarks/report_screenshot.sh runs/quickstart/20261122-101500 docs/report-quickstart.png [HEIGHT]
-# HEIGHT (pixels, default 1900) picks how much of the page is in the picture; the width is 1280.
+# HEIGHT (pixels, default 2000) picks how much of the page is in the picture; the width is 1280.
 set -eu
 if [ $# -lt 2 ]; then
     echo "usage: sh benchmarks/report_screenshot.sh RUN_DIR OUT.png [HEIGHT]" >&2
     exit 2
 fi
-run=$1 out=$2 height=${3:-1900}
+run=$1 out=$2 height=${3:-2000}
 here=$(cd "$(dirname "$0")/.." && pwd)
 browser=
 for name in chromium chromium-browser google-chrome; do
