@@ -191,18 +191,16 @@ def _push_to_servers(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str
     Several learner processes (torch.distributed): every rank iterates `named_tensors` (gathering
     sharded weights may be a collective), rank 0 alone pushes, and the others wait for it at a barrier
     so that no rank samples from half-updated servers."""
-    import torch.distributed as dist
+    from grpo_cli import distributed
 
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if several and dist.get_rank() != 0:
+    if not distributed.is_main():
         for _ in named_tensors:
             pass
-        dist.barrier()
+        distributed.barrier()
         engine.weights_version += 1
         return
     _push_from_here(engine, named_tensors, bucket_bytes)
-    if several:
-        dist.barrier()
+    distributed.barrier()  # a no-op in one process
 
 
 def _push_from_here(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
