@@ -3,6 +3,7 @@
     make bench                      # BENCH_STEPS=5 measured steps per tool
     python benchmarks/bench.py --steps 1 --prompts 2 --group 4 --max-new-tokens 16   # a quick check
     python benchmarks/bench.py --gpu    # the GPU workload (recipes/bench_gpu.yaml) on a CUDA machine
+    python benchmarks/bench.py --gpu --rollout hf --model DIR   # no vLLM there: both sides on HF generate
     python benchmarks/bench.py --summarize benchmarks/out/<time> --no-record   # re-print a finished run
 
 The workload is grpo's recipe benchmarks/recipes/bench_cpu.yaml (bench_gpu.yaml with --gpu) plus the
@@ -13,11 +14,13 @@ reward function (trl_grpo.py says how its batch arguments were matched). In orde
   1. TRL's environment, benchmarks/.venv-trl (created on first use, trl_venv.py);
   2. grpo train: one warm-up step, S measured steps, and one more step that is not measured
      (grpo's last step pushes no weights, since nothing would use them);
-  3. the ceilings (ceilings.py): raw vLLM generation of the same prompts with grpo's engine
-     settings, and a bare transformers forward+backward (+ reference forward, + AdamW) of the same batch;
+  3. the ceilings (ceilings.py): raw generation of the same prompts by grpo's engine (vLLM with
+     grpo's engine settings; plain transformers `generate` with --rollout hf), and a bare
+     transformers forward+backward (+ reference forward, + AdamW) of the same batch;
   4. TRL's GRPOTrainer: one warm-up step and S measured steps.
 
-Each runs in its own process; its peak RSS is that process tree's (os.wait4). Step times: grpo's
+Each runs in its own process; its peak RSS is that process tree's (os.wait4), and on a GPU its peak
+of allocated GPU memory is reported too (torch.cuda.max_memory_allocated). Step times: grpo's
 `time/step` from metrics.jsonl (rollout + reward + learner + sync); TRL's from a callback, from
 on_step_begin to on_step_end. The summary is appended to benchmarks/RESULTS.md and the last line
 printed is `step_time_ratio_vs_trl=<grpo median / TRL median>` (below 1: grpo is faster).
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, help="KL weight (default: the recipe's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     p.add_argument("--gpu", action="store_true", help="the GPU workload: recipes/bench_gpu.yaml, bf16, CUDA")
+    p.add_argument("--rollout", choices=("vllm", "hf"), default="vllm",
+                   help="grpo's rollout engine, and the raw-generation ceiling measured with it (default vllm)")
+    p.add_argument("--model", help="model folder or hub id instead of the recipe's (e.g. a machine with no hub access)")
     p.add_argument("--out", type=Path, help="run folder (default benchmarks/out/<time>)")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="where the summary is appended")
     p.add_argument("--no-record", action="store_true", help="print the summary only; append nothing")
@@ -76,7 +82,9 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
            f"output_dir={run_dir}"]
     flags = {"trainer.prompts_per_step": args.prompts, "rollout.group_size": args.group,
              "rollout.max_new_tokens": args.max_new_tokens, "trainer.micro_batch_size": args.micro_batch,
-             "loss.beta": args.beta, "trainer.lr": args.lr}
+             "loss.beta": args.beta, "trainer.lr": args.lr, "model.name_or_path": args.model}
+    if args.rollout != "vllm":
+        out.append(f"rollout={args.rollout}")
     return out + [f"{key}={value}" for key, value in flags.items() if value is not None]
 
 
@@ -119,7 +127,7 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
     model = resolve(cfg.model.name_or_path)
     model_config = AutoConfig.from_pretrained(model)
     return {
-        "repo": str(ROOT), "model": model, "model_name": cfg.model.name_or_path, "device": device.type,
+        "repo": str(ROOT), "rollout": cfg.rollout.engine, "model": model, "model_name": cfg.model.name_or_path, "device": device.type,
         "dtype": str(torch_dtype(cfg.model.dtype, device)).removeprefix("torch."),
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "rows": [{"prompt": r["prompt"], "answer": str(r["answer"])} for r in picked],
@@ -186,6 +194,12 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("bench: --gpu needs a CUDA GPU (and grpo installed with its cuda extra, for vLLM)")
+    if args.rollout == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SystemExit("bench: vLLM is not installed here; install it (make install), or measure both tools "
+                             "on transformers generate with --rollout hf")
     started = datetime.now(timezone.utc)
     run_dir = (args.out or HERE / "out" / started.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     measured = report.grpo_measured(run_dir / "grpo", args.steps)
     spec["completion_lengths"] = [max(1, round(r["completion/len_mean"])) for r in measured]
     spec_path.write_text(json.dumps(spec, indent=1))
-    for mode, name in (("vllm", "raw vLLM generation"), ("learner", "bare forward+backward")):
+    generation = ("vllm", "raw vLLM generation") if spec["rollout"] == "vllm" else ("hf", "raw HF generate")
+    for mode, name in (generation, ("learner", "bare forward+backward")):
         rss[mode] = run_measured(name, [python, str(HERE / "ceilings.py"), mode, str(spec_path),
                                         str(run_dir / f"{mode}.json")], run_dir / f"{mode}.log").peak_rss
     rss["trl"] = run_measured("TRL GRPOTrainer", [str(trl_python), str(HERE / "trl_grpo.py"), str(spec_path),

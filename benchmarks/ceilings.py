@@ -1,18 +1,23 @@
 """The ceilings a GRPO step is compared with: the same work done bare, outside any training loop.
 
     python benchmarks/ceilings.py vllm    SPEC.json RESULT.json
+    python benchmarks/ceilings.py hf      SPEC.json RESULT.json
     python benchmarks/ceilings.py learner SPEC.json RESULT.json
 
 vllm:    an `LLM` with the engine settings `grpo train` uses (dtype, eager mode, max_model_len,
          KV-cache bound, processed log-probs), generating G samples of each step's prompts with the
          sampled tokens' log-probs, and nothing else: no weight pushes, no rewards.
+hf:      transformers `generate` on the same model and dtype, one call per step of the P x G
+         left-padded prompts (as grpo's hf engine and TRL batch them), plain sampling, nothing else:
+         no log-prob recording, no stop strings.
 learner: plain transformers, the same model and dtype: for each step, forward+backward of the
          step's P x G sequences (its real prompts, completions of the step's mean length as logged
          by grpo, random tokens) in micro-batches of the same size, logits only at completion
          positions; the reference model's forward over the same batch (when beta > 0); one AdamW step.
 
 The first step's prompts are a warm-up (vllm: a whole generation; learner: one micro-batch), not
-reported. Each phase runs in its own process (bench.py starts it) so its peak memory is its own.
+reported. Each phase runs in its own process (bench.py starts it) so its peak memory is its own;
+on a GPU the result also holds the process's peak of allocated GPU memory (gpu_peak_bytes).
 """
 
 from __future__ import annotations
@@ -82,6 +87,54 @@ def vllm_ceiling(spec: dict) -> dict:
         if s > 0:  # step 0 is the warm-up
             steps.append({"seconds": seconds, "tokens": tokens})
         print(f"[vllm] batch {s}{' (warm-up)' if s == 0 else ''}: {tokens} tokens in {seconds:.2f} s", flush=True)
+    return {"startup_s": startup, "steps": steps}
+
+
+# ----------------------------------------------------------------------------- transformers generate
+def hf_ceiling(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    device, dtype = _device(spec), getattr(torch, spec["dtype"])
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device).eval()
+    startup = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    eos: set[int] = set()
+    for ids in (model.generation_config.eos_token_id, tokenizer.eos_token_id):  # grpo's hf engine stops at both
+        if ids is not None:
+            eos.update([ids] if isinstance(ids, int) else ids)
+    pad = spec["pad_id"]
+    sampler = (dict(do_sample=False) if spec["temperature"] == 0 else
+               dict(do_sample=True, temperature=spec["temperature"], top_p=spec["top_p"], top_k=spec["top_k"]))
+    config = GenerationConfig(**sampler, max_new_tokens=spec["max_new_tokens"], eos_token_id=sorted(eos),
+                              pad_token_id=pad, use_cache=True)
+    model.generation_config = GenerationConfig(eos_token_id=sorted(eos), pad_token_id=pad)  # no model defaults
+    G = spec["group_size"]
+    steps = []
+    for s, prompts in enumerate(_prompt_ids(spec)):
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.repeat_interleave(G, 0).to(device), mask.repeat_interleave(G, 0).to(device)
+        torch.manual_seed(spec["seed"] + s)
+        _sync(spec)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        _sync(spec)
+        seconds = time.perf_counter() - start
+        completions = out[:, width:].cpu()
+        ended = torch.isin(completions, torch.tensor(sorted(eos)))
+        # A row's tokens: up to and including its first EOS, else all of them.
+        lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, completions.shape[1])
+        tokens = int(lengths.sum())
+        if s > 0:  # step 0 is the warm-up
+            steps.append({"seconds": seconds, "tokens": tokens})
+        print(f"[hf] batch {s}{' (warm-up)' if s == 0 else ''}: {tokens} tokens in {seconds:.2f} s", flush=True)
     return {"startup_s": startup, "steps": steps}
 
 
@@ -167,5 +220,9 @@ if __name__ == "__main__":
     mode, spec_path, result_path = sys.argv[1:4]
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, spec["repo"])
-    result = {"vllm": vllm_ceiling, "learner": learner_ceiling}[mode](spec)
+    result = {"vllm": vllm_ceiling, "hf": hf_ceiling, "learner": learner_ceiling}[mode](spec)
+    if spec["device"] == "cuda":
+        import torch
+
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     Path(result_path).write_text(json.dumps(result, indent=1))

@@ -23,8 +23,9 @@ class Results:
     run: dict[str, Any]              # run.json: steps, start, command, versions, machine, peak RSS per process
     grpo: list[dict[str, float]]     # metrics.jsonl records of grpo's measured steps
     trl: list[dict[str, Any]]        # trl_grpo.py records of TRL's measured steps
-    vllm: dict[str, Any]             # ceilings.py vllm result
+    generation: dict[str, Any]       # ceilings.py vllm (or hf) result: raw generation by grpo's engine
     learner: list[dict[str, float]]  # ceilings.py learner steps
+    gpu_peak: dict[str, float]       # on a GPU: peak allocated GPU bytes per process (grpo, trl, ceilings)
 
     def grpo_times(self) -> list[float]:
         return [r["time/step"] for r in self.grpo]
@@ -57,15 +58,26 @@ def grpo_measured(grpo_dir: Path, steps: int) -> list[dict[str, float]]:
 def load(run_dir: Path) -> Results:
     """Read a finished run folder written by bench.py."""
     run = json.loads((run_dir / "run.json").read_text())
-    return Results(spec=json.loads((run_dir / "spec.json").read_text()), run=run,
-                   grpo=grpo_measured(run_dir / "grpo", run["steps"]),
-                   trl=json.loads((run_dir / "trl.json").read_text())["steps"][1:],  # [0] is the warm-up
-                   vllm=json.loads((run_dir / "vllm.json").read_text()),
-                   learner=json.loads((run_dir / "learner.json").read_text())["steps"])
+    spec = json.loads((run_dir / "spec.json").read_text())
+    trl = json.loads((run_dir / "trl.json").read_text())
+    generation = json.loads((run_dir / f"{spec.get('rollout', 'vllm')}.json").read_text())
+    learner = json.loads((run_dir / "learner.json").read_text())
+    gpu_peak = {}
+    if spec["device"] == "cuda":
+        records = map(json.loads, filter(str.strip, (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()))
+        gpu_peak = {"grpo": max(m.get("memory/gpu_peak_gib", 0.0) for m in records) * 2**30,
+                    "trl": trl.get("gpu_peak_bytes", 0), "generation": generation.get("gpu_peak_bytes", 0),
+                    "learner": learner.get("gpu_peak_bytes", 0)}
+    return Results(spec=spec, run=run, grpo=grpo_measured(run_dir / "grpo", run["steps"]),
+                   trl=trl["steps"][1:],  # [0] is the warm-up
+                   generation=generation, learner=learner["steps"], gpu_peak=gpu_peak)
 
 
 def markdown(r: Results) -> str:
-    s, run, rss = r.spec, r.run, r.run["peak_rss"]
+    s, run, rss, gpu = r.spec, r.run, dict(r.run["peak_rss"]), r.gpu_peak
+    vllm = s.get("rollout", "vllm") == "vllm"
+    engine, raw = ("vLLM", "raw vLLM generation") if vllm else ("HF generate", "raw HF generate")
+    rss["generation"] = rss["vllm" if vllm else "hf"]
     load = run.get("load_average") or ["?", "?"]
     grpo_tok = sum(x["tokens/generated"] for x in r.grpo)
     trl_tok = sum(x["tokens"] for x in r.trl)
@@ -75,10 +87,10 @@ def markdown(r: Results) -> str:
                                                                                        "sync")}
     trl_gen, trl_rew = _med([x["generate_s"] for x in r.trl]), _med([x["reward_s"] for x in r.trl])
     trl_rest = _med([x["seconds"] - x["generate_s"] - x["reward_s"] for x in r.trl])
-    # Rollout vs raw vLLM per generated token: the two runs sample different completions (grpo's
+    # Rollout vs raw generation per generated token: the two runs sample different completions (grpo's
     # weights move after step 1), so their lengths differ; seconds per token compares like with like.
-    raw_s = sum(x["seconds"] for x in r.vllm["steps"])
-    raw_tok = sum(x["tokens"] for x in r.vllm["steps"])
+    raw_s = sum(x["seconds"] for x in r.generation["steps"])
+    raw_tok = sum(x["tokens"] for x in r.generation["steps"])
     rollout_per_tok = sum(x["time/rollout"] for x in r.grpo) / grpo_tok
     raw_per_tok = raw_s / raw_tok
     fwd_bwd = _med([x["fwd_bwd_s"] for x in r.learner])
@@ -88,8 +100,8 @@ def markdown(r: Results) -> str:
     lines = [
         f"### {run['started']} UTC: {s['device']}, {run['steps']} measured steps (+1 warm-up)",
         "",
-        f"- machine: {run['machine']}; 1-minute load average {load[0]} before, {load[1]} after "
-        "(the benchmark's own processes add about 2 on 2 cores)",
+        f"- machine: {run['machine']}; 1-minute load average {load[0]} before, {load[1]} after"
+        + (" (the benchmark's own processes add about 2 on 2 cores)" if s["device"] == "cpu" else ""),
         f"- versions: grpo {v['grpo']}, torch {v['torch']}, transformers {v['transformers']}, {v['vllm']}; "
         f"TRL side (its own venv): trl {v['trl']}, torch {v['trl_torch']}, transformers {v['trl_transformers']}",
         f"- workload: {s['model_name']} ({s['dtype']}), {s['task']} prompts (identical on both sides, same order), "
@@ -100,10 +112,13 @@ def markdown(r: Results) -> str:
         f"per step, reward {', '.join(s['rewards'])} (grpo's own function on both sides)",
         f"- command: `{run['command']}`",
         "",
-        "| tool | s/step median | min | max | generated tok/s (whole step) | peak RSS GiB |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| grpo (vLLM rollouts) | {_spread(r.grpo_times())} | {grpo_rate:.1f} | {_gib(rss['grpo'])} |",
-        f"| TRL GRPOTrainer (HF generate) | {_spread(r.trl_times())} | {trl_rate:.1f} | {_gib(rss['trl'])} |",
+        "| tool | s/step median | min | max | generated tok/s (whole step) | peak RSS GiB |"
+        + (" peak GPU GiB |" if gpu else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if gpu else ""),
+        f"| grpo ({engine} rollouts) | {_spread(r.grpo_times())} | {grpo_rate:.1f} | {_gib(rss['grpo'])} |"
+        + (f" {_gib(gpu['grpo'])} |" if gpu else ""),
+        f"| TRL GRPOTrainer (HF generate) | {_spread(r.trl_times())} | {trl_rate:.1f} | {_gib(rss['trl'])} |"
+        + (f" {_gib(gpu['trl'])} |" if gpu else ""),
         "",
         f"- grpo time split (median s): rollout {split['rollout']:.2f}, reward {split['reward']:.2f}, "
         f"learner {split['learner']:.2f}, sync {split['sync']:.2f} (sync {100 * sync_share:.1f}% of the step); "
@@ -112,13 +127,14 @@ def markdown(r: Results) -> str:
         f"- TRL time split (median s): generate {trl_gen:.2f}, reward {trl_rew:.2f}, rest (reference + policy "
         f"forward/backward + optimizer) {trl_rest:.2f}; {trl_tok / len(r.trl):.0f} tokens generated per step, "
         f"{trl_tok / sum(x['generate_s'] for x in r.trl):.1f} tok/s in generate",
-        f"- ceiling, raw vLLM generation (same prompts and engine settings, no training): "
-        f"{_med([x['seconds'] for x in r.vllm['steps']]):.2f} s per batch, {raw_tok / raw_s:.1f} tok/s; "
-        f"grpo's rollout costs {rollout_per_tok / raw_per_tok:.2f}x raw vLLM per token; "
-        f"peak RSS {_gib(rss['vllm'])} GiB",
+        f"- ceiling, {raw} (same prompts and engine settings, no training): "
+        f"{_med([x['seconds'] for x in r.generation['steps']]):.2f} s per batch, {raw_tok / raw_s:.1f} tok/s; "
+        f"grpo's rollout costs {rollout_per_tok / raw_per_tok:.2f}x {raw} per token; "
+        f"peak RSS {_gib(rss['generation'])} GiB" + (f", peak GPU {_gib(gpu['generation'])} GiB" if gpu else ""),
         f"- ceiling, bare transformers forward+backward of the same batch: {fwd_bwd:.2f} s; + reference forward + "
         f"AdamW: {full:.2f} s; grpo's learner phase is {split['learner'] / fwd_bwd:.2f}x the forward+backward and "
-        f"{split['learner'] / full:.2f}x the full bare update; peak RSS {_gib(rss['learner'])} GiB",
+        f"{split['learner'] / full:.2f}x the full bare update; peak RSS {_gib(rss['learner'])} GiB"
+        + (f", peak GPU {_gib(gpu['learner'])} GiB" if gpu else ""),
         f"- TRL environment set up in {run['trl_install_s']:.0f} s this run (0 = already there)",
         "",
         f"step_time_ratio_vs_trl={r.ratio():.3f}",

@@ -89,11 +89,19 @@ def main(spec_path: str, result_path: str) -> None:
     reward.__name__ = "accuracy"
     records: list[dict] = []
 
+    cuda = spec["device"] == "cuda"
+
+    def sync() -> None:  # GPU work is asynchronous: a step's time ends when its kernels have run
+        if cuda:
+            torch.cuda.synchronize()
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            sync()
             step.update(start=time.perf_counter(), reward_s=0.0, generate_s=0.0, tokens=0)
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            sync()
             records.append({"step": state.global_step, "seconds": time.perf_counter() - step["start"],
                             "generate_s": step["generate_s"], "reward_s": step["reward_s"], "tokens": step["tokens"]})
 
@@ -106,10 +114,12 @@ def main(spec_path: str, result_path: str) -> None:
     generate = trainer.model.generate  # time TRL's rollout without changing it: an instance-level wrapper
 
     def timed_generate(*a: object, **kw: object) -> object:
+        sync()
         start = time.perf_counter()
         try:
             return generate(*a, **kw)
         finally:
+            sync()
             step["generate_s"] += time.perf_counter() - start
 
     trainer.model.generate = timed_generate
@@ -120,8 +130,11 @@ def main(spec_path: str, result_path: str) -> None:
     for r in records:
         print(f"[trl] step {r['step']}: {r['seconds']:.1f} s (generate {r['generate_s']:.1f} s, "
               f"reward {r['reward_s']:.2f} s, {r['tokens']} tokens)", flush=True)
-    Path(result_path).write_text(json.dumps({"steps": records, "generation_batch_size": args.generation_batch_size,
-                                             "steps_per_generation": args.steps_per_generation}, indent=1))
+    result = {"steps": records, "generation_batch_size": args.generation_batch_size,
+              "steps_per_generation": args.steps_per_generation}
+    if cuda:
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    Path(result_path).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

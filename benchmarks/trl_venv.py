@@ -5,8 +5,9 @@ TRL gets its own environment so that its pins never touch grpo's. Every package 
 so the comparison measures the trainers, not two versions of transformers.
 
 CPU: torch==2.13.0+cpu goes in first and stays pinned in the second install, so the resolver can
-never pull a CUDA build (a multi-GB download) to satisfy TRL. GPU: the environment sees the machine's
-own CUDA torch (--system-site-packages) and installs no torch at all.
+never pull a CUDA build (a multi-GB download) to satisfy TRL. GPU: the environment sees every package
+of the one running this script (a .pth file naming its site-packages), its CUDA torch included, and
+installs no torch at all; what TRL's pins add goes into its own site-packages, which come first.
 
     python benchmarks/trl_venv.py [--gpu]    # create or check it; prints where it is
 """
@@ -60,6 +61,16 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"bench: setting up TRL's environment failed: {' '.join(cmd)} (exit {done.returncode})")
 
 
+def _inherit_packages(python: Path) -> None:
+    """Make `python`'s environment see this interpreter's packages, after its own."""
+    import sysconfig
+
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(site, "_grpo_parent_env.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
+
+
 def ensure(gpu: bool = False, log: bool = True) -> tuple[Path, float]:
     """The environment's python, creating or completing the environment first; and the seconds
     that took (0 when it was already there with the same pins)."""
@@ -73,8 +84,9 @@ def ensure(gpu: bool = False, log: bool = True) -> tuple[Path, float]:
     if log:
         print(f"[bench] setting up {venv} (trl=={TRL_VERSION}; a few minutes of pip, once)", flush=True)
     if not python.exists():
-        cmd = [sys.executable, "-m", "venv", str(venv)] + (["--system-site-packages"] if gpu else [])
-        subprocess.run(cmd, check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        if gpu:  # grpo's own environment (often a venv itself) holds the machine's CUDA torch
+            _inherit_packages(python)
     pip = [str(python), "-m", "pip", "install", "-q"]
     if not gpu:
         index = [] if _local_torch_wheel() else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]

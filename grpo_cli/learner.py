@@ -85,9 +85,11 @@ class Segments(NamedTuple):
 
 
 def pack_segments(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                  device: torch.device, row_tokens: int = PACK_TOKENS) -> Segments:
-    """Rows of at most `row_tokens` tokens (a longer prompt + completion gets a row of its own),
-    filled in order: callers put a prompt's completions next to each other so it is stored once."""
+                  device: torch.device, row_tokens: int | None = None) -> Segments:
+    """Rows of at most `row_tokens` tokens (default PACK_TOKENS; a longer prompt + completion gets a
+    row of its own), filled in order: callers put a prompt's completions next to each other so it
+    is stored once."""
+    row_tokens = row_tokens or PACK_TOKENS
     B, T = len(completions), max(max(len(c) for c in completions), 1)
     rows: list[dict[str, list[int]]] = []  # per row: token, position, group (prompt), member (completion)
     groups: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (group, column of its last token), this row
@@ -231,7 +233,10 @@ class Learner:
                 self.policy.enable_input_require_grads()
         self.policy.config.use_cache = False
         # Packed rows need a 4-D attention mask, which flash-attention implementations do not take.
-        self.share_prompts = cfg.model.share_prompts and self.policy.config._attn_implementation in ("sdpa", "eager")
+        share = cfg.model.share_prompts
+        if share is None:  # on a GPU the padded layout was faster (module docstring)
+            share = self.device.type != "cuda"
+        self.share_prompts = share and self.policy.config._attn_implementation in ("sdpa", "eager")
         self.policy.train()
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
@@ -274,7 +279,9 @@ class Learner:
         # One extra zero at index N: the advantage of the filler rows.
         advantages = torch.cat([advantages.to(self.device, torch.float32), torch.zeros(1, device=self.device)])
         totals: dict[str, float] = {}
-        diffs_max, diffs_sum, entropy_sum = 0.0, 0.0, 0.0
+        # Summed on the device and read once at the end: a read per micro-batch would stall a GPU.
+        zero = torch.zeros((), device=self.device)
+        diffs_max, diffs_sum, entropy_sum = zero, zero, zero
         grad_norm = 0.0
         for iteration in range(cfg.trainer.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -290,7 +297,7 @@ class Learner:
                     clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, agg=cfg.loss.agg,
                     max_tokens=cfg.rollout.max_new_tokens, kl=cfg.loss.kl, ratio_level=cfg.loss.ratio_level,
                     is_weight=is_weight)
-                finite = bool(torch.isfinite(loss))
+                finite = math.isfinite(stats["loss"])  # already read back with the other stats
                 if distributed.all_reduce([0.0 if finite else 1.0], "max")[0]:  # on any rank: all stop together
                     value = "not finite on another rank" if finite else f"{loss.item()} (not finite)"
                     raise TrainingError(f"loss is {value}; the weights were not updated. "
@@ -306,12 +313,12 @@ class Learner:
                 if iteration == 0:
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value * share
-                    with torch.no_grad():
-                        diff = (logp.detach() - mb.engine_logp).abs()[mask]
-                        if diff.numel() and not mb.filler:
-                            diffs_max = max(diffs_max, diff.max().item())
-                            diffs_sum += diff.sum().item()
-                            entropy_sum += entropy[mask].sum().item()
+                    if not mb.filler:
+                        with torch.no_grad():
+                            diff = torch.where(mask, (logp.detach() - mb.engine_logp).abs(), 0.0)
+                            diffs_max = torch.maximum(diffs_max, diff.max())
+                            diffs_sum = diffs_sum + diff.sum()
+                            entropy_sum = entropy_sum + torch.where(mask, entropy, 0.0).sum()
             # Sharded: the gradients are DTensors and the norm is that of the whole gradient.
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.trainer.max_grad_norm)
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
@@ -324,6 +331,7 @@ class Learner:
             self.scheduler.step()
         self.dirty = False
         keys = sorted(totals)
+        entropy_sum, diffs_sum, diffs_max = torch.stack([entropy_sum, diffs_sum, diffs_max]).tolist()
         summed = distributed.all_reduce([totals[k] for k in keys] + [entropy_sum, diffs_sum])
         totals = dict(zip(keys, summed, strict=False))
         entropy_sum, diffs_sum = summed[-2:]

@@ -142,6 +142,9 @@ def train(cfg: Config) -> Path:
                        "tokens/generated": generated, "groups/trained": trained / cfg.rollout.group_size,
                        "rollout/rounds": float(len(rounds))}
             metrics["time/step"] = sum(timer.seconds.values())
+            if device.type == "cuda":  # the step's peak of this process's GPU allocations (learner and engine)
+                metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
             logger.log(step, {**metrics, **checks, **eval_metrics})
             for label, message in first.scores.first_error.items():
                 logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "

@@ -182,23 +182,27 @@ def policy_loss(
         loss = pg_loss
 
     with torch.no_grad():
+        # Computed as tensors and read back in one transfer: on a GPU each .item() waits for the device.
         total = n_tok.sum().clamp(min=1)
 
-        def frac(hit: Tensor) -> float:
-            return ((hit & valid).sum() / total).item()
+        def frac(hit: Tensor) -> Tensor:
+            return (hit & valid).sum() / total
 
-        r = ratio.detach()[valid]
-        stats = {
-            "loss": loss.item(),
-            "pg_loss": pg_loss.item(),
+        r = ratio.detach()
+        some = valid.any()
+        one = logp.new_ones(())
+        values = {
+            "loss": loss.detach(),
+            "pg_loss": pg_loss.detach(),
             "clip_frac": frac(unclipped > clipped),
             "clip_frac_low": frac((ratio < 1 - clip_low) & (adv < 0)),
             "clip_frac_high": frac((ratio > 1 + clip_high) & (adv > 0)),
-            "ratio_mean": r.mean().item() if r.numel() else 1.0,
-            "ratio_min": r.min().item() if r.numel() else 1.0,
-            "ratio_max": r.max().item() if r.numel() else 1.0,
-            "kl": (kl_tok.sum() / total).item() if kl_tok is not None else 0.0,
+            "ratio_mean": torch.where(some, torch.where(valid, r, zero).sum() / total, one),
+            "ratio_min": torch.where(some, torch.where(valid, r, torch.inf).min(), one),
+            "ratio_max": torch.where(some, torch.where(valid, r, -torch.inf).max(), one),
+            "kl": kl_tok.sum() / total if kl_tok is not None else zero,
         }
+        stats = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist(), strict=True))
     return loss, stats
 
 

@@ -1,0 +1,104 @@
+"""The learner's two batch layouts timed on the same update: padded rows against packed rows.
+
+    python benchmarks/learner_layout.py                      # the CPU workload (recipes/bench_cpu.yaml)
+    python benchmarks/learner_layout.py --gpu --model DIR    # the GPU workload (recipes/bench_gpu.yaml)
+
+padded: one row per completion, its prompt in front, right-padded (model.share_prompts=false).
+packed: rows of at most N tokens holding each prompt once followed by its completions, with a block
+        mask (model.share_prompts=true; N = grpo_cli.learner.PACK_TOKENS, varied with --rows).
+The padded layout is also timed with other logit chunks (--logit-chunks: completion tokens whose
+full-vocabulary logits exist at once, grpo_cli.learner.LOGIT_CHUNK), for their effect on memory.
+
+The workload is one step of the benchmark recipe: its first P prompts, each with G completions of
+random tokens, all --completion-len long (default: the recipe's max_new_tokens, what a step of
+completions that never stop costs). For each layout a fresh Learner runs one warm-up update and
+then --updates timed ones (the whole `Learner.update`: reference forward, policy forward and
+backward, optimizer step); the table gives the median seconds and, on a GPU, the peak of
+allocated memory. Which layout `model.share_prompts=null` picks per device was chosen from this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="the GPU workload (bench_gpu.yaml) on CUDA")
+    p.add_argument("--model", help="model folder or hub id instead of the recipe's")
+    p.add_argument("--updates", type=int, default=3, help="timed updates per layout, after one warm-up (default 3)")
+    p.add_argument("--completion-len", type=int, help="tokens per completion (default: the recipe's max_new_tokens)")
+    p.add_argument("--rows", type=int, nargs="+", default=[2048], help="packed row lengths to try (default 2048)")
+    p.add_argument("--logit-chunks", type=int, nargs="*", default=[],
+                   help="more logit chunk sizes to try with the padded layout (default: only LOGIT_CHUNK)")
+    args = p.parse_args()
+
+    import torch
+
+    from grpo_cli import learner as learner_module
+    from grpo_cli.config import compose
+    from grpo_cli.data import load_prompts
+    from grpo_cli.learner import Learner
+    from grpo_cli.models import load_tokenizer
+
+    device = torch.device("cuda" if args.gpu else "cpu")
+    base = [f"recipe={'bench_gpu' if args.gpu else 'bench_cpu'}"] + ([f"model.name_or_path={args.model}"]
+                                                                    if args.model else [])
+    cfg = compose(base, HERE)
+    tokenizer = load_tokenizer(cfg.model)
+    P, G = cfg.trainer.prompts_per_step, cfg.rollout.group_size
+    length = args.completion_len or cfg.rollout.max_new_tokens
+    rows = load_prompts(cfg.dataset, tokenizer)[:P]
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in rows]
+    generator = torch.Generator().manual_seed(0)
+    per_row = [p for p in prompts for _ in range(G)]
+    completions = torch.randint(0, len(tokenizer), (P * G, length), generator=generator).tolist()
+    engine_logprobs = [[-1.0] * length for _ in completions]
+    advantages = torch.randn(P * G, generator=generator)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    default_rows, default_chunk = learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK
+    variants = [("padded", "false", None, default_chunk)]
+    variants += [(f"padded, logit chunk {c}", "false", None, c) for c in args.logit_chunks]
+    variants += [(f"packed, rows of {n}", "true", n, default_chunk) for n in args.rows]
+    print(f"[layout] {cfg.model.name_or_path} on {device.type}: {P} prompts x G={G}, {length} completion tokens, "
+          f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, micro-batch "
+          f"{cfg.trainer.micro_batch_size}, beta {cfg.loss.beta}", flush=True)
+    table = []
+    for name, share, row_tokens, chunk in variants:
+        learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK = row_tokens or default_rows, chunk
+        learner = Learner(compose(base + [f"model.share_prompts={share}"], HERE), device,
+                          pad_id=tokenizer.pad_token_id)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for i in range(args.updates + 1):
+            sync()
+            start = time.perf_counter()
+            learner.update(per_row, completions, engine_logprobs, advantages)
+            sync()
+            seconds.append(time.perf_counter() - start)
+            print(f"[layout] {name}: update {i}{' (warm-up)' if i == 0 else ''} {seconds[-1]:.2f} s", flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        table.append((name, statistics.median(seconds[1:]), min(seconds[1:]), max(seconds[1:]), peak))
+        del learner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK = default_rows, default_chunk
+    print("\n| layout | s/update median | min | max | peak GPU GiB |\n| --- | --- | --- | --- | --- |")
+    for name, med, lo, hi, peak in table:
+        print(f"| {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
