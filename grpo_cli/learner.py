@@ -5,13 +5,17 @@ chunks of LOGIT_CHUNK tokens, each recomputed in backward (activation checkpoint
 micro-batch has more than one, so the full-vocabulary logits (vocab x tokens x 4 bytes: 49k words
 make that 200 KB per token) never exist for more than a chunk at a time.
 
-The G completions of a prompt share it: by default (`model.share_prompts`) a micro-batch is packed
-into rows holding each distinct prompt once followed by its completions, back to back with no
-padding between them, and a block mask lets each completion see only its own prompt and itself
-(`pack_segments`). Prompt tokens then cost one forward/backward per group instead of G, and no
-time goes into padding short completions up to the longest one. Rows are ordered by prompt, then
-by length, before they are cut into micro-batches, so a group stays together. Gradients accumulate over micro-batches with weights that make
-the sum equal the full-batch gradient for every aggregation (per-sequence or per-token).
+The G completions of a prompt share it: on a CPU by default (`model.share_prompts`) a micro-batch
+is packed into rows holding each distinct prompt once followed by its completions, back to back
+with no padding between them, and a block mask lets each completion see only its own prompt and
+itself (`pack_segments`). Prompt tokens then cost one forward/backward per group instead of G, and
+no time goes into padding short completions up to the longest one. Rows are ordered by prompt,
+then by length, before they are cut into micro-batches, so a group stays together. On a GPU the
+default is one right-padded row per completion (`pack`): attention over a packed row costs its
+full length squared whatever the mask hides, and an arbitrary mask keeps SDPA off its fastest
+kernels, so there packing measured 20% slower (benchmarks/learner_layout.py, RESULTS.md).
+Gradients accumulate over micro-batches with weights that make the sum equal the full-batch
+gradient for every aggregation (per-sequence or per-token).
 """
 
 from __future__ import annotations

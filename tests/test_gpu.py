@@ -29,6 +29,7 @@ def test_bf16_learner_shares_prompts_and_steps(tiny_model_dir: Path) -> None:
                    "rollout.max_new_tokens=4"])
     learner = Learner(cfg, CUDA, pad_id=0)
     assert next(learner.policy.parameters()).dtype == torch.bfloat16  # model.dtype=auto on a GPU
+    assert not learner.share_prompts  # model.share_prompts=null: padded rows on a GPU
     with torch.no_grad():
         shared, _ = sequence_logprobs(learner.policy, pack_segments(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
         full, _ = sequence_logprobs(learner.policy, pack(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
@@ -68,4 +69,5 @@ def test_two_training_steps_on_the_gpu(tiny_model_dir: Path, tmp_path: Path, eng
     assert [m["step"] for m in metrics] == [1, 2]
     # bf16 on both sides: the engine and the learner agree to bf16 precision after each sync.
     assert all(m["rollout/logprob_diff_mean"] < 0.05 for m in metrics)
+    assert all(0 < m["memory/gpu_peak_gib"] < 80 for m in metrics)  # the step's peak of allocated GPU memory
     assert (run / "checkpoints" / "step-000002" / "model.safetensors").is_file()

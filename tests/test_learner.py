@@ -168,6 +168,12 @@ def test_packed_segment_logprobs_equal_the_full_sequence_ones(tiny_model_dir: Pa
         torch.testing.assert_close(got[i, : len(c)], _naive_logprobs(learner.policy, p, c, 0.7), rtol=0, atol=1e-5)
 
 
+def test_prompts_are_shared_by_default_on_a_cpu(tiny_model_dir: Path) -> None:
+    # model.share_prompts=null: packed shared-prompt rows on a CPU, padded rows on a GPU (test_gpu.py).
+    learner = Learner(_config(tiny_model_dir), CPU, pad_id=0)
+    assert learner.cfg.model.share_prompts is None and learner.share_prompts
+
+
 @pytest.mark.parametrize(("agg", "checkpointing"), [("seq_mean_token_mean", "false"), ("token_mean", "false"),
                                                     ("token_mean", "true")])
 def test_shared_prompts_give_the_same_gradient(tiny_model_dir: Path, agg: str, checkpointing: str) -> None:

@@ -264,6 +264,15 @@ def test_loss_stats_are_python_floats():
     assert all(type(v) is float for v in stats.values())
 
 
+def test_loss_stats_with_no_completion_tokens():
+    logp, old, adv, mask = ragged_inputs()
+    loss, stats = policy_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=old - 0.3, beta=0.1)
+    assert_close(loss, 0.0, tol=0)
+    # The ratio statistics are 1.0 (as documented), the fractions and the KL 0.
+    assert stats == {"loss": 0.0, "pg_loss": 0.0, "clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
+                     "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "kl": 0.0}
+
+
 # ---------------------------------------------------------------- masked positions are inert
 
 
