@@ -158,23 +158,54 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
+class _TokenLogprob(torch.autograd.Function):
+    """log_softmax(logits)[target] and the entropy of softmax(logits), row by row, from one softmax.
+
+    Autograd through logsumexp and gather would recompute the softmax in backward (a subtraction
+    and an exp over the whole vocabulary) and zero-fill a vocabulary-wide tensor for the gather;
+    here the softmax of forward serves the entropy and the gradient, which is
+    d logp / d logits = onehot(target) - softmax. The entropy carries no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
+        probs = torch.exp(logits - lse[:, None])
+        entropy = lse - (probs * logits).sum(-1) if with_entropy else torch.zeros_like(lse)
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor, None, None]:
+        probs, targets = ctx.saved_tensors
+        grad = probs * -grad_logp[:, None]  # not in place: backward may run again (retain_graph)
+        grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
+        return grad, None, None
+
+
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
-                    temperature: float) -> tuple[Tensor, Tensor]:
-    """log p(target) and entropy for (M, H) hidden states through the output layer."""
-    logits = head(hidden).float()  # (M, V)
+                    temperature: float, with_entropy: bool = True) -> tuple[Tensor, Tensor]:
+    """log p(target) and entropy (zeros unless `with_entropy`) for (M, H) hidden states through
+    the output layer."""
+    logits = head(hidden)  # (M, V)
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32 (or better)
+        logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
-    with torch.no_grad():
-        entropy = lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
-    return logp, entropy
+    if not torch.is_grad_enabled():  # nothing to keep for backward
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
+        entropy = (lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)) if with_entropy else torch.zeros_like(lse)
+        return logp, entropy
+    return _TokenLogprob.apply(logits, targets, with_entropy)
 
 
-def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments,
-                      temperature: float) -> tuple[Tensor, Tensor]:
+def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float,
+                      entropy: bool = True) -> tuple[Tensor, Tensor]:
     """Log-probs (B, T) of the completion tokens under log_softmax(logits / temperature), and
-    per-token entropies (B, T, no gradient); zeros on padding."""
+    per-token entropies (B, T, no gradient; all zeros with entropy=False, which saves a softmax
+    over the vocabulary per token); zeros on padding."""
     hidden = _predicting_states(model, batch)
     picked = hidden[batch.mask]  # (M, H)
     targets = batch.targets[batch.mask]
@@ -186,9 +217,9 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments,
     for start in range(0, picked.shape[0], LOGIT_CHUNK):
         h, t = picked[start : start + LOGIT_CHUNK], targets[start : start + LOGIT_CHUNK]
         if recompute:
-            lp, ent = checkpoint(_chunk_logprobs, h, t, head, temperature, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logprobs, h, t, head, temperature, entropy, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(h, t, head, temperature)
+            lp, ent = _chunk_logprobs(h, t, head, temperature, entropy)
         logps.append(lp)
         entropies.append(ent)
     logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=hidden.device)
@@ -383,15 +414,15 @@ class Learner:
                     ref = self._reference_logprobs(packed, temperature)
                 old = None
                 if self.cfg.trainer.num_iterations > 1:  # the ratio needs the pre-update policy fixed
-                    old = _logprobs(self.policy, packed, temperature)[0]
+                    old = _logprobs(self.policy, packed, temperature, entropy=False)[0]
             yield MicroBatch(torch.tensor(rows, device=self.device), packed, engine.to(self.device), ref, old, filler)
 
     def _reference_logprobs(self, packed: Packed | Segments, temperature: float) -> Tensor:
         if self.peft is not None:
             with self.peft.disable_adapter():
-                return sequence_logprobs(self.policy, packed, temperature)[0]
+                return sequence_logprobs(self.policy, packed, temperature, entropy=False)[0]
         assert self.reference is not None
-        return _logprobs(self.reference, packed, temperature)[0]
+        return _logprobs(self.reference, packed, temperature, entropy=False)[0]
 
     # ------------------------------------------------------------------ state
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
@@ -488,11 +519,14 @@ class Learner:
 _LOGPROBS = "grpo_sequence_logprobs"  # sharded models: sequence_logprobs as an FSDP forward method
 
 
-def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float) -> tuple[Tensor, Tensor]:
+def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float,
+              entropy: bool = True) -> tuple[Tensor, Tensor]:
     """`sequence_logprobs`; on a sharded model through its root's FSDP hooks (see distributed.shard),
     because it calls the base model and the output layer directly, not the root's forward."""
     forward = getattr(model, _LOGPROBS, None)
-    return forward(batch, temperature) if forward is not None else sequence_logprobs(model, batch, temperature)
+    if forward is not None:
+        return forward(batch, temperature, entropy=entropy)
+    return sequence_logprobs(model, batch, temperature, entropy=entropy)
 
 
 def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:

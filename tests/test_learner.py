@@ -39,6 +39,10 @@ def test_chunked_logprobs_equal_full_logits(tiny_model_dir: Path, chunk: int, mo
         torch.testing.assert_close(logp[i, : len(c)], _naive_logprobs(learner.policy, p, c, 0.7), rtol=0, atol=1e-5)
         assert torch.all(logp[i, len(c):] == 0) and torch.all(entropy[i, len(c):] == 0)
     assert torch.all(entropy[batch.mask] > 0)
+    # The reference's pass skips the entropy (a softmax over the vocabulary per token): same log-probs.
+    logp_only, no_entropy = sequence_logprobs(learner.policy, batch, temperature=0.7, entropy=False)
+    torch.testing.assert_close(logp_only, logp, rtol=0, atol=0)
+    assert torch.all(no_entropy == 0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -220,3 +224,27 @@ def test_truncated_importance_weight_uses_the_engine_logprobs(tiny_model_dir: Pa
     expected = torch.cat([p.grad.flatten() for p in learner.policy.parameters()])
     assert not torch.allclose(grads["null"], expected, atol=1e-4)
     torch.testing.assert_close(grads["2.0"], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
+    """_chunk_logprobs' own backward (onehot - softmax) against autograd through log_softmax, and gradcheck."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).double()
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 49, 3, 7, 12])
+    weights = torch.randn(6, dtype=torch.float64)  # any upstream gradient
+    logp, entropy = learner_module._chunk_logprobs(hidden, targets, head, temperature)
+    (logp * weights).sum().backward()
+    got_hidden, got_head = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    logits = head(hidden) / temperature
+    want = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(logp, want.detach(), rtol=0, atol=1e-12)
+    probs = logits.detach().softmax(-1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_hidden, hidden.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_head, head.weight.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h: learner_module._chunk_logprobs(h, targets, head, temperature)[0],
+                                    (hidden.detach().clone().requires_grad_(True),))
