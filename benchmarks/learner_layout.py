@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=3, help="timed updates per layout, after one warm-up (default 3)")
     p.add_argument("--completion-len", type=int, help="tokens per completion (default: the recipe's max_new_tokens)")
     p.add_argument("--rows", type=int, nargs="+", default=[2048], help="packed row lengths to try (default 2048)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each layout's timed updates, one more under torch.profiler: its top operators")
     p.add_argument("--logit-chunks", type=int, nargs="*", default=[],
                    help="more logit chunk sizes to try with the padded layout (default: only LOGIT_CHUNK)")
     args = p.parse_args()
@@ -90,6 +92,16 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
             print(f"[layout] {name}: update {i}{' (warm-up)' if i == 0 else ''} {seconds[-1]:.2f} s", flush=True)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                learner.update(per_row, completions, engine_logprobs, advantages)
+                sync()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"[layout] {name}: one update under the profiler\n"
+                  f"{prof.key_averages().table(sort_by=key, row_limit=15)}", flush=True)
         table.append((name, statistics.median(seconds[1:]), min(seconds[1:]), max(seconds[1:]), peak))
         del learner
         if device.type == "cuda":
