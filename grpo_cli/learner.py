@@ -158,6 +158,17 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
+def _token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool,
+                    keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log_softmax(logits)[target], the entropy (zeros unless `with_entropy`), and softmax(logits)
+    when it was computed (for the entropy, or kept for a backward)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    probs = torch.exp(logits - lse[:, None]) if with_entropy or keep_probs else None
+    entropy = lse - (probs * logits).sum(-1) if probs is not None and with_entropy else torch.zeros_like(lse)
+    return logp, entropy, probs
+
+
 class _TokenLogprob(torch.autograd.Function):
     """log_softmax(logits)[target] and the entropy of softmax(logits), row by row, from one softmax.
 
@@ -168,10 +179,7 @@ class _TokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-        lse = torch.logsumexp(logits, dim=-1)
-        logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
-        probs = torch.exp(logits - lse[:, None])
-        entropy = lse - (probs * logits).sum(-1) if with_entropy else torch.zeros_like(lse)
+        logp, entropy, probs = _token_logprobs(logits, targets, with_entropy, keep_probs=True)
         ctx.save_for_backward(probs, targets)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -193,11 +201,8 @@ def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
         logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    if not torch.is_grad_enabled():  # nothing to keep for backward
-        lse = torch.logsumexp(logits, dim=-1)
-        logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
-        entropy = (lse - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)) if with_entropy else torch.zeros_like(lse)
-        return logp, entropy
+    if not torch.is_grad_enabled():  # no backward: the softmax only if the entropy needs it
+        return _token_logprobs(logits, targets, with_entropy, keep_probs=False)[:2]
     return _TokenLogprob.apply(logits, targets, with_entropy)
 
 
