@@ -278,6 +278,7 @@ class Learner:
             share = self.device.type != "cuda"
         self.share_prompts = share and self.policy.config._attn_implementation in ("sdpa", "eager")
         self.policy.train()
+        _sparse_tied_embedding_grad(self.policy, sharded=self.sharded)
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
             # it is the same model with its adapters switched off, so no second copy is loaded
@@ -532,6 +533,19 @@ def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: flo
     if forward is not None:
         return forward(batch, temperature, entropy=entropy)
     return sequence_logprobs(model, batch, temperature, entropy=entropy)
+
+
+def _sparse_tied_embedding_grad(model: torch.nn.Module, sharded: bool) -> None:
+    """With a trainable embedding tied to the output layer, let the embedding lookup return a sparse
+    gradient (one row per input token). Its dense gradient is a zero-filled vocabulary x hidden
+    tensor per micro-batch, filled row by row; the sparse one is added straight into the output
+    layer's dense gradient of the same weight, so the weight's `.grad` stays dense (the fused
+    optimizer and the norm clipping see nothing new). Untied or sharded embeddings keep the dense
+    gradient, which those need."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (not sharded and isinstance(embedding, torch.nn.Embedding) and head is not None
+            and head.weight is embedding.weight and embedding.weight.requires_grad):
+        embedding.sparse = True
 
 
 def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:

@@ -248,3 +248,25 @@ def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
     torch.testing.assert_close(got_head, head.weight.grad, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda h: learner_module._chunk_logprobs(h, targets, head, temperature)[0],
                                     (hidden.detach().clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_sparse_tied_embedding_gradient_equals_the_dense_one(tiny_model_dir: Path, chunk: int, monkeypatch) -> None:
+    """The tied input embedding's lookup gives a sparse gradient, summed into the output layer's dense
+    one: the weight's .grad stays dense and equals the all-dense gradient (chunk 2: the logits are
+    recomputed in backward, so the output layer's gradient reaches the weight through a checkpoint)."""
+    monkeypatch.setattr(learner_module, "LOGIT_CHUNK", chunk)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25])
+    grads = []
+    for sparse in (True, False):
+        cfg = _config(tiny_model_dir, "loss.beta=0.1", "trainer.micro_batch_size=3", "rollout.max_new_tokens=4",
+                      "trainer.lr=0")
+        learner = Learner(cfg, CPU, pad_id=0)
+        embedding = learner.policy.get_input_embeddings()
+        assert embedding.weight is learner.policy.get_output_embeddings().weight and embedding.sparse
+        embedding.sparse = sparse
+        learner.update(GROUP_PROMPTS, GROUP_COMPLETIONS, [[0.0] * len(c) for c in GROUP_COMPLETIONS], advantages)
+        assert embedding.weight.grad.layout == torch.strided
+        grads.append(embedding.weight.grad.clone())
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
