@@ -21,8 +21,9 @@ gradient for every aggregation (per-sequence or per-token).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,7 +147,7 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     """(B, T, H) final hidden states, the one at [b, t] being what predicts completion token t."""
     base = model.base_model
     if isinstance(batch, Packed):
-        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         # The token at position p is predicted from the hidden state at p - 1.
         index = (batch.positions - 1).clamp(min=0)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -154,19 +155,27 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     mask = batch.allowed[:, None]
     if model.config._attn_implementation != "sdpa":
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.positions).last_hidden_state
+    hidden = base(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.positions,
+                  use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
 def _token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool,
                     keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """log_softmax(logits)[target], the entropy (zeros unless `with_entropy`), and softmax(logits)
-    when it was computed (for the entropy, or kept for a backward)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
-    probs = torch.exp(logits - lse[:, None]) if with_entropy or keep_probs else None
-    entropy = lse - (probs * logits).sum(-1) if probs is not None and with_entropy else torch.zeros_like(lse)
-    return logp, entropy, probs
+    when it was computed (for the entropy, or kept for a backward).
+
+    One fused log_softmax writes the only vocabulary-wide result the log-probs need (logsumexp
+    followed by a subtraction writes two); the softmax is its exp, in place when nothing else
+    reads it."""
+    logp_all = torch.log_softmax(logits, dim=-1)  # (M, V)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    if not (with_entropy or keep_probs):
+        return logp, torch.zeros_like(logp), None
+    if not with_entropy:
+        return logp, torch.zeros_like(logp), logp_all.exp_()
+    probs = logp_all.exp()
+    return logp, -(probs * logp_all).sum(-1), probs
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -192,18 +201,52 @@ class _TokenLogprob(torch.autograd.Function):
         return grad, None, None
 
 
+class _OutputLayerLogprob(torch.autograd.Function):
+    """`_TokenLogprob` with the output layer folded in, for a weight whose gradient is accumulated
+    in place (`_accumulate_in_place`): backward adds grad_logits^T @ hidden straight into
+    `weight.grad` (one addmm_) and hands autograd no gradient for the weight, so no vocabulary x
+    hidden gradient (113 MB for SmolLM2) is allocated, page-faulted in and added per micro-batch."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+        logits = _scaled(hidden @ weight.t(), temperature)  # (M, V)
+        logp, entropy, probs = _token_logprobs(logits, targets, with_entropy, keep_probs=True)
+        ctx.save_for_backward(hidden, probs, targets)
+        ctx.weight, ctx.temperature = weight, temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        hidden, probs, targets = ctx.saved_tensors
+        weight = ctx.weight
+        grad = probs * -grad_logp[:, None]  # (M, V); not in place: backward may run again (retain_graph)
+        grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
+        if ctx.temperature != 1.0:
+            grad /= ctx.temperature
+        grad = grad.to(weight.dtype)
+        _add_to_grad(weight, lambda out: torch.mm(grad.t(), hidden, out=out),
+                     lambda acc: acc.addmm_(grad.t(), hidden))
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None, None, None
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32 (or better)
+        logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
                     temperature: float, with_entropy: bool = True) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy (zeros unless `with_entropy`) for (M, H) hidden states through
     the output layer."""
-    logits = head(hidden)  # (M, V)
-    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32 (or better)
-        logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
     if not torch.is_grad_enabled():  # no backward: the softmax only if the entropy needs it
-        return _token_logprobs(logits, targets, with_entropy, keep_probs=False)[:2]
-    return _TokenLogprob.apply(logits, targets, with_entropy)
+        return _token_logprobs(_scaled(head(hidden), temperature), targets, with_entropy, keep_probs=False)[:2]
+    weight = getattr(head, "weight", None)
+    if weight is not None and getattr(weight, _IN_PLACE, False) and getattr(head, "bias", None) is None:
+        return _OutputLayerLogprob.apply(hidden, weight, targets, temperature, with_entropy)
+    return _TokenLogprob.apply(_scaled(head(hidden), temperature), targets, with_entropy)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float,
@@ -278,7 +321,8 @@ class Learner:
             share = self.device.type != "cuda"
         self.share_prompts = share and self.policy.config._attn_implementation in ("sdpa", "eager")
         self.policy.train()
-        _sparse_tied_embedding_grad(self.policy, sharded=self.sharded)
+        if not self.sharded and self.device.type == "cpu":  # see _accumulate_in_place
+            _accumulate_in_place(self.policy)
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
             # it is the same model with its adapters switched off, so no second copy is loaded
@@ -535,17 +579,59 @@ def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: flo
     return sequence_logprobs(model, batch, temperature, entropy=entropy)
 
 
-def _sparse_tied_embedding_grad(model: torch.nn.Module, sharded: bool) -> None:
-    """With a trainable embedding tied to the output layer, let the embedding lookup return a sparse
-    gradient (one row per input token). Its dense gradient is a zero-filled vocabulary x hidden
-    tensor per micro-batch, filled row by row; the sparse one is added straight into the output
-    layer's dense gradient of the same weight, so the weight's `.grad` stays dense (the fused
-    optimizer and the norm clipping see nothing new). Untied or sharded embeddings keep the dense
-    gradient, which those need."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if (not sharded and isinstance(embedding, torch.nn.Embedding) and head is not None
-            and head.weight is embedding.weight and embedding.weight.requires_grad):
-        embedding.sparse = True
+# Set on a parameter whose gradient the learner's own backward functions add straight into `.grad`.
+_IN_PLACE = "_grpo_grad_in_place"
+
+
+def _accumulate_in_place(model: torch.nn.Module) -> None:
+    """Have the backward of `model`'s output layer and input embedding add their weight gradients
+    straight into `.grad` (the way Megatron-LM's gradient-accumulation fusion writes its linear
+    layers' weight gradients) instead of returning them to autograd.
+
+    Autograd returns each of them as a new vocabulary x hidden tensor per micro-batch: the output
+    layer's weight gradient, and for the embedding a zero-filled one (or a sparse one, which a tied
+    weight then copies into yet another dense tensor, since autograd never adds a sparse gradient
+    in place). Each then is added to `.grad`. In place, `.grad` takes an addmm_ and an index_add_,
+    and the update's peak memory loses two such tensors. Only for plain nn.Linear / nn.Embedding
+    modules of an unsharded model (sharded gradients belong to FSDP), trained with .backward():
+    torch.autograd.grad would not see these two gradients."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None and head.weight.requires_grad:
+        setattr(head.weight, _IN_PLACE, True)
+    if (type(embedding) is torch.nn.Embedding and embedding.weight.requires_grad and embedding.max_norm is None
+            and not embedding.scale_grad_by_freq and not embedding.sparse):
+        setattr(embedding.weight, _IN_PLACE, True)
+        embedding.forward = functools.partial(_Lookup.apply, embedding.weight, embedding.padding_idx)
+
+
+class _Lookup(torch.autograd.Function):
+    """weight[ids]; backward index_adds the rows' gradients straight into weight.grad (rows of
+    `padding_idx` get none, as nn.Embedding's) and hands autograd no gradient for the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, padding_idx: int | None, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
+        (ids,) = ctx.saved_tensors
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(ctx.weight.dtype)
+        if ctx.padding_idx is not None:
+            keep = ids != ctx.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        _add_to_grad(ctx.weight, lambda out: out.zero_().index_add_(0, ids, rows),
+                     lambda acc: acc.index_add_(0, ids, rows))
+        return None, None, None
+
+
+def _add_to_grad(weight: Tensor, first: Callable[[Tensor], Tensor], more: Callable[[Tensor], Tensor]) -> None:
+    """weight.grad = first(new buffer) when it has none yet, else more(weight.grad), in place."""
+    if weight.grad is None:
+        weight.grad = first(torch.empty_like(weight))
+    else:
+        more(weight.grad)
 
 
 def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:

@@ -250,23 +250,52 @@ def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
                                     (hidden.detach().clone().requires_grad_(True),))
 
 
+
+@pytest.fixture(scope="module")
+def untied_padded_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its own output layer (untied) and padding_idx 3 (a token the prompts use)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tied = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = tied.config
+    config.tie_word_embeddings, config.pad_token_id = False, 3
+    torch.manual_seed(1)
+    model = type(tied)(config)
+    path = tmp_path_factory.mktemp("tiny-untied")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("chunk", [2, 1024])
-def test_sparse_tied_embedding_gradient_equals_the_dense_one(tiny_model_dir: Path, chunk: int, monkeypatch) -> None:
-    """The tied input embedding's lookup gives a sparse gradient, summed into the output layer's dense
-    one: the weight's .grad stays dense and equals the all-dense gradient (chunk 2: the logits are
-    recomputed in backward, so the output layer's gradient reaches the weight through a checkpoint)."""
+@pytest.mark.parametrize("model", ["tied", "untied, padding_idx"])
+def test_in_place_weight_gradients_equal_autograd_ones(tiny_model_dir: Path, untied_padded_model_dir: Path,
+                                                       model: str, chunk: int, monkeypatch) -> None:
+    """On a CPU the output layer's and the embedding's weight gradients are added straight into
+    .grad: every gradient equals plain autograd's, over several micro-batches (the first creates
+    .grad), with the logits recomputed in backward (chunk 2) or not, tied or untied, and with no
+    gradient for the padding_idx row."""
+    path = tiny_model_dir if model == "tied" else untied_padded_model_dir
     monkeypatch.setattr(learner_module, "LOGIT_CHUNK", chunk)
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25])
     grads = []
-    for sparse in (True, False):
-        cfg = _config(tiny_model_dir, "loss.beta=0.1", "trainer.micro_batch_size=3", "rollout.max_new_tokens=4",
-                      "trainer.lr=0")
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(learner_module, "_accumulate_in_place", lambda model: None)
+        cfg = compose([f"model.name_or_path={path}", "loss.beta=0.1", "trainer.micro_batch_size=2",
+                       "rollout.max_new_tokens=4", "trainer.lr=0"])
         learner = Learner(cfg, CPU, pad_id=0)
-        embedding = learner.policy.get_input_embeddings()
-        assert embedding.weight is learner.policy.get_output_embeddings().weight and embedding.sparse
-        embedding.sparse = sparse
+        head, embedding = learner.policy.get_output_embeddings(), learner.policy.get_input_embeddings()
+        assert getattr(head.weight, learner_module._IN_PLACE, False) == in_place
+        assert getattr(embedding.weight, learner_module._IN_PLACE, False) == in_place
+        assert (head.weight is embedding.weight) == (model == "tied")
         learner.update(GROUP_PROMPTS, GROUP_COMPLETIONS, [[0.0] * len(c) for c in GROUP_COMPLETIONS], advantages)
-        assert embedding.weight.grad.layout == torch.strided
-        grads.append(embedding.weight.grad.clone())
-    assert grads[0].abs().max() > 1e-3
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+        grads.append({name: p.grad.clone() for name, p in learner.policy.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    embedding_grad = grads[0]["model.embed_tokens.weight"]
+    assert embedding_grad.abs().max() > 1e-3
+    if model != "tied":
+        assert torch.all(embedding_grad[3] == 0) and embedding_grad[[1, 2, 4, 5]].abs().min() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
