@@ -44,7 +44,7 @@ from grpo_cli.config import Config
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import PeriodicEval
-from grpo_cli.learner import Learner, TrainingError, _logprobs, pack
+from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory, pack
 from grpo_cli.logging import RunLogger
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
@@ -73,6 +73,8 @@ def train(cfg: Config) -> Path:
         state = checkpoint.load(latest[0], learner)
         start, position = state["step"], state["data_position"]
     engine = make_engine(cfg.rollout, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy, run_dir=run)
+    if device.type == "cpu":
+        keep_freed_host_memory()
     # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
     # hold an earlier run's pushes (weights_version > 0): give them this run's.
     if start or getattr(engine, "weights_version", 0):
