@@ -5,9 +5,9 @@
 
 padded: one row per completion, its prompt in front, right-padded (model.share_prompts=false).
 packed: rows of at most N tokens holding each prompt once followed by its completions, with a block
-        mask (model.share_prompts=true; N = grpo_cli.learner.PACK_TOKENS, varied with --rows).
+        mask (model.share_prompts=true; N = grpo_cli.logprobs.PACK_TOKENS, varied with --rows).
 The padded layout is also timed with other logit chunks (--logit-chunks: completion tokens whose
-full-vocabulary logits exist at once, grpo_cli.learner.LOGIT_CHUNK), for their effect on memory.
+full-vocabulary logits exist at once, grpo_cli.logprobs.LOGIT_CHUNK), for their effect on memory.
 
 The workload is one step of the benchmark recipe: its first P prompts, each with G completions of
 random tokens, all --completion-len long (default: the recipe's max_new_tokens, what a step of
@@ -44,7 +44,7 @@ def main() -> None:
 
     import torch
 
-    from grpo_cli import learner as learner_module
+    from grpo_cli import logprobs as logprobs_module
     from grpo_cli.config import compose
     from grpo_cli.data import load_prompts
     from grpo_cli.learner import Learner
@@ -69,7 +69,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    default_rows, default_chunk = learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK
+    default_rows, default_chunk = logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK
     variants = [("padded", "false", None, default_chunk)]
     variants += [(f"padded, logit chunk {c}", "false", None, c) for c in args.logit_chunks]
     variants += [(f"packed, rows of {n}", "true", n, default_chunk) for n in args.rows]
@@ -78,7 +78,7 @@ def main() -> None:
           f"{cfg.trainer.micro_batch_size}, beta {cfg.loss.beta}", flush=True)
     table = []
     for name, share, row_tokens, chunk in variants:
-        learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK = row_tokens or default_rows, chunk
+        logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK = row_tokens or default_rows, chunk
         learner = Learner(compose(base + [f"model.share_prompts={share}"], HERE), device,
                           pad_id=tokenizer.pad_token_id)
         if device.type == "cuda":
@@ -106,7 +106,7 @@ def main() -> None:
         del learner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    learner_module.PACK_TOKENS, learner_module.LOGIT_CHUNK = default_rows, default_chunk
+    logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK = default_rows, default_chunk
     print("\n| layout | s/update median | min | max | peak GPU GiB |\n| --- | --- | --- | --- | --- |")
     for name, med, lo, hi, peak in table:
         print(f"| {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {peak:.2f} |")

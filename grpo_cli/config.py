@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = _choice("auto", "float32", "bfloat16", "float16")
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
-    share_prompts: bool | None = None  # None: on a CPU, off on a GPU (see grpo_cli/learner.py)
+    share_prompts: bool | None = None  # None: on a CPU, off on a GPU (see grpo_cli/logprobs.py)
     lora_rank: int = 0
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0

@@ -44,8 +44,9 @@ from grpo_cli.config import Config
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import PeriodicEval
-from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory, pack
+from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger
+from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set

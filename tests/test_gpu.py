@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from grpo_cli.config import compose
-from grpo_cli.learner import Learner, pack, pack_segments, sequence_logprobs
+from grpo_cli.learner import Learner
+from grpo_cli.logprobs import pack, pack_segments, sequence_logprobs
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from grpo_cli import learner as learner_module
+from grpo_cli import logprobs as logprobs_module
 from grpo_cli.config import compose
-from grpo_cli.learner import Learner, pack, sequence_logprobs
+from grpo_cli.learner import Learner
+from grpo_cli.logprobs import pack, sequence_logprobs
 from grpo_cli.loss import policy_loss
 
 CPU = torch.device("cpu")
@@ -31,7 +33,7 @@ def _naive_logprobs(model, prompt: list[int], completion: list[int], temperature
 
 @pytest.mark.parametrize("chunk", [2, 1024])
 def test_chunked_logprobs_equal_full_logits(tiny_model_dir: Path, chunk: int, monkeypatch) -> None:
-    monkeypatch.setattr(learner_module, "LOGIT_CHUNK", chunk)
+    monkeypatch.setattr(logprobs_module, "LOGIT_CHUNK", chunk)
     learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
     batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
     logp, entropy = sequence_logprobs(learner.policy, batch, temperature=0.7)
@@ -51,7 +53,7 @@ def test_recomputed_logit_chunks_give_the_same_gradient(tiny_model_dir: Path, te
     """Chunks of 2 tokens are recomputed in backward; one chunk of all of them is kept: same gradient."""
     grads = []
     for chunk in (2, 1024):
-        monkeypatch.setattr(learner_module, "LOGIT_CHUNK", chunk)
+        monkeypatch.setattr(logprobs_module, "LOGIT_CHUNK", chunk)
         learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
         batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
         logp, _ = sequence_logprobs(learner.policy, batch, temperature=temperature)
@@ -136,7 +138,7 @@ GROUP_COMPLETIONS = [[11, 12, 13], [14], [15, 16], [17, 18, 19, 20], [21], [22, 
 
 def test_packed_segments_layout() -> None:
     """Worked by hand: each prompt once, then its completions minus their last token, back to back."""
-    seg = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
+    seg = logprobs_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
     assert seg.input_ids.tolist() == [[1, 2, 3, 4, 5, 11, 12, 15, 6, 7, 17, 18, 19, 22]]
     assert seg.positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 5, 0, 1, 2, 3, 4, 2]]
     # Completion token 0 is predicted at its prompt's last token (column 4 or 9), token t at token t - 1.
@@ -148,7 +150,7 @@ def test_packed_segments_layout() -> None:
     assert allowed[13].nonzero().flatten().tolist() == [8, 9, 13]            # 22 sees prompt B and itself
     assert allowed[9].nonzero().flatten().tolist() == [8, 9]                 # prompt B is causal on its own
     # A row budget of 8 tokens: prompt A's three completions fill row 0, prompt B starts row 1.
-    split = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=8)
+    split = logprobs_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=8)
     assert split.input_ids.tolist() == [[1, 2, 3, 4, 5, 11, 12, 15], [6, 7, 17, 18, 19, 22, 0, 0]]
     assert split.index[3].tolist() == [8 + 1, 8 + 2, 8 + 3, 8 + 4]
     assert split.allowed[1, 6].nonzero().flatten().tolist() == [6]  # padding sees itself only
@@ -161,7 +163,7 @@ def test_packed_segment_logprobs_equal_the_full_sequence_ones(tiny_model_dir: Pa
     learner = Learner(_config(tiny_model_dir, "loss.beta=0", f"model.attn_implementation={attention}"), CPU,
                       pad_id=0)
     assert learner.policy.config._attn_implementation == attention
-    seg = learner_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=row_tokens)
+    seg = logprobs_module.pack_segments(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU, row_tokens=row_tokens)
     full = pack(GROUP_PROMPTS, GROUP_COMPLETIONS, pad_id=0, device=CPU)
     got, got_entropy = sequence_logprobs(learner.policy, seg, temperature=0.7)
     want, want_entropy = sequence_logprobs(learner.policy, full, temperature=0.7)
@@ -234,7 +236,7 @@ def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
     hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 3, 49, 3, 7, 12])
     weights = torch.randn(6, dtype=torch.float64)  # any upstream gradient
-    logp, entropy = learner_module._chunk_logprobs(hidden, targets, head, temperature)
+    logp, entropy = logprobs_module._chunk_logprobs(hidden, targets, head, temperature)
     (logp * weights).sum().backward()
     got_hidden, got_head = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
@@ -246,7 +248,7 @@ def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(got_hidden, hidden.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_head, head.weight.grad, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda h: learner_module._chunk_logprobs(h, targets, head, temperature)[0],
+    assert torch.autograd.gradcheck(lambda h: logprobs_module._chunk_logprobs(h, targets, head, temperature)[0],
                                     (hidden.detach().clone().requires_grad_(True),))
 
 
@@ -276,18 +278,18 @@ def test_in_place_weight_gradients_equal_autograd_ones(tiny_model_dir: Path, unt
     .grad), with the logits recomputed in backward (chunk 2) or not, tied or untied, and with no
     gradient for the padding_idx row."""
     path = tiny_model_dir if model == "tied" else untied_padded_model_dir
-    monkeypatch.setattr(learner_module, "LOGIT_CHUNK", chunk)
+    monkeypatch.setattr(logprobs_module, "LOGIT_CHUNK", chunk)
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25])
     grads = []
     for in_place in (True, False):
         if not in_place:
-            monkeypatch.setattr(learner_module, "_accumulate_in_place", lambda model: None)
+            monkeypatch.setattr(learner_module, "accumulate_in_place", lambda model: None)
         cfg = compose([f"model.name_or_path={path}", "loss.beta=0.1", "trainer.micro_batch_size=2",
                        "rollout.max_new_tokens=4", "trainer.lr=0"])
         learner = Learner(cfg, CPU, pad_id=0)
         head, embedding = learner.policy.get_output_embeddings(), learner.policy.get_input_embeddings()
-        assert getattr(head.weight, learner_module._IN_PLACE, False) == in_place
-        assert getattr(embedding.weight, learner_module._IN_PLACE, False) == in_place
+        assert getattr(head.weight, logprobs_module._IN_PLACE, False) == in_place
+        assert getattr(embedding.weight, logprobs_module._IN_PLACE, False) == in_place
         assert (head.weight is embedding.weight) == (model == "tied")
         learner.update(GROUP_PROMPTS, GROUP_COMPLETIONS, [[0.0] * len(c) for c in GROUP_COMPLETIONS], advantages)
         grads.append({name: p.grad.clone() for name, p in learner.policy.named_parameters()})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from grpo_cli.config import compose
-from grpo_cli.learner import Learner, pack, sequence_logprobs
+from grpo_cli.learner import Learner
+from grpo_cli.logprobs import pack, sequence_logprobs
 
 pytest.importorskip("peft")
 CPU = torch.device("cpu")
