@@ -111,6 +111,9 @@ def markdown(r: Results) -> str:
         f"AdamW betas {tuple(s['adam_betas'])}, micro-batch {s['micro_batch_size']} completions, one optimizer step "
         f"per step, reward {', '.join(s['rewards'])} (grpo's own function on both sides)",
         f"- command: `{run['command']}`",
+        *([f"- before the runs, {run['memory_touched']['gib']} GiB of the machine's memory written once "
+           f"({run['memory_touched']['seconds']} s), so that no tool pays for its first touch (bench.py touch_memory)"]
+          if run.get("memory_touched") else []),
         "",
         "| tool | s/step median | min | max | generated tok/s (whole step) | peak RSS GiB |"
         + (" peak GPU GiB |" if gpu else ""),
@@ -170,11 +173,19 @@ def append(path: Path, entry: str) -> None:
 
 # ----------------------------------------------------------------------------- provenance
 def machine(gpu: bool) -> str:
-    cpu = "unknown CPU"
+    # Machines sold under one name differ (the platform notes' AVX2 "AMD EPYC" did ~80 fp32 GFLOP/s,
+    # an AVX-512 one here ~200): the family, model and widest vector unit go with the name.
+    info: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+        if not line.strip():
+            break  # the first processor's block is enough
+    flags = set(info.get("flags", "").split())
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
+    extras = [name for flag, name in (("avx512_bf16", "bf16"), ("amx_tile", "AMX")) if flag in flags]
+    cpu = (f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model "
+           f"{info.get('model', '?')}, {' + '.join([vector, *extras])})")
     ram = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
