@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{spec['micro_batch_size']}; {args.steps} measured steps after 1 warm-up; output in {run_dir}", flush=True)
 
     trl_python, install_s = trl_venv.ensure(args.gpu)
+    load_before = os.getloadavg()[0]  # before touch_memory, whose own work would show in it
     touched = None if args.gpu else touch_memory()
-    load_before = os.getloadavg()[0]
     if load_before > 0.5 * (os.cpu_count() or 1):
         print(f"[bench] warning: load average {load_before:.1f} on {os.cpu_count()} cores: other work is running, "
               "and on a busy machine step times can be several times slower than on an idle one", flush=True)

@@ -146,22 +146,23 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
-def _token_logprobs(logits: Tensor, targets: Tensor, with_entropy: bool,
+def _token_logprobs(logp_all: Tensor, targets: Tensor, with_entropy: bool,
                     keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """log_softmax(logits)[target], the entropy (zeros unless `with_entropy`), and softmax(logits)
-    when it was computed (for the entropy, or kept for a backward).
+    """From log_softmax(logits) (M, V), which it takes over: the targets' log-probs, the entropy
+    (zeros unless `with_entropy`), and the softmax when it was computed (for the entropy, or kept
+    for a backward).
 
-    One fused log_softmax writes the only vocabulary-wide result the log-probs need (logsumexp
-    followed by a subtraction writes two); the softmax is its exp, in place when nothing else
-    reads it."""
-    logp_all = torch.log_softmax(logits, dim=-1)  # (M, V)
+    Callers get `logp_all` from one fused log_softmax, the only vocabulary-wide result the log-probs
+    need (logsumexp and a subtraction would write two), and drop the logits right after it; the
+    softmax is its exp and the entropy's product is taken in place, so at most two vocabulary-wide
+    tensors are alive at once."""
     logp = logp_all.gather(1, targets[:, None]).squeeze(1)
     if not (with_entropy or keep_probs):
         return logp, torch.zeros_like(logp), None
     if not with_entropy:
         return logp, torch.zeros_like(logp), logp_all.exp_()
     probs = logp_all.exp()
-    return logp, -(probs * logp_all).sum(-1), probs
+    return logp, -logp_all.mul_(probs).sum(-1), probs
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -174,7 +175,7 @@ class _TokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-        logp, entropy, probs = _token_logprobs(logits, targets, with_entropy, keep_probs=True)
+        logp, entropy, probs = _token_logprobs(torch.log_softmax(logits, dim=-1), targets, with_entropy, keep_probs=True)
         ctx.save_for_backward(probs, targets)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -196,8 +197,8 @@ class _OutputLayerLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
                 with_entropy: bool) -> tuple[Tensor, Tensor]:
-        logits = _scaled(hidden @ weight.t(), temperature)  # (M, V)
-        logp, entropy, probs = _token_logprobs(logits, targets, with_entropy, keep_probs=True)
+        logp_all = torch.log_softmax(_scaled(hidden @ weight.t(), temperature), dim=-1)  # (M, V); logits dropped
+        logp, entropy, probs = _token_logprobs(logp_all, targets, with_entropy, keep_probs=True)
         ctx.save_for_backward(hidden, probs, targets)
         ctx.weight, ctx.temperature = weight, temperature
         ctx.mark_non_differentiable(entropy)
@@ -228,7 +229,8 @@ def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
     """log p(target) and entropy (zeros unless `with_entropy`) for (M, H) hidden states through
     the output layer."""
     if not torch.is_grad_enabled():  # no backward: the softmax only if the entropy needs it
-        return _token_logprobs(_scaled(head(hidden), temperature), targets, with_entropy, keep_probs=False)[:2]
+        logp_all = torch.log_softmax(_scaled(head(hidden), temperature), dim=-1)  # the logits are dropped here
+        return _token_logprobs(logp_all, targets, with_entropy, keep_probs=False)[:2]
     weight = getattr(head, "weight", None)
     if weight is not None and getattr(weight, _IN_PLACE, False) and getattr(head, "bias", None) is None:
         return _OutputLayerLogprob.apply(hidden, weight, targets, temperature, with_entropy)

@@ -228,18 +228,25 @@ def test_truncated_importance_weight_uses_the_engine_logprobs(tiny_model_dir: Pa
     torch.testing.assert_close(grads["2.0"], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
-    """_chunk_logprobs' own backward (onehot - softmax) against autograd through log_softmax, and gradcheck."""
+def test_token_logprob_gradient_matches_autograd(temperature: float, in_place: bool) -> None:
+    """_chunk_logprobs' own backward (onehot - softmax) against autograd through log_softmax, and
+    gradcheck; in_place: the output layer folded in, its weight gradient added to an existing .grad."""
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False).double()
     hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 3, 49, 3, 7, 12])
     weights = torch.randn(6, dtype=torch.float64)  # any upstream gradient
+    earlier = torch.randn(50, 8, dtype=torch.float64)  # what earlier micro-batches left in .grad
+    if in_place:
+        setattr(head.weight, logprobs_module._IN_PLACE, True)
+        head.weight.grad = earlier.clone()
     logp, entropy = logprobs_module._chunk_logprobs(hidden, targets, head, temperature)
     (logp * weights).sum().backward()
-    got_hidden, got_head = hidden.grad.clone(), head.weight.grad.clone()
+    got_hidden, got_head = hidden.grad.clone(), head.weight.grad.clone() - (earlier if in_place else 0)
     hidden.grad, head.weight.grad = None, None
+    setattr(head.weight, logprobs_module._IN_PLACE, False)
     logits = head(hidden) / temperature
     want = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     (want * weights).sum().backward()
@@ -248,6 +255,7 @@ def test_token_logprob_gradient_matches_autograd(temperature: float) -> None:
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1), rtol=0, atol=1e-12)
     torch.testing.assert_close(got_hidden, hidden.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_head, head.weight.grad, rtol=0, atol=1e-12)
+    setattr(head.weight, logprobs_module._IN_PLACE, in_place)
     assert torch.autograd.gradcheck(lambda h: logprobs_module._chunk_logprobs(h, targets, head, temperature)[0],
                                     (hidden.detach().clone().requires_grad_(True),))
 
