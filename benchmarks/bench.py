@@ -168,7 +168,6 @@ def touch_memory(share: float = 0.75) -> dict[str, float]:
     return {"gib": round(size / 2**30, 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
-
 class Measured(NamedTuple):
     returncode: int
     wall_s: float
