@@ -21,7 +21,7 @@ On a CPU the output layer's and the embedding's weight gradients go straight int
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -183,9 +183,14 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor, None, None]:
         probs, targets = ctx.saved_tensors
-        grad = probs * -grad_logp[:, None]  # not in place: backward may run again (retain_graph)
-        grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
-        return grad, None, None
+        return _logits_grad(probs, targets, grad_logp), None, None
+
+
+def _logits_grad(probs: Tensor, targets: Tensor, grad_logp: Tensor) -> Tensor:
+    """(M, V) gradient of logp (M,) = log_softmax(logits)[target] for upstream grad_logp: onehot - softmax.
+    Not in place on `probs`: backward may run again (retain_graph)."""
+    grad = probs * -grad_logp[:, None]
+    return grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
 
 
 class _OutputLayerLogprob(torch.autograd.Function):
@@ -208,13 +213,11 @@ class _OutputLayerLogprob(torch.autograd.Function):
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         hidden, probs, targets = ctx.saved_tensors
         weight = ctx.weight
-        grad = probs * -grad_logp[:, None]  # (M, V); not in place: backward may run again (retain_graph)
-        grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
+        grad = _logits_grad(probs, targets, grad_logp)  # (M, V)
         if ctx.temperature != 1.0:
             grad /= ctx.temperature
         grad = grad.to(weight.dtype)
-        _add_to_grad(weight, lambda out: torch.mm(grad.t(), hidden, out=out),
-                     lambda acc: acc.addmm_(grad.t(), hidden))
+        _grad_of(weight).addmm_(grad.t(), hidden)
         return (grad @ weight if ctx.needs_input_grad[0] else None), None, None, None, None
 
 
@@ -232,7 +235,7 @@ def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
         logp_all = torch.log_softmax(_scaled(head(hidden), temperature), dim=-1)  # the logits are dropped here
         return _token_logprobs(logp_all, targets, with_entropy, keep_probs=False)[:2]
     weight = getattr(head, "weight", None)
-    if weight is not None and getattr(weight, _IN_PLACE, False) and getattr(head, "bias", None) is None:
+    if weight is not None and getattr(weight, _IN_PLACE, False):  # marked only on a bias-free nn.Linear
         return _OutputLayerLogprob.apply(hidden, weight, targets, temperature, with_entropy)
     return _TokenLogprob.apply(_scaled(head(hidden), temperature), targets, with_entropy)
 
@@ -308,14 +311,12 @@ class _Lookup(torch.autograd.Function):
         if ctx.padding_idx is not None:
             keep = ids != ctx.padding_idx
             ids, rows = ids[keep], rows[keep]
-        _add_to_grad(ctx.weight, lambda out: out.zero_().index_add_(0, ids, rows),
-                     lambda acc: acc.index_add_(0, ids, rows))
+        _grad_of(ctx.weight).index_add_(0, ids, rows)
         return None, None, None
 
 
-def _add_to_grad(weight: Tensor, first: Callable[[Tensor], Tensor], more: Callable[[Tensor], Tensor]) -> None:
-    """weight.grad = first(new buffer) when it has none yet, else more(weight.grad), in place."""
+def _grad_of(weight: Tensor) -> Tensor:
+    """weight.grad, zero-filled first when the update's first micro-batch has not made it yet."""
     if weight.grad is None:
-        weight.grad = first(torch.empty_like(weight))
-    else:
-        more(weight.grad)
+        weight.grad = torch.zeros_like(weight)
+    return weight.grad
