@@ -76,7 +76,7 @@ class Learner:
             share = self.device.type != "cuda"
         self.share_prompts = share and self.policy.config._attn_implementation in ("sdpa", "eager")
         self.policy.train()
-        if not self.sharded and self.device.type == "cpu":  # see accumulate_in_place
+        if not self.sharded:  # sharded gradients belong to FSDP
             accumulate_in_place(self.policy)
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
@@ -339,8 +339,8 @@ def keep_freed_host_memory() -> bool:
     back to the operating system. Returns whether the setting took (glibc only).
 
     glibc serves every allocation above 32 MB with a fresh mmap and unmaps it when freed, so each
-    vocabulary-wide tensor (a logit chunk, its log-softmax, softmax and gradient: ~55 MB each for
-    SmolLM2 at ~300 tokens) is page-faulted in anew, several per micro-batch. On the 2-core
+    vocabulary-wide tensor (a logit chunk: ~55 MB for SmolLM2 at ~300 tokens) is page-faulted in
+    anew, several per micro-batch. On the 2-core
     benchmark VM, filling a fresh 113 MB tensor took 20-150 ms (the more, the less of the VM's
     memory had been touched since it booted) against 3 ms for memory the process already held.
     Here allocations come from the heap (no mmap) and freed memory stays there (up to 2 GiB of it at

@@ -1,10 +1,11 @@
 """Log-probabilities of completion tokens, computed only where they are needed.
 
-Only completion positions go through the output layer, in chunks of LOGIT_CHUNK tokens, each
-recomputed in backward (activation checkpointing) when a micro-batch has more than one, so the
-full-vocabulary logits (vocab x tokens x 4 bytes: 49k words make that 200 KB per token) never
-exist for more than a chunk at a time. One softmax per chunk serves the log-probs, the entropy and
-the gradient (`_TokenLogprob`).
+Only completion positions go through the output layer, in chunks of `logit_chunk` tokens (their
+fp32 logits fill LOGIT_CHUNK_BYTES), each recomputed in backward when a micro-batch has more than
+one, so the full-vocabulary logits (vocab x tokens x 4 bytes: 49k words make that 200 KB per
+token) never exist for more than a chunk at a time. Per chunk, one fp32 vocabulary-wide tensor
+serves the log-probs, the entropy and the gradient: the logits, turned in place into the softmax
+and then into the logits' gradient (`_OutputLayerLogprob`).
 
 Two batch layouts (the learner picks one per device, `model.share_prompts`): `pack`, one
 right-padded row per completion, and `pack_segments`, rows holding each distinct prompt once
@@ -14,8 +15,8 @@ forward/backward instead of G and spends nothing on padding; attention over a pa
 full length squared whatever the mask hides, though, and an arbitrary mask keeps SDPA off its
 fastest kernels, so on a GPU it measured 20% slower (benchmarks/learner_layout.py, RESULTS.md).
 
-On a CPU the output layer's and the embedding's weight gradients go straight into `.grad`
-(`accumulate_in_place`).
+On an unsharded model the output layer's and the embedding's weight gradients go straight into
+`.grad` (`accumulate_in_place`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-LOGIT_CHUNK = 1024  # completion tokens whose full-vocabulary logits exist at once
+# fp32 logits of one chunk of completion tokens (logit_chunk): all the vocabulary-wide memory the
+# log-probs hold at once, with a block of rows' temporaries (STATS_BLOCK_BYTES) and, in a bf16
+# model, the chunk's logits in bf16 for as long as their conversion takes.
+LOGIT_CHUNK_BYTES = 128 << 20
+STATS_BLOCK_BYTES = 16 << 20
 # Tokens per packed row. Attention over a row costs N^2 whatever the mask hides, so a row holds at
 # most this many (one long prompt + completion gets a row of its own).
 PACK_TOKENS = 2048
@@ -146,98 +151,132 @@ def _predicting_states(model: torch.nn.Module, batch: Packed | Segments) -> Tens
     return hidden.reshape(-1, hidden.shape[-1])[batch.index]
 
 
-def _token_logprobs(logp_all: Tensor, targets: Tensor, with_entropy: bool,
-                    keep_probs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """From log_softmax(logits) (M, V), which it takes over: the targets' log-probs, the entropy
-    (zeros unless `with_entropy`), and the softmax when it was computed (for the entropy, or kept
-    for a backward).
+def _softmax_stats(z: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """Per row of the logits z (M, V), read only: logsumexp, and the entropy of the softmax (zeros
+    unless `with_entropy`), a block of rows at a time so that no temporary exceeds STATS_BLOCK_BYTES."""
+    lse = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    entropy = torch.zeros_like(lse)
+    rows = max(1, STATS_BLOCK_BYTES // (z.shape[1] * z.element_size()))
+    for start in range(0, z.shape[0], rows):
+        block = z[start : start + rows]
+        lse[start : start + rows] = block_lse = torch.logsumexp(block, dim=-1)
+        if with_entropy:
+            logp = block - block_lse[:, None]
+            entropy[start : start + rows] = -logp.exp().mul_(logp).sum(-1)
+    return lse, entropy
 
-    Callers get `logp_all` from one fused log_softmax, the only vocabulary-wide result the log-probs
-    need (logsumexp and a subtraction would write two), and drop the logits right after it; the
-    softmax is its exp and the entropy's product is taken in place, so at most two vocabulary-wide
-    tensors are alive at once."""
-    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    if not (with_entropy or keep_probs):
-        return logp, torch.zeros_like(logp), None
-    if not with_entropy:
-        return logp, torch.zeros_like(logp), logp_all.exp_()
-    probs = logp_all.exp()
-    return logp, -logp_all.mul_(probs).sum(-1), probs
+
+def _token_logprobs(z: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """From logits z (M, V), read only: the targets' log-probs, the entropies and the logsumexps."""
+    lse, entropy = _softmax_stats(z, with_entropy)
+    return z.gather(1, targets[:, None]).squeeze(1) - lse, entropy, lse
+
+
+def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """(M, V) hidden @ weight.T / temperature in fp32 (or better): a new tensor, free to write into."""
+    z = hidden @ weight.t()
+    if z.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32; the half-precision logits are dropped
+        z = z.float()
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _softmax_grad_(probs: Tensor, targets: Tensor, grad_logp: Tensor) -> Tensor:
+    """The logits' gradient, grad_logp * (onehot(target) - softmax), written over `probs` (M, V).
+    `probs` is a saved tensor: autograd refuses a second backward through the same graph
+    (retain_graph) once it has changed, rather than compute a wrong gradient."""
+    return probs.mul_(-grad_logp[:, None]).scatter_add_(1, targets[:, None], grad_logp[:, None])
+
+
+class _OutputLayerLogprob(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[target] and the softmax's entropy (no gradient),
+    for a plain bias-free output layer, holding one fp32 vocabulary-wide tensor at a time.
+
+    keep=True: the softmax (its exp, in place over the logits) is saved for backward. keep=False:
+    only hidden and the logsumexp (M,) are saved; backward recomputes the logits (one matrix
+    product and an exp) instead of re-running the whole forward, as activation checkpointing would.
+    Backward turns the softmax into the logits' gradient in place (onehot - softmax); the weight's
+    gradient goes straight into `weight.grad` (one addmm_, no vocabulary x hidden temporary) when
+    the weight is marked (`accumulate_in_place`), else back to autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+                with_entropy: bool, keep: bool) -> tuple[Tensor, Tensor]:
+        z = _logits(hidden, weight, temperature)
+        logp, entropy, lse = _token_logprobs(z, targets, with_entropy)
+        saved = z.sub_(lse[:, None]).exp_() if keep else lse  # the softmax, or what recomputes it
+        ctx.save_for_backward(hidden, saved, targets)
+        ctx.weight, ctx.temperature, ctx.keep = weight, temperature, keep
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, saved, targets = ctx.saved_tensors
+        weight, temperature = ctx.weight, ctx.temperature
+        probs = saved if ctx.keep else _logits(hidden, weight, temperature).sub_(saved[:, None]).exp_()
+        grad = _softmax_grad_(probs, targets, grad_logp)
+        if temperature != 1.0:
+            grad.div_(temperature)
+        grad = grad.to(weight.dtype)
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            if getattr(weight, _IN_PLACE, False):
+                _grad_of(weight).addmm_(grad.t(), hidden)
+            else:
+                grad_weight = grad.t() @ hidden
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 class _TokenLogprob(torch.autograd.Function):
-    """log_softmax(logits)[target] and the entropy of softmax(logits), row by row, from one softmax.
-
-    Autograd through logsumexp and gather would recompute the softmax in backward (a subtraction
-    and an exp over the whole vocabulary) and zero-fill a vocabulary-wide tensor for the gather;
-    here the softmax of forward serves the entropy and the gradient, which is
-    d logp / d logits = onehot(target) - softmax. The entropy carries no gradient."""
+    """`_OutputLayerLogprob` after any other output layer (sharded, adapted or with a bias), from
+    its logits: the softmax is saved for backward (the caller's activation checkpointing recomputes
+    it instead where it must), and the gradient is onehot(target) - softmax. The entropy carries no
+    gradient."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-        logp, entropy, probs = _token_logprobs(torch.log_softmax(logits, dim=-1), targets, with_entropy, keep_probs=True)
-        ctx.save_for_backward(probs, targets)
+        logp, entropy, lse = _token_logprobs(logits, targets, with_entropy)
+        ctx.save_for_backward((logits - lse[:, None]).exp_(), targets)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor, None, None]:
         probs, targets = ctx.saved_tensors
-        return _logits_grad(probs, targets, grad_logp), None, None
+        return _softmax_grad_(probs, targets, grad_logp), None, None
 
 
-def _logits_grad(probs: Tensor, targets: Tensor, grad_logp: Tensor) -> Tensor:
-    """(M, V) gradient of logp (M,) = log_softmax(logits)[target] for upstream grad_logp: onehot - softmax.
-    Not in place on `probs`: backward may run again (retain_graph)."""
-    grad = probs * -grad_logp[:, None]
-    return grad.scatter_add_(1, targets[:, None], grad_logp[:, None])
+def _plain(head: torch.nn.Module) -> bool:
+    """An output layer whose weight the log-probs may use directly: a bias-free nn.Linear (a
+    sharded or adapted one is of another type, and goes through its own forward)."""
+    return type(head) is torch.nn.Linear and head.bias is None
 
 
-class _OutputLayerLogprob(torch.autograd.Function):
-    """`_TokenLogprob` with the output layer folded in, for a weight whose gradient is accumulated
-    in place (`accumulate_in_place`): backward adds grad_logits^T @ hidden straight into
-    `weight.grad` (one addmm_) and hands autograd no gradient for the weight, so no vocabulary x
-    hidden gradient (113 MB for SmolLM2) is allocated, page-faulted in and added per micro-batch."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-                with_entropy: bool) -> tuple[Tensor, Tensor]:
-        logp_all = torch.log_softmax(_scaled(hidden @ weight.t(), temperature), dim=-1)  # (M, V); logits dropped
-        logp, entropy, probs = _token_logprobs(logp_all, targets, with_entropy, keep_probs=True)
-        ctx.save_for_backward(hidden, probs, targets)
-        ctx.weight, ctx.temperature = weight, temperature
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        hidden, probs, targets = ctx.saved_tensors
-        weight = ctx.weight
-        grad = _logits_grad(probs, targets, grad_logp)  # (M, V)
-        if ctx.temperature != 1.0:
-            grad /= ctx.temperature
-        grad = grad.to(weight.dtype)
-        _grad_of(weight).addmm_(grad.t(), hidden)
-        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None, None, None
-
-
-def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32 (or better)
-        logits = logits.float()
-    return logits / temperature if temperature != 1.0 else logits
-
-
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module,
-                    temperature: float, with_entropy: bool = True) -> tuple[Tensor, Tensor]:
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: torch.nn.Module, temperature: float,
+                    with_entropy: bool = True, keep: bool = True) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy (zeros unless `with_entropy`) for (M, H) hidden states through
-    the output layer."""
-    if not torch.is_grad_enabled():  # no backward: the softmax only if the entropy needs it
-        logp_all = torch.log_softmax(_scaled(head(hidden), temperature), dim=-1)  # the logits are dropped here
-        return _token_logprobs(logp_all, targets, with_entropy, keep_probs=False)[:2]
-    weight = getattr(head, "weight", None)
-    if weight is not None and getattr(weight, _IN_PLACE, False):  # marked only on a bias-free nn.Linear
-        return _OutputLayerLogprob.apply(hidden, weight, targets, temperature, with_entropy)
-    return _TokenLogprob.apply(_scaled(head(hidden), temperature), targets, with_entropy)
+    the output layer. With a backward to come, keep=False recomputes the logits in it."""
+    if not torch.is_grad_enabled():
+        z = _logits(hidden, head.weight, temperature) if _plain(head) else _scaled(head(hidden), temperature)
+        return _token_logprobs(z, targets, with_entropy)[:2]
+    if _plain(head):
+        return _OutputLayerLogprob.apply(hidden, head.weight, targets, temperature, with_entropy, keep)
+    if keep:
+        return _TokenLogprob.apply(_scaled(head(hidden), temperature), targets, with_entropy)
+    return checkpoint(_chunk_logprobs, hidden, targets, head, temperature, with_entropy, use_reentrant=False)
+
+
+def logit_chunk(vocab: int) -> int:
+    """Completion tokens per chunk: as many as LOGIT_CHUNK_BYTES of fp32 logits hold (682 with
+    SmolLM2's 49,152-word vocabulary, 220 with Qwen2.5's 151,936)."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float,
@@ -249,16 +288,14 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperat
     picked = hidden[batch.mask]  # (M, H)
     targets = batch.targets[batch.mask]
     head = model.get_output_embeddings()
-    logps, entropies = [], []
+    chunk = logit_chunk(getattr(head, "out_features", None) or model.config.vocab_size)
     # Each chunk's logits are recomputed in backward rather than kept, unless there is only one:
     # then keeping it holds no more than a chunk, and recomputing would be pure cost.
-    recompute = torch.is_grad_enabled() and picked.shape[0] > LOGIT_CHUNK
-    for start in range(0, picked.shape[0], LOGIT_CHUNK):
-        h, t = picked[start : start + LOGIT_CHUNK], targets[start : start + LOGIT_CHUNK]
-        if recompute:
-            lp, ent = checkpoint(_chunk_logprobs, h, t, head, temperature, entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(h, t, head, temperature, entropy)
+    keep = picked.shape[0] <= chunk
+    logps, entropies = [], []
+    for start in range(0, picked.shape[0], chunk):
+        h, t = picked[start : start + chunk], targets[start : start + chunk]
+        lp, ent = _chunk_logprobs(h, t, head, temperature, entropy, keep)
         logps.append(lp)
         entropies.append(ent)
     logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=hidden.device)
@@ -286,7 +323,7 @@ def accumulate_in_place(model: torch.nn.Module) -> None:
     modules of an unsharded model (sharded gradients belong to FSDP), trained with .backward():
     torch.autograd.grad would not see these two gradients."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if type(head) is torch.nn.Linear and head.bias is None and head.weight.requires_grad:
+    if _plain(head) and head.weight.requires_grad:
         setattr(head.weight, _IN_PLACE, True)
     if (type(embedding) is torch.nn.Embedding and embedding.weight.requires_grad and embedding.max_norm is None
             and not embedding.scale_grad_by_freq and not embedding.sparse):

@@ -72,3 +72,58 @@ def test_two_training_steps_on_the_gpu(tiny_model_dir: Path, tmp_path: Path, eng
     assert all(m["rollout/logprob_diff_mean"] < 0.05 for m in metrics)
     assert all(0 < m["memory/gpu_peak_gib"] < 80 for m in metrics)  # the step's peak of allocated GPU memory
     assert (run / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+
+
+def test_in_place_weight_gradients_equal_autograd_ones_on_the_gpu(tiny_model_dir: Path, monkeypatch) -> None:
+    """The output layer's and the embedding's weight gradients, added straight into .grad (on every
+    unsharded model since 2026-11-29), against autograd's, in fp32 on CUDA, over three micro-batches
+    with the logits recomputed in backward (chunks of 2 tokens)."""
+    from grpo_cli import learner as learner_module
+    from grpo_cli import logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "logit_chunk", lambda vocab: 2)
+    grads = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(learner_module, "accumulate_in_place", lambda model: None)
+        cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", "loss.beta=0.1",
+                       "trainer.micro_batch_size=2", "rollout.max_new_tokens=4", "trainer.lr=0"])
+        learner = Learner(cfg, CUDA, pad_id=0)
+        head = learner.policy.get_output_embeddings()
+        assert getattr(head.weight, logprobs_module._IN_PLACE, False) == in_place
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS],
+                       torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25]))
+        grads.append({name: p.grad.clone() for name, p in learner.policy.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_bf16_chunk_holds_one_fp32_vocabulary_wide_tensor_on_the_gpu(keep: bool, monkeypatch) -> None:
+    """Forward and backward of one chunk of log-probs in bf16 on CUDA: the peak of allocated memory
+    above the start is at most the chunk's fp32 logits, half as much again for their bf16 copy, and
+    a block of rows' temporaries (tests/test_learner.py has the same on the CPU's allocator)."""
+    from grpo_cli import logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "STATS_BLOCK_BYTES", 1 << 20)
+    M, V, H = 512, 49152, 896
+    head = torch.nn.Linear(H, V, bias=False, device=CUDA, dtype=torch.bfloat16)
+    setattr(head.weight, logprobs_module._IN_PLACE, True)
+    head.weight.grad = torch.zeros_like(head.weight)
+    hidden = torch.randn(M, H, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (M,), device=CUDA)
+
+    def run() -> None:
+        logp, _ = logprobs_module._chunk_logprobs(hidden, targets, head, 0.7, keep=keep)
+        logp.sum().backward()
+        hidden.grad = None
+
+    run()  # once first: cuBLAS workspaces and the like are not what is measured
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    full = M * V * 4
+    peak = torch.cuda.max_memory_allocated() - start
+    assert full <= peak <= 1.5 * full + 4 * (1 << 20) + (8 << 20), peak / full
