@@ -15,6 +15,8 @@ from grpo_cli.learner import Learner
 from grpo_cli.logprobs import pack, sequence_logprobs
 from grpo_cli.loss import policy_loss
 
+REPO = Path(__file__).resolve().parents[1]
+
 CPU = torch.device("cpu")
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
 COMPLETIONS = [[11, 12], [13, 14, 15, 16], [17], [18, 19, 20]]
@@ -284,19 +286,14 @@ def test_a_second_backward_through_kept_softmax_is_refused() -> None:
         logp.sum().backward()
 
 
-def _peak_allocated(run) -> int:
-    """Bytes: the most `run()` holds allocated at once beyond what was allocated before it (the
-    CPU allocator's events as torch.profiler records them, summed in order)."""
-    from torch.profiler import ProfilerActivity, profile
+def _learner_layout():
+    """benchmarks/learner_layout.py, for its peak_above_start."""
+    import importlib.util
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    spec = importlib.util.spec_from_file_location("learner_layout", REPO / "benchmarks" / "learner_layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -321,7 +318,7 @@ def test_a_chunk_holds_one_fp32_vocabulary_wide_tensor(keep: bool, dtype: torch.
     hidden.grad = None
     full = M * V * 4
     allowed = full * (1.5 if dtype == torch.bfloat16 else 1.0) + 4 * (1 << 16) + (64 << 10)
-    peak = _peak_allocated(run)
+    peak = _learner_layout().peak_above_start(run, CPU)  # the CPU allocator's events, as the benchmark reads them
     assert full <= peak <= allowed, (peak / full, allowed / full)
 
 
