@@ -2,14 +2,15 @@
 
     python benchmarks/learner_layout.py                      # the CPU workload (recipes/bench_cpu.yaml)
     python benchmarks/learner_layout.py --gpu --model DIR    # the GPU workload (recipes/bench_gpu.yaml)
-    python benchmarks/learner_layout.py --recipe bench_gpu --model /tmp/qwen05-random \
-        --set trainer.micro_batch_size=8 --memory            # the GPU workload's tensors, on the CPU
+    python benchmarks/learner_layout.py --recipe bench_gpu --model /tmp/qwen05-random --rows --memory \
+        --set trainer.prompts_per_step=1 trainer.micro_batch_size=8   # the GPU workload's shapes, on the CPU
 
 padded: one row per completion, its prompt in front, right-padded (model.share_prompts=false).
 packed: rows of at most N tokens holding each prompt once followed by its completions, with a block
         mask (model.share_prompts=true; N = grpo_cli.logprobs.PACK_TOKENS, varied with --rows).
 The padded layout is also timed with other logit chunks (--logit-chunk-mib: the fp32 logits of one
-chunk of completion tokens, grpo_cli.logprobs.LOGIT_CHUNK_BYTES), for their effect on memory.
+chunk of completion tokens, grpo_cli.logprobs.LOGIT_CHUNK_BYTES) and other blocks for the softmax
+statistics (--stats-block-mib, STATS_BLOCK_BYTES), for their effect on time and memory.
 
 The workload is one step of the benchmark recipe: its first P prompts, each with G completions of
 random tokens, all --completion-len long (default: the recipe's max_new_tokens, what a step of
@@ -19,7 +20,8 @@ backward, optimizer step); the table gives the median seconds and, on a GPU, the
 allocated memory. --memory adds one more update whose peak memory is read off the allocator:
 on a GPU max_memory_allocated, on a CPU torch.profiler's allocation events (every tensor the
 update allocates and frees, summed in order), both as the peak above what was allocated when the
-update began (weights, optimizer state; the gradients are made during it). Which layout `model.share_prompts=null` picks per device was chosen from this.
+update began (weights, optimizer state; the gradients are made during it). Which layout
+`model.share_prompts=null` picks per device was chosen from this.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def main() -> None:
                    help="after each layout's timed updates, one more under torch.profiler: its top operators")
     p.add_argument("--logit-chunk-mib", type=int, nargs="*", default=[],
                    help="more logit chunk sizes to try with the padded layout (default: only LOGIT_CHUNK_BYTES)")
+    p.add_argument("--stats-block-mib", type=int, nargs="*", default=[],
+                   help="more block sizes for the softmax statistics to try with the padded layout (default: only "
+                        "STATS_BLOCK_BYTES; larger blocks launch fewer kernels on a GPU and hold larger temporaries)")
     args = p.parse_args()
 
     from grpo_cli import learner as learner_module
@@ -82,20 +87,27 @@ def main() -> None:
     engine_logprobs = [[-1.0] * length for _ in completions]
     advantages = torch.randn(P * G, generator=generator)
 
+    def set_sizes(row_tokens: int, chunk: int, block: int) -> None:
+        logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK_BYTES, logprobs_module.STATS_BLOCK_BYTES = (
+            row_tokens, chunk, block)
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    default_rows, default_chunk = logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK_BYTES
-    variants = [("padded", "false", None, default_chunk)]
-    variants += [(f"padded, logit chunk {c} MiB", "false", None, c << 20) for c in args.logit_chunk_mib]
-    variants += [(f"packed, rows of {n}", "true", n, default_chunk) for n in args.rows]
+    default = (logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK_BYTES, logprobs_module.STATS_BLOCK_BYTES)
+    _, default_chunk, default_block = default
+    variants = [("padded", "false", None, default_chunk, default_block)]
+    variants += [(f"padded, logit chunk {c} MiB", "false", None, c << 20, default_block) for c in args.logit_chunk_mib]
+    variants += [(f"padded, statistics blocks of {b} MiB", "false", None, default_chunk, b << 20)
+                 for b in args.stats_block_mib]
+    variants += [(f"packed, rows of {n}", "true", n, default_chunk, default_block) for n in args.rows]
     print(f"[layout] {cfg.model.name_or_path} on {device.type}: {P} prompts x G={G}, {length} completion tokens, "
           f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, micro-batch "
           f"{cfg.trainer.micro_batch_size}, beta {cfg.loss.beta}", flush=True)
     table = []
-    for name, share, row_tokens, chunk in variants:
-        logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK_BYTES = row_tokens or default_rows, chunk
+    for name, share, row_tokens, chunk, block in variants:
+        set_sizes(row_tokens or default[0], chunk, block)
         learner = Learner(compose(base + [f"model.share_prompts={share}"], HERE), device,
                           pad_id=tokenizer.pad_token_id)
         if device.type == "cuda":
@@ -129,7 +141,7 @@ def main() -> None:
         del learner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    logprobs_module.PACK_TOKENS, logprobs_module.LOGIT_CHUNK_BYTES = default_rows, default_chunk
+    set_sizes(*default)
     print("\n| layout | s/update median | min | max | peak GPU GiB | peak MiB above the update's start |\n"
           "| --- | --- | --- | --- | --- | --- |")
     for name, med, lo, hi, peak, above in table:
