@@ -342,10 +342,10 @@ def untied_padded_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempP
 @pytest.mark.parametrize("model", ["tied", "untied, padding_idx"])
 def test_in_place_weight_gradients_equal_autograd_ones(tiny_model_dir: Path, untied_padded_model_dir: Path,
                                                        model: str, chunk: int, monkeypatch) -> None:
-    """On a CPU the output layer's and the embedding's weight gradients are added straight into
-    .grad: every gradient equals plain autograd's, over several micro-batches (the first creates
-    .grad), with the logits recomputed in backward (chunk 2) or not, tied or untied, and with no
-    gradient for the padding_idx row."""
+    """On an unsharded model the output layer's and the embedding's weight gradients are added
+    straight into .grad: every gradient equals plain autograd's, over several micro-batches (the
+    first creates .grad), with the logits recomputed in backward (chunk 2) or not, tied or untied,
+    and with no gradient for the padding_idx row."""
     path = tiny_model_dir if model == "tied" else untied_padded_model_dir
     monkeypatch.setattr(logprobs_module, "logit_chunk", lambda vocab: chunk)
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25])
