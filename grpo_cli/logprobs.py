@@ -333,7 +333,11 @@ def accumulate_in_place(model: torch.nn.Module) -> None:
 
 class _Lookup(torch.autograd.Function):
     """weight[ids]; backward index_adds the rows' gradients straight into weight.grad (rows of
-    `padding_idx` get none, as nn.Embedding's) and hands autograd no gradient for the weight."""
+    `padding_idx` get none, as nn.Embedding's) and hands autograd no gradient for the weight.
+
+    The rows of a token that occurs many times (a prompt's, in every completion of its group) are
+    first summed in fp32, so each row of .grad takes one add: a bf16 .grad that took them one by
+    one would round after each (on a GPU index_add_ adds atomically, element by element)."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, padding_idx: int | None, ids: Tensor) -> Tensor:
@@ -344,11 +348,14 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
         (ids,) = ctx.saved_tensors
-        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(ctx.weight.dtype)
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
         if ctx.padding_idx is not None:
             keep = ids != ctx.padding_idx
             ids, rows = ids[keep], rows[keep]
-        _grad_of(ctx.weight).index_add_(0, ids, rows)
+        ids, where = ids.unique(return_inverse=True)
+        sums = torch.zeros((len(ids), rows.shape[1]), dtype=torch.float32, device=rows.device)
+        sums.index_add_(0, where, rows.float())
+        _grad_of(ctx.weight).index_add_(0, ids, sums.to(ctx.weight.dtype))
         return None, None, None
 
 

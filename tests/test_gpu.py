@@ -127,3 +127,21 @@ def test_a_bf16_chunk_holds_one_fp32_vocabulary_wide_tensor_on_the_gpu(keep: boo
     full = M * V * 4
     peak = torch.cuda.max_memory_allocated() - start
     assert full <= peak <= 1.5 * full + 4 * (1 << 20) + (8 << 20), peak / full
+
+
+def test_a_bf16_embedding_gradient_takes_one_rounding_per_row_on_the_gpu() -> None:
+    """A token looked up 4096 times: its row of the bf16 .grad is the fp32 sum of the rows' gradients
+    rounded once (index_add_ on CUDA adds atomically, so bf16 adds one by one would round 4096 times)."""
+    from grpo_cli.logprobs import accumulate_in_place
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    embedding = torch.nn.Embedding(100, 64, device=CUDA, dtype=torch.bfloat16)
+    model.get_input_embeddings, model.get_output_embeddings = lambda: embedding, lambda: None
+    accumulate_in_place(model)
+    ids = torch.full((4096,), 5, device=CUDA)
+    rows = torch.randn(4096, 64, device=CUDA).bfloat16()
+    embedding(ids).backward(rows)
+    want = rows.double().sum(0)
+    assert embedding.weight.grad.abs()[torch.arange(100, device=CUDA) != 5].max() == 0
+    torch.testing.assert_close(embedding.weight.grad[5].double(), want, rtol=2**-8, atol=1e-3)
