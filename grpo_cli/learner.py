@@ -340,9 +340,9 @@ def keep_freed_host_memory() -> bool:
 
     glibc serves every allocation above 32 MB with a fresh mmap and unmaps it when freed, so each
     vocabulary-wide tensor (a logit chunk: ~55 MB for SmolLM2 at ~300 tokens) is page-faulted in
-    anew, several per micro-batch. On the 2-core
-    benchmark VM, filling a fresh 113 MB tensor took 20-150 ms (the more, the less of the VM's
-    memory had been touched since it booted) against 3 ms for memory the process already held.
+    anew, several per micro-batch. On the 2-core benchmark VM, filling a fresh 113 MB tensor took
+    20-150 ms (the more, the less of the VM's memory had been touched since it booted) against 3 ms
+    for memory the process already held.
     Here allocations come from the heap (no mmap) and freed memory stays there (up to 2 GiB of it at
     the heap's top), as PyTorch's caching allocator keeps freed memory on a GPU.
     Called once the models and the rollout engine are loaded, so that their long-lived tensors keep

@@ -174,16 +174,17 @@ def _token_logprobs(z: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Ten
 
 def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
     """(M, V) hidden @ weight.T / temperature in fp32 (or better): a new tensor, free to write into."""
-    z = hidden @ weight.t()
-    if z.dtype in (torch.bfloat16, torch.float16):  # the softmax in fp32; the half-precision logits are dropped
-        z = z.float()
-    return z.div_(temperature) if temperature != 1.0 else z
+    return _scaled(hidden @ weight.t(), temperature, own=True)
 
 
-def _scaled(logits: Tensor, temperature: float) -> Tensor:
+def _scaled(logits: Tensor, temperature: float, own: bool = False) -> Tensor:
+    """logits / temperature in fp32 (or better): the softmax is taken in fp32. own: the caller's
+    own tensor, divided in place (a converted copy always is; the half-precision one is dropped)."""
     if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    return logits / temperature if temperature != 1.0 else logits
+        logits, own = logits.float(), True
+    if temperature == 1.0:
+        return logits
+    return logits.div_(temperature) if own else logits / temperature
 
 
 def _softmax_grad_(probs: Tensor, targets: Tensor, grad_logp: Tensor) -> Tensor:
