@@ -156,11 +156,7 @@ def touch_memory(share: float = 0.75) -> dict[str, float]:
     booted costs several times a later one (16 GiB took 22.4 s the first time, 4.8 s the second):
     grpo, measured first, would pay that for memory TRL, measured last, finds already touched.
     Touching it all beforehand gives every tool the same machine."""
-    available = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            available = int(line.split()[1]) * 1024
-    size = int(available * share) // 4096 * 4096
+    size = int(report.meminfo("MemAvailable") * share) // 4096 * 4096
     print(f"[bench] writing {size / 2**30:.1f} GiB of memory once, so that no tool pays for the machine's first "
           "touch of it", flush=True)
     start = time.perf_counter()

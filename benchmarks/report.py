@@ -172,6 +172,14 @@ def append(path: Path, entry: str) -> None:
 
 
 # ----------------------------------------------------------------------------- provenance
+def meminfo(field: str) -> int:
+    """Bytes: a field of /proc/meminfo (MemTotal, MemAvailable, ...); 0 where it is missing."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def machine(gpu: bool) -> str:
     # Machines sold under one name differ (the platform notes' AVX2 "AMD EPYC" did ~80 fp32 GFLOP/s,
     # an AVX-512 one here ~200): the family, model and widest vector unit go with the name.
@@ -186,11 +194,7 @@ def machine(gpu: bool) -> str:
     extras = [name for flag, name in (("avx512_bf16", "bf16"), ("amx_tile", "AMX")) if flag in flags]
     cpu = (f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model "
            f"{info.get('model', '?')}, {' + '.join([vector, *extras])})")
-    ram = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            ram = int(line.split()[1]) * 1024
-    text = f"{cpu}, {os.cpu_count()} cores, {_gib(ram)} GiB RAM"
+    text = f"{cpu}, {os.cpu_count()} cores, {_gib(meminfo('MemTotal'))} GiB RAM"
     if gpu:
         found = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
                                capture_output=True, text=True)
