@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
               "and on a busy machine step times can be several times slower than on an idle one", flush=True)
     python = sys.executable
     rss: dict[str, int] = {}
-    rss["grpo"] = run_measured("grpo train", [str(Path(python).parent / "grpo"), "train", "--config-dir", str(HERE),
-                                              *grpo_over], run_dir / "grpo.log").peak_rss
+    # `python -m grpo_cli` rather than the `grpo` script: the same program, also where grpo runs from
+    # its source tree without being installed (the GPU machines, benchmarks/gpu_check.sh).
+    rss["grpo"] = run_measured("grpo train", [python, "-m", "grpo_cli", "train", "--config-dir", str(HERE), *grpo_over],
+                               run_dir / "grpo.log").peak_rss
     # The bare forward+backward uses the completion lengths grpo's measured steps actually had.
     measured = report.grpo_measured(run_dir / "grpo", args.steps)
     spec["completion_lengths"] = [max(1, round(r["completion/len_mean"])) for r in measured]

@@ -8,6 +8,8 @@ CPU: torch==2.13.0+cpu goes in first and stays pinned in the second install, so 
 never pull a CUDA build (a multi-GB download) to satisfy TRL. GPU: the environment sees every package
 of the one running this script (a .pth file naming its site-packages), its CUDA torch included, and
 installs no torch at all; what TRL's pins add goes into its own site-packages, which come first.
+Where this interpreter already has trl at the pin (a GPU machine set up by benchmarks/gpu_check.sh,
+which may have no `venv`/`ensurepip`), it is used itself: the pins would all be its own anyway.
 
     python benchmarks/trl_venv.py [--gpu]    # create or check it; prints where it is
 """
@@ -35,13 +37,18 @@ def venv_dir(gpu: bool) -> Path:
     return HERE / (".venv-trl-gpu" if gpu else ".venv-trl")
 
 
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def requirements(gpu: bool) -> list[str]:
     pins = [f"trl=={TRL_VERSION}"]
     for name in SHARED:
-        try:
-            pins.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pins.append(name)
+        version = _installed(name)
+        pins.append(f"{name}=={version}" if version else name)
     return pins if gpu else [TORCH_CPU, *pins]
 
 
@@ -74,6 +81,10 @@ def _inherit_packages(python: Path) -> None:
 def ensure(gpu: bool = False, log: bool = True) -> tuple[Path, float]:
     """The environment's python, creating or completing the environment first; and the seconds
     that took (0 when it was already there with the same pins)."""
+    if gpu and _installed("trl") == TRL_VERSION:
+        if log:
+            print(f"[bench] trl=={TRL_VERSION} is installed beside grpo: TRL runs on {sys.executable}", flush=True)
+        return Path(sys.executable), 0.0
     venv = venv_dir(gpu)
     python = venv / "bin" / "python"
     stamp = venv / ".bench-requirements"
