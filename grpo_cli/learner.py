@@ -104,7 +104,10 @@ class Learner:
         """One GRPO step on N completions: num_iterations optimizer steps over the same rollouts.
 
         prompts/completions: token ids per completion; engine_logprobs: the sampler's log-prob of
-        each completion token; advantages: (N,). Returns the step's statistics.
+        each completion token; advantages: (N,). Returns the step's statistics: loss, pg_loss and kl
+        of the policy before the step's updates; the ratio and clipping statistics over all
+        num_iterations (with one, the ratio is exactly 1: the old policy is the policy). Per-token
+        statistics are means over the batch's tokens, however it is cut into micro-batches.
         """
         cfg = self.cfg
         temperature = cfg.rollout.temperature
@@ -118,12 +121,14 @@ class Learner:
         n_rows, n_tokens = (int(x) for x in distributed.all_reduce([float(len(completions)), float(local_tokens)]))
         # One extra zero at index N: the advantage of the filler rows.
         advantages = torch.cat([advantages.to(self.device, torch.float32), torch.zeros(1, device=self.device)])
+        iterations = cfg.trainer.num_iterations
         totals: dict[str, float] = {}
+        ratio_min, ratio_max = math.inf, -math.inf
         # Summed on the device and read once at the end: a read per micro-batch would stall a GPU.
         zero = torch.zeros((), device=self.device)
         diffs_max, diffs_sum, entropy_sum = zero, zero, zero
         grad_norm = 0.0
-        for iteration in range(cfg.trainer.num_iterations):
+        for iteration in range(iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for mb in batches:
                 logp, entropy = _logprobs(self.policy, mb.packed, temperature)
@@ -140,7 +145,7 @@ class Learner:
                 finite = math.isfinite(stats["loss"])  # already read back with the other stats
                 if distributed.all_reduce([0.0 if finite else 1.0], "max")[0]:  # on any rank: all stop together
                     value = "not finite on another rank" if finite else f"{loss.item()} (not finite)"
-                    raise TrainingError(f"loss is {value}; the weights were not updated. "
+                    raise TrainingError(f"loss is {value}{_unsaved(iteration)}. "
                                         "Lower trainer.lr or raise loss.adv_eps; the last checkpoint is intact")
                 # Weighted so that summing over micro-batches (and ranks) gives the full batch's loss exactly.
                 if mb.filler:
@@ -150,9 +155,17 @@ class Learner:
                 else:
                     share = len(mb.rows) / n_rows
                 (loss * share).backward()
+                # The loss weighted as aggregated, per-token statistics by tokens (see the docstring).
+                tokens = 0 if mb.filler else int(mask.sum())
+                token_share = tokens / max(n_tokens, 1)
+                if tokens:
+                    ratio_min, ratio_max = min(ratio_min, stats["ratio_min"]), max(ratio_max, stats["ratio_max"])
+                for key in _PER_ITERATION:
+                    totals[key] = totals.get(key, 0.0) + stats[key] * token_share / iterations
                 if iteration == 0:
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value * share
+                    for key in ("loss", "pg_loss"):
+                        totals[key] = totals.get(key, 0.0) + stats[key] * share
+                    totals["kl"] = totals.get("kl", 0.0) + stats["kl"] * token_share
                     if not mb.filler:
                         with torch.no_grad():
                             diff = torch.where(mask, (logp.detach() - mb.engine_logp).abs(), 0.0)
@@ -164,7 +177,7 @@ class Learner:
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingError(f"gradient norm is {grad_norm}; the weights were not updated. "
+                raise TrainingError(f"gradient norm is {grad_norm}{_unsaved(iteration)}. "
                                     "Lower trainer.lr; the last checkpoint is intact")
             self.dirty = True
             self.optimizer.step()
@@ -175,9 +188,14 @@ class Learner:
         summed = distributed.all_reduce([totals[k] for k in keys] + [entropy_sum, diffs_sum])
         totals = dict(zip(keys, summed, strict=False))
         entropy_sum, diffs_sum = summed[-2:]
-        diffs_max = distributed.all_reduce([diffs_max], "max")[0]
+        diffs_max, ratio_max = distributed.all_reduce([diffs_max, ratio_max], "max")
+        ratio_min = distributed.all_reduce([ratio_min], "min")[0]
+        if not math.isfinite(ratio_min):  # no completion tokens at all
+            ratio_min = ratio_max = 1.0
         return {
             **totals,
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "entropy": entropy_sum / max(n_tokens, 1),
@@ -319,6 +337,18 @@ class Learner:
         if missing or unexpected:
             raise TrainingError(f"checkpoint {weights_dir} does not match the model: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")
+
+
+# policy_loss's per-token statistics averaged over all of a step's iterations (ratio_min / _max: the
+# extremes over all of them).
+_PER_ITERATION = ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")
+
+
+def _unsaved(iteration: int) -> str:
+    """How far the update got, for an error that stops it at optimizer step `iteration` (from 0)."""
+    if iteration == 0:
+        return "; the weights were not updated"
+    return f" at iteration {iteration + 1}, after {iteration} optimizer step(s); they are not saved"
 
 
 _LOGPROBS = "grpo_sequence_logprobs"  # sharded models: sequence_logprobs as an FSDP forward method

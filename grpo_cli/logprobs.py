@@ -304,6 +304,8 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperat
     if logps:
         logp = logp.masked_scatter(batch.mask, torch.cat(logps))
         entropy = entropy.masked_scatter(batch.mask, torch.cat(entropies))
+    elif torch.is_grad_enabled():  # no completion tokens: zeros still joined to the model's graph, so a
+        logp = logp + picked.sum() * 0  # backward through them runs (a zero gradient) instead of failing
     return logp, entropy
 
 

@@ -111,6 +111,62 @@ def test_update_matches_policy_loss_on_the_whole_batch(tiny_model_dir: Path) -> 
     assert stats["rollout/logprob_diff_max"] == pytest.approx(-logp[batch.mask].min().item(), rel=1e-5)
 
 
+def _perturbed_reference(learner: Learner) -> None:
+    """A reference model away from the policy, so that the KL is not zero."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in learner.reference.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def test_step_statistics_do_not_depend_on_the_micro_batch_cut(tiny_model_dir: Path) -> None:
+    """The KL and clipping statistics are per-token means of the whole batch and the ratio's extremes
+    are the batch's, however it is cut into micro-batches; over three iterations the ratio moves."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+    runs = []
+    for micro in (4, 1):
+        cfg = _config(tiny_model_dir, "loss.beta=0.1", f"trainer.micro_batch_size={micro}", "rollout.max_new_tokens=4",
+                      "trainer.num_iterations=3", "trainer.lr=0.05", "model.share_prompts=false")
+        learner = Learner(cfg, CPU, pad_id=0)
+        _perturbed_reference(learner)
+        if micro == 4:  # the KL by hand: the mean over all 10 completion tokens of the k3 estimate
+            batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
+            with torch.no_grad():
+                logp, _ = sequence_logprobs(learner.policy, batch, 1.0)
+                ref, _ = sequence_logprobs(learner.reference, batch, 1.0)
+            d = (ref - logp)[batch.mask]
+            kl = (torch.exp(d) - d - 1).mean().item()
+        runs.append(learner.update(PROMPTS, COMPLETIONS, engine, advantages))
+    whole, single = runs
+    assert whole["kl"] > 1e-3
+    assert whole["kl"] == pytest.approx(kl, rel=1e-5) and single["kl"] == pytest.approx(kl, rel=1e-5)
+    assert single["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    # Iterations 2 and 3 see the weights moved by lr 0.05: ratios away from 1, some clipped.
+    assert whole["ratio_min"] < 0.8 and whole["ratio_max"] > 1.2 and whole["clip_frac"] > 0
+    # The two runs' weights differ by their fp32 summation order, which AdamW's steps amplify a little
+    # (ratio_min ~3e-3 differs by 0.15%); averaging the micro-batches' extremes would be off by 10x.
+    for key in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "clip_frac_low", "clip_frac_high"):
+        assert single[key] == pytest.approx(whole[key], rel=1e-2, abs=1e-6), key
+
+
+def test_one_iteration_reports_a_ratio_of_one(tiny_model_dir: Path) -> None:
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0", "trainer.micro_batch_size=2"), CPU, pad_id=0)
+    stats = learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS],
+                           torch.tensor([1.0, -0.5, 0.25, -0.75]))
+    assert stats["ratio_min"] == stats["ratio_max"] == stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("share", ["false", "true"])
+def test_a_micro_batch_of_empty_completions_trains(tiny_model_dir: Path, share: str) -> None:
+    cfg = _config(tiny_model_dir, "loss.beta=0.1", "trainer.micro_batch_size=2", f"model.share_prompts={share}")
+    learner = Learner(cfg, CPU, pad_id=0)
+    prompts, completions = [[3, 4, 5]] * 2 + [[6, 7]] * 2, [[13, 14], [15], [], []]
+    stats = learner.update(prompts, completions, [[0.0] * len(c) for c in completions],
+                           torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert stats["tokens/trained"] == 3 and all(math.isfinite(v) for v in stats.values())
+
+
 def test_non_finite_loss_stops_without_touching_weights(tiny_model_dir: Path) -> None:
     learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
     before = [p.detach().clone() for p in learner.policy.parameters()]
