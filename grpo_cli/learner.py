@@ -24,7 +24,16 @@ from torch import Tensor
 from grpo_cli import distributed
 from grpo_cli.config import Config, ModelConfig
 from grpo_cli.errors import UserError
-from grpo_cli.logprobs import Packed, Segments, accumulate_in_place, pack, pack_segments, sequence_logprobs
+from grpo_cli.logprobs import (
+    Packed,
+    Segments,
+    accumulate_in_place,
+    detect_logit_form,
+    pack,
+    pack_segments,
+    sequence_logprobs,
+    set_logit_form,
+)
 from grpo_cli.loss import policy_loss
 from grpo_cli.models import load_model, torch_dtype
 
@@ -64,6 +73,7 @@ class Learner:
         # `policy` is always the plain transformers model; with LoRA its linear layers carry adapters
         # (injected in place by peft, whose wrapper `peft` is kept for adapter switching and saving).
         self.policy = load_model(model_cfg, load_device)
+        form = detect_logit_form(self.policy)  # before adapters, which start as a no-op anyway
         self.peft = _add_lora(self.policy, cfg.model) if cfg.model.lora_rank > 0 else None
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -82,6 +92,7 @@ class Learner:
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
             # it is the same model with its adapters switched off, so no second copy is loaded
             self.reference = load_model(model_cfg, load_device).eval().requires_grad_(False)
+            set_logit_form(self.reference, form)  # the same architecture
         if self.sharded:
             for model in (self.policy, self.reference):
                 if model is not None:

@@ -17,6 +17,10 @@ fastest kernels, so on a GPU it measured 20% slower (benchmarks/learner_layout.p
 
 On an unsharded model the output layer's and the embedding's weight gradients go straight into
 `.grad` (`accumulate_in_place`).
+
+Some models change the output layer's product before it becomes logits: Gemma-2 soft-caps it,
+Granite and Cohere scale it. `detect_logit_form` finds out how by running the model's own forward
+once, and the log-probs apply the same (a scale folds into the temperature).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from grpo_cli.errors import UserError
 
 # fp32 logits of one chunk of completion tokens (logit_chunk): all the vocabulary-wide memory the
 # log-probs hold at once, with a block of rows' temporaries (STATS_BLOCK_BYTES) and, in a bf16
@@ -280,15 +286,108 @@ def logit_chunk(vocab: int) -> int:
     return max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
 
 
+class LogitForm(NamedTuple):
+    """How a model's forward turns its output layer's product x into logits: x * scale, then, with
+    a softcap, softcap * tanh(x * scale / softcap) (Gemma-2's final_logit_softcapping)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, x: Tensor) -> Tensor:
+        x = x * self.scale if self.scale != 1.0 else x
+        return x if self.softcap is None else torch.tanh(x / self.softcap) * self.softcap
+
+
+# Set on a model by detect_logit_form; sequence_logprobs reads it (a model without it: plain logits).
+_FORM = "_grpo_logit_form"
+
+
+def detect_logit_form(model: torch.nn.Module) -> LogitForm:
+    """The LogitForm under which the log-probs reproduce `model`'s own logits, recorded on the model.
+
+    Tried in turn on a few tokens: the scales and softcaps its config names (an attribute about the
+    logits or the output layer: Granite's logits_scaling, which divides, or HyperCLOVA X's, which
+    multiplies; Cohere's logit_scale; Falcon-H1's lm_head_multiplier; Gemma's final_logit_softcapping),
+    then none. A model whose logits match none of them is refused rather than trained on log-probs
+    that are not its own."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(1, 9) % vocab)[None].to(head.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            theirs = model(input_ids=ids, use_cache=False).logits.float()
+            ours = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    half = head.weight.dtype in (torch.bfloat16, torch.float16)
+    tolerance = (2e-2 if half else 1e-4) * (1.0 + float(theirs.abs().max()))
+    gap = float("inf")
+    for form in (*_declared_forms(model.config), LogitForm()):
+        gap = min(gap, float((form.apply(ours) - theirs).abs().max()))
+        if gap <= tolerance:
+            set_logit_form(model, form)
+            return form
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    raise UserError(f"model type {kind}: its logits are not its output layer's product, scaled or soft-capped "
+                    f"as its config says (off by {gap:.3g}), so grpo cannot compute its log-probs; "
+                    "please report this model type")
+
+
+def set_logit_form(model: torch.nn.Module, form: LogitForm) -> None:
+    """Record `form` on a model of the same architecture as one detect_logit_form examined."""
+    setattr(model, _FORM, form)
+
+
+def _declared_forms(config: Any) -> list[LogitForm]:
+    """Scales (and their inverses) and softcaps of the logits named in a model config, final ones first."""
+    configs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        configs.append(text)
+    forms: list[tuple[bool, LogitForm]] = []
+    for c in configs:
+        for name, value in vars(c).items():
+            key = name.lower()
+            if (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+                    or "attn" in key or "attention" in key or not ("logit" in key or "lm_head" in key)):
+                continue
+            first = "final" in key
+            if "softcap" in key or "soft_cap" in key:
+                forms.append((first, LogitForm(softcap=float(value))))
+            else:
+                forms += [(first, LogitForm(scale=float(value))), (first, LogitForm(scale=1.0 / value))]
+    return [form for first, form in sorted(forms, key=lambda f: not f[0])]
+
+
+class _SoftCapped(torch.nn.Module):
+    """An output layer followed by its model's LogitForm, for the log-probs' generic path."""
+
+    def __init__(self, head: torch.nn.Module, form: LogitForm) -> None:
+        super().__init__()
+        self.head, self.form = head, form
+        self.out_features = head.weight.shape[0]
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.form.apply(self.head(hidden))
+
+
 def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: float,
                       entropy: bool = True) -> tuple[Tensor, Tensor]:
     """Log-probs (B, T) of the completion tokens under log_softmax(logits / temperature), and
     per-token entropies (B, T, no gradient; all zeros with entropy=False, which saves a softmax
-    over the vocabulary per token); zeros on padding."""
+    over the vocabulary per token); zeros on padding. The logits are the model's own, as
+    detect_logit_form found them (plain ones if it was not run)."""
     hidden = _predicting_states(model, batch)
     picked = hidden[batch.mask]  # (M, H)
     targets = batch.targets[batch.mask]
     head = model.get_output_embeddings()
+    form = getattr(model, _FORM, LogitForm())
+    if form.softcap is not None:
+        head = _SoftCapped(head, form)
+    else:  # logits * scale / temperature: the scale folds into the temperature
+        temperature = temperature / form.scale
     chunk = logit_chunk(getattr(head, "out_features", None) or model.config.vocab_size)
     # Each chunk's logits are recomputed in backward rather than kept, unless there is only one:
     # then keeping it holds no more than a chunk, and recomputing would be pure cost.
@@ -299,7 +398,8 @@ def sequence_logprobs(model: torch.nn.Module, batch: Packed | Segments, temperat
         lp, ent = _chunk_logprobs(h, t, head, temperature, entropy, keep)
         logps.append(lp)
         entropies.append(ent)
-    logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros(batch.mask.shape, dtype=torch.promote_types(hidden.dtype, torch.float32),
+                       device=hidden.device)
     entropy = torch.zeros_like(logp)
     if logps:
         logp = logp.masked_scatter(batch.mask, torch.cat(logps))

@@ -454,3 +454,72 @@ print(faults[-1])
     for mode, low, high in (("default", pages * 0.9, pages * 1.1), ("keep", 0, pages * 0.01)):
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
         assert low <= int(out.stdout) <= high, (mode, out.stdout)
+
+
+def _transformed_logits_model(kind: str) -> torch.nn.Module:
+    """A one-layer float64 model whose forward scales or soft-caps its logits, with an output layer
+    large enough (logits of ~10) that the transform matters."""
+    import transformers as tf
+
+    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = {
+        "gemma2 softcap 2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**shape, final_logit_softcapping=2.0,
+                                                                         attn_logit_softcapping=50.0)),
+        "granite logits / 4": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**shape, logits_scaling=4.0)),
+        "cohere logits * 0.25": lambda: tf.CohereForCausalLM(tf.CohereConfig(**shape, logit_scale=0.25)),
+    }[kind]().double().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2 softcap 2", "granite logits / 4", "cohere logits * 0.25"])
+def test_logprobs_follow_the_models_own_logit_transform(kind: str) -> None:
+    """Log-probs and their gradient as log_softmax(model(...).logits / T) gives them, for models whose
+    forward soft-caps (Gemma-2) or scales (Granite divides, Cohere multiplies) the output layer's product."""
+    model = _transformed_logits_model(kind)
+    expected_form = {"gemma2 softcap 2": logprobs_module.LogitForm(softcap=2.0),
+                     "granite logits / 4": logprobs_module.LogitForm(scale=0.25),
+                     "cohere logits * 0.25": logprobs_module.LogitForm(scale=0.25)}[kind]
+    assert logprobs_module.detect_logit_form(model) == expected_form
+    logprobs_module.accumulate_in_place(model)  # as the learner trains it
+    prompts, completions, temperature = [[3, 4, 5], [6, 7]], [[8, 9, 10], [11, 12]], 0.7
+    logp, _ = sequence_logprobs(model, pack(prompts, completions, 0, CPU), temperature)
+    logp.sum().backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    naive = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        full = (model(input_ids=torch.tensor([prompt + completion])).logits[0] / temperature).log_softmax(-1)
+        naive += [full[len(prompt) + j - 1, token] for j, token in enumerate(completion)]
+    naive = torch.stack(naive)
+    # Gemma-2's and Cohere's norms compute in fp32 even in a float64 model: agreement to ~1e-7, not 1e-15.
+    torch.testing.assert_close(logp[logp != 0].detach(), naive.detach(), rtol=0, atol=1e-6)
+    naive.sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_a_model_with_unknown_logits_is_refused() -> None:
+    from grpo_cli.errors import UserError
+
+    model = _transformed_logits_model("granite logits / 4")
+    forward = model.forward
+
+    def shifted(*args, **kwargs):  # logits the config says nothing about
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.25 + torch.arange(out.logits.shape[-1], dtype=out.logits.dtype)
+        return out
+
+    model.forward = shifted
+    with pytest.raises(UserError, match="model type granite: its logits are not its output layer's product"):
+        logprobs_module.detect_logit_form(model)
+
+
+def test_a_declared_scale_the_forward_does_not_apply_is_not_used(tiny_model_dir: Path) -> None:
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0.1"), CPU, pad_id=0)
+    assert getattr(learner.reference, logprobs_module._FORM) == logprobs_module.LogitForm()
+    learner.policy.config.logits_scaling = 4.0  # Llama's forward ignores it
+    assert logprobs_module.detect_logit_form(learner.policy) == logprobs_module.LogitForm()
