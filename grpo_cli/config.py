@@ -75,6 +75,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    master_weights: bool | None = None  # fp32 copy of bf16/fp16 weights to step; None: whenever there are such
 
 
 @dataclass(frozen=True)

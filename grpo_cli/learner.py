@@ -99,9 +99,16 @@ class Learner:
                     distributed.shard(model, compute_dtype, {_LOGPROBS: sequence_logprobs})
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         opt = cfg.optimizer
+        # fp32 master weights: the optimizer steps fp32 copies of the half-precision weights and copies
+        # them back, as mixed-precision training does (Micikevicius et al., 2018). Stepped in bf16, an
+        # AdamW step of ~lr (1e-6) is below half a unit in the last place of any weight above ~3e-4
+        # and rounds away. Sharded weights are fp32 already.
+        half = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.trainable)
+        use_masters = half and not self.sharded and opt.master_weights is not False
+        self.masters = [torch.nn.Parameter(p.detach().float()) for p in self.trainable] if use_masters else None
         # Fused: one kernel over all parameters, no full-size temporaries (on SmolLM2-135M, CPU: 0.11 s a
         # step instead of 0.45 s, and ~0.5 GB less peak memory). Sharded parameters keep the default.
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.trainer.lr, betas=tuple(opt.betas),
+        self.optimizer = torch.optim.AdamW(self.masters or self.trainable, lr=cfg.trainer.lr, betas=tuple(opt.betas),
                                            eps=opt.eps, weight_decay=opt.weight_decay, fused=not self.sharded)
         total = max(cfg.trainer.max_steps * cfg.trainer.num_iterations, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -140,7 +147,7 @@ class Learner:
         diffs_max, diffs_sum, entropy_sum = zero, zero, zero
         grad_norm = 0.0
         for iteration in range(iterations):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             for mb in batches:
                 logp, entropy = _logprobs(self.policy, mb.packed, temperature)
                 mask = mb.packed.mask
@@ -183,16 +190,19 @@ class Learner:
                             diffs_max = torch.maximum(diffs_max, diff.max())
                             diffs_sum = diffs_sum + diff.sum()
                             entropy_sum = entropy_sum + torch.where(mask, entropy, 0.0).sum()
+            stepped = self._master_grads()
             # Sharded: the gradients are DTensors and the norm is that of the whole gradient.
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.trainer.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(stepped, cfg.trainer.max_grad_norm)
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             if not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 raise TrainingError(f"gradient norm is {grad_norm}{_unsaved(iteration)}. "
                                     "Lower trainer.lr; the last checkpoint is intact")
             self.dirty = True
             self.optimizer.step()
             self.scheduler.step()
+            if self.masters is not None:
+                self._copy(self.trainable, self.masters)
         self.dirty = False
         keys = sorted(totals)
         entropy_sum, diffs_sum, diffs_max = torch.stack([entropy_sum, diffs_sum, diffs_max]).tolist()
@@ -214,6 +224,28 @@ class Learner:
             "rollout/logprob_diff_mean": diffs_sum / max(n_tokens, 1),
             "tokens/trained": float(n_tokens),
         }
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            for p in self.trainable:
+                p.grad = None
+
+    def _master_grads(self) -> list[Tensor]:
+        """The parameters the optimizer steps, their gradients in place: with master weights, the
+        policy's half-precision gradients moved to the fp32 copies (each freed once copied)."""
+        if self.masters is None:
+            return self.trainable
+        for p, master in zip(self.trainable, self.masters, strict=True):
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        return self.masters
 
     def _micro_batches(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                        engine_logprobs: Sequence[Sequence[float]], count: int = 0) -> Iterator[MicroBatch]:
@@ -300,17 +332,19 @@ class Learner:
         self.peft.save_pretrained(folder / "adapter")
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer and schedule. Sharded: the optimizer state gathered whole (complete on rank 0
-        only), in the layout one process saves, so a checkpoint resumes on any number of ranks."""
+        """Optimizer and schedule, and the fp32 master weights where there are (the saved model holds
+        them rounded). Sharded: the optimizer state gathered whole (complete on rank 0 only), in the
+        layout one process saves, so a checkpoint resumes on any number of ranks."""
         optimizer = self.optimizer.state_dict()
         if self.sharded:
             optimizer["state"] = {index: dict(distributed.full_tensors(sorted(values.items()), keep=False, to_cpu=True))
                                   for index, values in sorted(optimizer["state"].items())}
-        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        if self.masters is not None:
+            state["master_weights"] = [m.detach().cpu() for m in self.masters]
+        return state
 
     def load_state_dict(self, state: dict[str, Any], weights_dir: Path) -> None:
-        from safetensors.torch import load_file
-
         optimizer = state["optimizer"]
         if self.sharded:  # whole tensors in the file: each rank keeps its own piece
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -320,6 +354,13 @@ class Learner:
                 for index, values in optimizer["state"].items()}}
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._load_weights(weights_dir)
+        if self.masters is not None:  # the saved fp32 copies; from a run without them, the weights themselves
+            self._copy(self.masters, state.get("master_weights") or self.trainable)
+
+    def _load_weights(self, weights_dir: Path) -> None:
+        from safetensors.torch import load_file
+
         if self.peft is not None:
             from peft import set_peft_model_state_dict
 

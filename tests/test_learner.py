@@ -523,3 +523,40 @@ def test_a_declared_scale_the_forward_does_not_apply_is_not_used(tiny_model_dir:
     assert getattr(learner.reference, logprobs_module._FORM) == logprobs_module.LogitForm()
     learner.policy.config.logits_scaling = 4.0  # Llama's forward ignores it
     assert logprobs_module.detect_logit_form(learner.policy) == logprobs_module.LogitForm()
+
+
+def test_bf16_weights_are_stepped_through_fp32_master_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lr 1e-6 steps are below half a bf16 unit of most weights: stepped in bf16 they round away;
+    the fp32 master copies keep them, the bf16 weights are the masters rounded, and a checkpoint
+    keeps the masters themselves."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+    moved = {}
+    for masters in ("null", "false"):
+        cfg = _config(tiny_model_dir, "model.dtype=bfloat16", "loss.beta=0", "trainer.lr=1e-6",
+                      f"optimizer.master_weights={masters}")
+        learner = Learner(cfg, CPU, pad_id=0)
+        before = torch.cat([p.detach().float().flatten() for p in learner.policy.parameters()])
+        for _ in range(3):
+            learner.update(PROMPTS, COMPLETIONS, engine, advantages)
+        stepped = learner.masters if masters == "null" else list(learner.policy.parameters())
+        after = torch.cat([p.detach().float().flatten() for p in stepped])
+        moved[masters] = (after != before).float().mean().item()
+        if masters == "null":
+            assert all(m.dtype == torch.float32 for m in learner.masters)
+            for p, m in zip(learner.trainable, learner.masters, strict=True):
+                assert torch.equal(p, m.to(torch.bfloat16))
+            state = learner.state_dict()
+            learner.save_weights(tmp_path)
+            fresh = Learner(cfg, CPU, pad_id=0)
+            fresh.load_state_dict(state, tmp_path)
+            for m, saved in zip(fresh.masters, learner.masters, strict=True):
+                assert torch.equal(m, saved)
+    # Three AdamW steps move every fp32 master weight (measured: all but 1 in 3.4M), while in bf16 98%
+    # of them round away (only weights within ~3e-4 of zero move).
+    assert moved["null"] > 0.99 and moved["false"] < 0.05, moved
+
+
+def test_fp32_weights_have_no_master_copy(tiny_model_dir: Path) -> None:
+    learner = Learner(_config(tiny_model_dir, "model.dtype=float32"), CPU, pad_id=0)
+    assert learner.masters is None
