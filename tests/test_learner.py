@@ -560,3 +560,29 @@ def test_bf16_weights_are_stepped_through_fp32_master_weights(tiny_model_dir: Pa
 def test_fp32_weights_have_no_master_copy(tiny_model_dir: Path) -> None:
     learner = Learner(_config(tiny_model_dir, "model.dtype=float32"), CPU, pad_id=0)
     assert learner.masters is None
+
+
+def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_model_dir: Path) -> None:
+    """num_iterations=2: the second optimizer step's gradient is that of policy_loss with the policy
+    after the first step and the old log-probs of the policy before it (clipping active), computed
+    here on the whole batch."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+    common = ("loss.beta=0.1", "trainer.micro_batch_size=2", "rollout.max_new_tokens=4", "trainer.lr=0.05",
+              "model.share_prompts=false", "trainer.max_grad_norm=1e9")
+    twice = Learner(_config(tiny_model_dir, *common, "trainer.num_iterations=2"), CPU, pad_id=0)
+    once = Learner(_config(tiny_model_dir, *common, "trainer.num_iterations=1", "trainer.max_steps=2"), CPU,
+                   pad_id=0)  # max_steps=2: the same number of scheduler steps, so the same lr
+    batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
+    with torch.no_grad():
+        old, _ = sequence_logprobs(once.policy, batch, 1.0)
+        ref, _ = sequence_logprobs(once.reference, batch, 1.0)
+    twice.update(PROMPTS, COMPLETIONS, engine, advantages)
+    once.update(PROMPTS, COMPLETIONS, engine, advantages)  # `once` now holds the weights of iteration 2
+    once.policy.zero_grad(set_to_none=True)
+    logp, _ = sequence_logprobs(once.policy, batch, 1.0)
+    expected, stats = policy_loss(logp, old, advantages, batch.mask, ref_logp=ref, beta=0.1, max_tokens=4)
+    assert stats["clip_frac"] > 0  # the clipped branch is exercised
+    expected.backward()
+    for (name, got), want in zip(twice.policy.named_parameters(), once.policy.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
