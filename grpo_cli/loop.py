@@ -27,6 +27,7 @@ in the loss).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -284,11 +285,21 @@ def collect(cfg: Config, engine: Engine, rewards: RewardSet, batch: list[dict[st
     with timer("reward"):
         completions, scores = rewards.score_samples(samples, batch, cfg.dataset.prefill)
         total = torch.tensor(scores.total, dtype=torch.float32)
-        advantages = group_advantages(total, cfg.rollout.group_size, cfg.loss.adv_scale, cfg.loss.adv_eps)
+        # Several learners: "batch" is every rank's rewards, as for one process sampling them all.
+        batch_std = _std_over_ranks(total) if cfg.loss.adv_scale == "batch" and distributed.world() > 1 else None
+        advantages = group_advantages(total, cfg.rollout.group_size, cfg.loss.adv_scale, cfg.loss.adv_eps,
+                                      batch_std=batch_std)
         # A row whose reference answer cannot be checked teaches nothing: no advantage.
         advantages[torch.tensor(scores.invalid, dtype=torch.bool)] = 0.0
     grouped = advantages.view(-1, cfg.rollout.group_size)
     return Round(batch, samples, completions, scores, advantages, (grouped != 0).any(dim=1))
+
+
+def _std_over_ranks(values: Tensor) -> float:
+    """The sample std (ddof=1) of every rank's `values` together (each rank calls it, in step)."""
+    x = values.double()
+    n, total, squares = distributed.all_reduce([float(x.numel()), float(x.sum()), float((x * x).sum())])
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
 
 
 class TrainingRows(NamedTuple):

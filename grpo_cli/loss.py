@@ -62,11 +62,13 @@ def _choice(name: str, value: str, allowed: Collection[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {sorted(allowed)}")
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     batch_std: float | None = None) -> Tensor:
     """Group-relative advantages: reward minus its group's mean, optionally divided by a std.
 
     rewards: [N], N = prompts * group_size, each prompt's completions contiguous.
-    scale: "group" (group std, GRPO), "batch" (std of all N rewards) or "none" (Dr. GRPO).
+    scale: "group" (group std, GRPO), "batch" (std of all N rewards, or `batch_std` when given: that
+    of a batch these rewards are a part of) or "none" (Dr. GRPO).
     The std is the unbiased (ddof=1) sample std. Returns [N]; a group whose rewards are all equal
     gets exactly 0 (it carries no learning signal), also when group_size is 1.
     """
@@ -89,7 +91,10 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)
         centered = centered / (std + eps)
     elif scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        if batch_std is not None:
+            std = rewards.new_tensor(batch_std)
+        else:
+            std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
         centered = centered / (std + eps)
     return centered.reshape(-1)
 

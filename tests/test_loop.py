@@ -62,3 +62,22 @@ def test_dynamic_sampling_with_no_informative_group_falls_back_to_the_first_roun
 def test_every_completion_truncated_leaves_nothing_to_train(flags: tuple[str, ...]) -> None:
     r = _round("a", [1.0, -1.0, 0.5, -0.5], [True] * 4)
     assert _picked([r], "trainer.mask_truncated=true", *flags) == ([], [])
+
+
+def test_batch_scale_uses_the_std_of_every_ranks_rewards(monkeypatch) -> None:
+    """loss.adv_scale=batch with two learner processes: each divides by the std of all 8 rewards
+    (rank 0's 1,0,0,1 and rank 1's 0,0,0,1: 0.5175491695067657, worked out in test_loss.py), as
+    one process sampling both halves would, not by its own half's."""
+    from grpo_cli import distributed, loop
+    from grpo_cli.loss import group_advantages
+
+    other = [0.0, 0.0, 0.0, 1.0]  # rank 1's rewards: count, sum and sum of squares added by all_reduce
+    monkeypatch.setattr(distributed, "all_reduce",
+                        lambda values, op="sum": [values[0] + 4, values[1] + sum(other), values[2] + sum(other)])
+    mine = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    std = loop._std_over_ranks(mine)
+    assert std == pytest.approx(0.5175491695067657, rel=1e-12)
+    b5 = 0.9659051524730883  # 0.5 / (std + 1e-4), as in test_loss.py's batch case
+    got = group_advantages(mine, 4, scale="batch", batch_std=std)
+    torch.testing.assert_close(got, torch.tensor([b5, -b5, -b5, b5]))
+    assert not torch.allclose(group_advantages(mine, 4, scale="batch"), got)  # its own half's std: 0.577
