@@ -30,6 +30,7 @@ def test_bf16_learner_shares_prompts_and_steps(tiny_model_dir: Path) -> None:
                    "rollout.max_new_tokens=4"])
     learner = Learner(cfg, CUDA, pad_id=0)
     assert next(learner.policy.parameters()).dtype == torch.bfloat16  # model.dtype=auto on a GPU
+    assert all(m.dtype == torch.float32 and m.is_cuda for m in learner.masters)  # optimizer.master_weights=null
     assert not learner.share_prompts  # model.share_prompts=null: padded rows on a GPU
     with torch.no_grad():
         shared, _ = sequence_logprobs(learner.policy, pack_segments(PROMPTS, COMPLETIONS, 0, CUDA), 1.0)
@@ -40,6 +41,7 @@ def test_bf16_learner_shares_prompts_and_steps(tiny_model_dir: Path) -> None:
                            torch.tensor([1.0, -0.5, -0.5, 0.75, -1.0, 0.25]))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(learner.trainable, learner.masters, strict=True))
 
 
 def test_gradient_checkpointing_matches_plain_backward(tiny_model_dir: Path) -> None:
