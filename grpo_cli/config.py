@@ -323,34 +323,68 @@ def validate(cfg: Config) -> None:
         "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
         "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
         "trainer.num_iterations": cfg.trainer.num_iterations,
+        "trainer.save_every": cfg.trainer.save_every,
+        "logging.log_every": cfg.logging.log_every,
+        "rollout.cpu_kv_cache_mib": cfg.rollout.cpu_kv_cache_mib,
         "dataset.size": cfg.dataset.size,
         "eval.n": cfg.eval.n,
     }
     for key, value in positive.items():
         if value < 1:
             raise UserError(f"{key}={value}: must be at least 1")
-    if cfg.model.lora_rank < 0:
-        raise UserError(f"model.lora_rank={cfg.model.lora_rank}: use 0 (train every weight) or a LoRA rank such as 16")
     if cfg.loss.tis_cap is not None and cfg.loss.tis_cap <= 0:
         raise UserError(f"loss.tis_cap={cfg.loss.tis_cap}: must be above 0 (e.g. 2.0), or null to turn it off")
     for key, value in {"trainer.lr": cfg.trainer.lr, "loss.beta": cfg.loss.beta,
-                       "trainer.max_resample": cfg.trainer.max_resample,
+                       "trainer.max_resample": cfg.trainer.max_resample, "trainer.warmup_steps": cfg.trainer.warmup_steps,
                        "loss.clip_low": cfg.loss.clip_low, "loss.clip_high": cfg.loss.clip_high,
                        "trainer.max_steps": cfg.trainer.max_steps}.items():
         if value < 0:
             raise UserError(f"{key}={value}: must not be negative")
+    if cfg.trainer.keep_last < 0:
+        raise UserError(f"trainer.keep_last={cfg.trainer.keep_last}: use the number of latest checkpoints to keep, "
+                        "or 0 to keep them all")
+    if not cfg.trainer.max_grad_norm > 0:  # clip_grad_norm_ with a negative bound flips every gradient
+        raise UserError(f"trainer.max_grad_norm={cfg.trainer.max_grad_norm}: must be above 0 (e.g. 1.0)")
     if cfg.loss.clip_low >= 1:
         raise UserError(f"loss.clip_low={cfg.loss.clip_low}: must be below 1 (the ratio is clipped at 1 - clip_low)")
-    if cfg.rollout.group_size < 2:
-        raise UserError(f"rollout.group_size={cfg.rollout.group_size}: GRPO compares completions within a group; use 2 or more")
-    if not 0 < cfg.rollout.temperature:
-        raise UserError(f"rollout.temperature={cfg.rollout.temperature}: training samples need a temperature above 0")
+    if not cfg.loss.adv_eps > 0:  # a group whose rewards are all equal has std 0: 0 / (0 + eps)
+        raise UserError(f"loss.adv_eps={cfg.loss.adv_eps}: must be above 0 (e.g. 1e-4), it guards the division by the std")
+    _validate_model(cfg.model)
+    _validate_optimizer(cfg.optimizer)
+    _validate_sampling(cfg.rollout)
     _validate_eval(cfg)
     _validate_servers(cfg.rollout)
     if cfg.dataset.source in ("hf", "jsonl") and not cfg.dataset.path:
         raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path=openai/gsm8k")
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    if m.lora_rank < 0:
+        raise UserError(f"model.lora_rank={m.lora_rank}: use 0 (train every weight) or a LoRA rank such as 16")
+    if not 0 <= m.lora_dropout < 1:
+        raise UserError(f"model.lora_dropout={m.lora_dropout}: a probability, at least 0 and below 1 (e.g. 0.05)")
+
+
+def _validate_optimizer(o: OptimizerConfig) -> None:
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optimizer.betas={list(o.betas)}: needs two values, each at least 0 and below 1, "
+                        "e.g. optimizer.betas=[0.9,0.99]")
+
+
+def _validate_sampling(r: RolloutConfig) -> None:
+    if r.group_size < 2:
+        raise UserError(f"rollout.group_size={r.group_size}: GRPO compares completions within a group; use 2 or more")
+    if not 0 < r.temperature:
+        raise UserError(f"rollout.temperature={r.temperature}: training samples need a temperature above 0")
+    if not 0 < r.top_p <= 1:
+        raise UserError(f"rollout.top_p={r.top_p}: must be above 0 and at most 1 (1.0 = off)")
+    if r.top_k < 0:  # vLLM spells "off" -1; here it is 0, for every engine
+        raise UserError(f"rollout.top_k={r.top_k}: use 0 to turn top-k off, or a number of tokens such as 50")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise UserError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: a share of the GPU's memory, "
+                        "above 0 and at most 1 (e.g. 0.35)")
 
 
 def _validate_servers(r: RolloutConfig) -> None:
@@ -380,7 +414,7 @@ def _validate_eval(cfg: Config) -> None:
         raise UserError(f"eval.top_p={e.top_p}: must be above 0 and at most 1")
     if cfg.trainer.eval_every < 0:
         raise UserError(f"trainer.eval_every={cfg.trainer.eval_every}: use 0 (never) or a number of steps")
-    if cfg.trainer.eval_every and cfg.logging.log_every > 0 and cfg.trainer.eval_every % cfg.logging.log_every:
+    if cfg.trainer.eval_every and cfg.trainer.eval_every % cfg.logging.log_every:
         raise UserError(f"trainer.eval_every={cfg.trainer.eval_every} is not a multiple of logging.log_every="
                         f"{cfg.logging.log_every}: metrics.jsonl would miss the eval figures")
     options = sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))

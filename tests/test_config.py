@@ -111,6 +111,22 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["eval.n=2", "eval.k=[1,4]"], "eval.k=[1, 4]: every k must be between 1 and eval.n=2"),
     (["dataset=hf"], "dataset.path is required"),
     (["rewards=accuracy", "~rewards.accuracy"], "no rewards configured"),
+    # each would fail only after a training step, or train silently wrong
+    (["trainer.save_every=0"], "trainer.save_every=0: must be at least 1"),
+    (["logging.log_every=0"], "logging.log_every=0: must be at least 1"),
+    (["rollout.cpu_kv_cache_mib=0"], "rollout.cpu_kv_cache_mib=0: must be at least 1"),
+    (["rollout.top_p=1.5"], "rollout.top_p=1.5: must be above 0 and at most 1"),
+    (["rollout.top_p=0"], "rollout.top_p=0.0: must be above 0"),
+    (["rollout.top_k=-3"], "rollout.top_k=-3: use 0 to turn top-k off"),
+    (["rollout.top_k=-1"], "rollout.top_k=-1: use 0 to turn top-k off"),
+    (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5: a share of the GPU's memory"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: needs two values, each at least 0 and below 1"),
+    (["optimizer.betas=[0.9,1.0]"], "optimizer.betas=[0.9, 1.0]: needs two values"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1.0: must be above 0"),
+    (["trainer.warmup_steps=-5"], "trainer.warmup_steps=-5: must not be negative"),
+    (["trainer.keep_last=-1"], "trainer.keep_last=-1: use the number of latest checkpoints to keep, or 0 to keep them all"),
+    (["loss.adv_eps=-1"], "loss.adv_eps=-1.0: must be above 0"),
+    (["model.lora_dropout=2"], "model.lora_dropout=2.0: a probability, at least 0 and below 1"),
 ])
 def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError) as caught:
@@ -118,6 +134,12 @@ def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str)
     text = str(caught.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_boundary_values_that_mean_something_are_accepted() -> None:
+    cfg = compose(["trainer.keep_last=0", "rollout.top_k=0", "rollout.top_p=1", "rollout.gpu_memory_utilization=1",
+                   "model.lora_dropout=0", "optimizer.betas=[0,0.999]", "trainer.save_every=1", "logging.log_every=1"])
+    assert cfg.trainer.keep_last == 0 and cfg.rollout.top_k == 0 and cfg.optimizer.betas == [0.0, 0.999]
 
 
 def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
