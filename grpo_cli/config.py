@@ -358,6 +358,24 @@ def validate(cfg: Config) -> None:
         raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path=openai/gsm8k")
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
+    _validate_rewards(cfg.rewards)
+
+
+def _validate_rewards(terms: dict[str, RewardTerm]) -> None:
+    """Build each term once (cheap: nothing loads until a reward is first called), so that an unknown
+    reward or argument fails here, in `grpo config` too, not after the model has loaded."""
+    from grpo_cli.rewards import build_reward
+
+    for label, term in terms.items():
+        fn = term.fn or label
+        try:
+            build_reward(fn, **term.args)
+        except ValueError as e:
+            where = f"rewards.{label}" + (f" ({fn})" if fn != label else "")
+            message = re.sub(r"^reward '[^']*': ", "", str(e))
+            if message.startswith("unknown reward"):
+                message += f"; name one with rewards.{label}.fn=NAME or drop the term with ~rewards.{label}"
+            raise UserError(f"{where}: {message}") from None
 
 
 def _validate_model(m: ModelConfig) -> None:

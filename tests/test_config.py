@@ -127,6 +127,11 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["trainer.keep_last=-1"], "trainer.keep_last=-1: use the number of latest checkpoints to keep, or 0 to keep them all"),
     (["loss.adv_eps=-1"], "loss.adv_eps=-1.0: must be above 0"),
     (["model.lora_dropout=2"], "model.lora_dropout=2.0: a probability, at least 0 and below 1"),
+    # rewards are built when the config is checked, not after the model has loaded
+    (["+rewards.foo.weight=1"], "rewards.foo: unknown reward 'foo'; known: accuracy, code,"),
+    (["+rewards.x.fn=acuracy"], "rewards.x (acuracy): unknown reward 'acuracy'"),
+    (["+rewards.accuracy.args.bogus=1"], "rewards.accuracy: unknown argument 'bogus'; accepted: timeout"),
+    (["rewards=shaped", "rewards.repetition.args.ngram_size=0"], "rewards.repetition (repetition_penalty): ngram_size"),
 ])
 def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError) as caught:
