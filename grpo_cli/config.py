@@ -11,6 +11,7 @@ Defaults live here; the YAML files in conf/ document them field by field and rec
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -355,7 +356,8 @@ def validate(cfg: Config) -> None:
     _validate_eval(cfg)
     _validate_servers(cfg.rollout)
     if cfg.dataset.source in ("hf", "jsonl") and not cfg.dataset.path:
-        raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path=openai/gsm8k")
+        example = "data/train.jsonl (one JSON object per line)" if cfg.dataset.source == "jsonl" else "openai/gsm8k"
+        raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path={example}")
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
     _validate_rewards(cfg.rewards)
@@ -460,8 +462,20 @@ def _check_choices(node: Any, prefix: str) -> None:
 _ANY_LABEL = object()
 
 
-def _schema_keys(key: str) -> tuple[str, list[str]] | None:
-    """For a dotted key, its last part and the keys its parent node knows (None if the parent is unknown)."""
+# How to write each list setting on the command line (quoted where a shell or Hydra's grammar needs it).
+LIST_EXAMPLES = {
+    "model.lora_target_modules": "model.lora_target_modules=[q_proj,v_proj]",
+    "optimizer.betas": "optimizer.betas=[0.9,0.99]",
+    "rollout.stop": "'rollout.stop=[\"</answer>\"]'",
+    "rollout.servers": "rollout.servers=[127.0.0.1:8000]",
+    "logging.reflection_words": "'logging.reflection_words=[wait,\"let me check\"]'",
+    "eval.k": "eval.k=[1,8]",
+    "eval.datasets": "eval.datasets=[math500,aime24]",
+}
+
+
+def _schema_parent(key: str) -> tuple[str, Any] | None:
+    """For a dotted key, its last part and the schema class of its parent (None if the parent is unknown)."""
     node: Any = Config
     *parents, leaf = key.split(".")
     for part in parents:
@@ -470,9 +484,33 @@ def _schema_keys(key: str) -> tuple[str, list[str]] | None:
             continue
         node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
         node = _ANY_LABEL if (node == dict[str, Any] and part == "rewards") else node
-    if not dataclasses.is_dataclass(node):
-        return None
-    return leaf, [f.name for f in dataclasses.fields(node)]
+    return (leaf, node) if dataclasses.is_dataclass(node) else None
+
+
+def _schema_keys(key: str) -> tuple[str, list[str]] | None:
+    """For a dotted key, its last part and the keys its parent node knows (None if the parent is unknown)."""
+    found = _schema_parent(key)
+    return None if found is None else (found[0], [f.name for f in dataclasses.fields(found[1])])
+
+
+def _is_text(key: str) -> bool:
+    """Whether the schema types `key` as a string (a value that may need quotes on the command line)."""
+    found = _schema_parent(key)
+    return found is not None and typing.get_type_hints(found[1]).get(found[0]) in (str, str | None)
+
+
+def _unparsable(override: str, first: str) -> str:
+    """An override Hydra's grammar rejects: most often a value with characters such as < > / : that
+    must be quoted, or a list written as a bare value."""
+    key, sep, value = override.partition("=")
+    key = key.lstrip("+~")
+    if sep and key in LIST_EXAMPLES:
+        items = [i.strip().strip("\"'") for i in value.strip().strip("[]").split(",") if i.strip()]
+        example = f"'{key}=[{','.join(json.dumps(i) for i in items)}]'" if items else LIST_EXAMPLES[key]
+        return f"cannot parse override '{override}': {key} takes a list; quote its items, e.g. {example}"
+    if sep and _is_text(key):
+        return f"cannot parse override '{override}': quote a value with special characters, e.g. '{key}=\"{value}\"'"
+    return f"cannot parse override: {first}; overrides look like key=value, +new_key=value or ~key"
 
 
 def explain(error: Exception) -> str:
@@ -494,7 +532,7 @@ def explain(error: Exception) -> str:
         options = sorted(p.stem for p in (config_dir() / (group or "")).glob("*.yaml"))
         return f"unknown {group} option '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
     if isinstance(error, OverrideParseException):
-        return f"cannot parse override: {first}; overrides look like key=value, +new_key=value or ~key"
+        return _unparsable(error.override, first)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         return _unknown_key(key)
     if isinstance(cause, ValidationError) and key:
@@ -503,10 +541,16 @@ def explain(error: Exception) -> str:
             return f"bad value for '{key}': '{value.group(1)}' is not a valid {value.group(2).lower()}"
         if "is not Optional" in text:
             return f"bad value for '{key}': it cannot be null"
+        if "is not a ListConfig" in text and key in LIST_EXAMPLES:
+            return f"bad value for '{key}': it takes a list, e.g. {LIST_EXAMPLES[key]}"
         return f"bad value for '{key}': {first}"
     deleted = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
     if deleted:
         return f"cannot delete '{deleted.group(1)}': no such key"
+    existing = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if existing:
+        key = existing.group(1)
+        return f"'+{key}' adds a new key, but {key} already exists: drop the '+' ({key}=VALUE)"
     return f"invalid configuration: {first}" + (f" (at '{key}')" if key else "")
 
 

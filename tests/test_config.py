@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
+import typing
 from pathlib import Path
 
 import pytest
 
-from grpo_cli.config import Config, RewardTerm, compose, config_dir, find_recipes, to_yaml
+from grpo_cli.config import LIST_EXAMPLES, Config, RewardTerm, compose, config_dir, find_recipes, to_yaml
 from grpo_cli.errors import UserError
 
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in config_dir().glob("*/*.yaml"))
@@ -132,6 +135,12 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["+rewards.x.fn=acuracy"], "rewards.x (acuracy): unknown reward 'acuracy'"),
     (["+rewards.accuracy.args.bogus=1"], "rewards.accuracy: unknown argument 'bogus'; accepted: timeout"),
     (["rewards=shaped", "rewards.repetition.args.ngram_size=0"], "rewards.repetition (repetition_penalty): ngram_size"),
+    # messages that name the fix
+    (["+trainer.lr=1"], "'+trainer.lr' adds a new key, but trainer.lr already exists: drop the '+' (trainer.lr=VALUE)"),
+    (["rollout.stop=</answer>"], """rollout.stop takes a list; quote its items, e.g. 'rollout.stop=["</answer>"]'"""),
+    (["dataset.prefill=<think>"], """quote a value with special characters, e.g. 'dataset.prefill="<think>"'"""),
+    (["eval.k=abc"], "bad value for 'eval.k': it takes a list, e.g. eval.k=[1,8]"),
+    (["dataset=jsonl"], "dataset.path is required for dataset.source=jsonl; e.g. dataset.path=data/train.jsonl"),
 ])
 def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError) as caught:
@@ -145,6 +154,16 @@ def test_boundary_values_that_mean_something_are_accepted() -> None:
     cfg = compose(["trainer.keep_last=0", "rollout.top_k=0", "rollout.top_p=1", "rollout.gpu_memory_utilization=1",
                    "model.lora_dropout=0", "optimizer.betas=[0,0.999]", "trainer.save_every=1", "logging.log_every=1"])
     assert cfg.trainer.keep_last == 0 and cfg.rollout.top_k == 0 and cfg.optimizer.betas == [0.0, 0.999]
+
+
+def test_every_list_setting_has_a_command_line_example_that_composes() -> None:
+    groups = {name: kind for name, kind in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(kind)}
+    lists = {f"{name}.{key}" for name, kind in groups.items()
+             for key, hint in typing.get_type_hints(kind).items() if typing.get_origin(hint) is list}
+    assert set(LIST_EXAMPLES) == lists
+    for example in LIST_EXAMPLES.values():
+        (override,) = shlex.split(example)
+        compose([override, "rollout.engine=hf", "eval.n=8"])  # hf: servers are checked, not used; k <= n
 
 
 def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
