@@ -59,15 +59,19 @@ ConfigDir = Annotated[
 def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
     """Train a model with GRPO. The run directory gets config.yaml, metrics.jsonl, samples/, checkpoints/."""
     from grpo_cli.config import compose, resume_config
-    from grpo_cli.learner import TrainingError
-    from grpo_cli.loop import train as run_training
 
     overrides = overrides or []
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume:
+        if config_dir is not None:
+            raise UserError("--config-dir does not apply with resume=: a resumed run uses its saved config.yaml; "
+                            "drop --config-dir")
         cfg = resume_config(resume[-1], [o for o in overrides if not o.startswith("resume=")])
     else:
         cfg = compose(overrides, config_dir)
+    from grpo_cli.learner import TrainingError  # torch and transformers: only once the config is good
+    from grpo_cli.loop import train as run_training
+
     try:
         run = run_training(cfg)
     except TrainingError as e:

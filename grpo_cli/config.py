@@ -274,20 +274,43 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
     if not saved.is_file():
         raise UserError(f"resume={run_dir}: not a run directory (no config.yaml); pass the folder a previous "
                         "`grpo train` wrote")
-    plain = [o for o in overrides if re.fullmatch(r"[\w.]+=.*", o)]
-    if len(plain) != len(overrides):
-        odd = next(o for o in overrides if o not in plain)
-        raise UserError(f"with resume=, overrides must be key=value (got '{odd}'): the run keeps its saved config")
+    check_saved_config_overrides("resume", overrides, "trainer.max_steps=200", "a resumed run keeps its recipe and "
+                                 "group options (model=, rewards=, ...); start a new run to change them")
     schema = OmegaConf.structured(Config)
     _writable(schema)
+    run_config = load_yaml(saved, "the run's saved config is damaged: repair it, or start a new run")
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(saved), OmegaConf.from_dotlist(plain))
+        merged = OmegaConf.merge(schema, run_config, OmegaConf.from_dotlist(overrides))
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
     validate(cfg)
     return cfg
+
+
+def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:
+    """A run's saved config (resume=, eval's run=) takes key=value overrides of its keys only: its
+    recipe and group options stay as they ran, and +key / ~key would change its shape."""
+    for o in overrides:
+        if not re.fullmatch(r"[\w.]+=.*", o) or o.split("=", 1)[0] in (*GROUPS, "recipe"):
+            raise UserError(f"with {flag}=, the run's saved config is used and overrides set its keys "
+                            f"(e.g. {example}); '{o}' is not one: {hint}")
+
+
+def load_yaml(path: Path, fix: str) -> Any:
+    """OmegaConf.load, with a file that is not YAML (or not UTF-8 text) as a one-line UserError naming it."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML ({getattr(e, 'problem', None) or 'cannot parse it'}{where}); "
+                        f"{fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; {fix}") from None
 
 
 class _open:

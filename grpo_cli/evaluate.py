@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from grpo_cli.config import GROUPS, Config, DatasetConfig, compose, config_dir, resume_config, to_container
+from grpo_cli.config import (
+    Config,
+    DatasetConfig,
+    check_saved_config_overrides,
+    compose,
+    config_dir,
+    resume_config,
+    to_container,
+)
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
@@ -334,11 +341,10 @@ def load_target(overrides: list[str], config_dir_extra: str | Path | None) -> Ta
     run_dir = Path(run).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={run}: not a run directory (no config.yaml); pass a folder `grpo train` wrote")
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if not re.fullmatch(r"[\w.]+=.*", o) or key in (*GROUPS, "recipe"):
-            raise UserError(f"with run=, the run's saved config is used and overrides set its keys (e.g. eval.n=8); "
-                            f"'{o}' is not one: choose other eval datasets with eval.datasets=[math500,...]")
+    if config_dir_extra is not None:
+        raise UserError("--config-dir does not apply with run=: the run's saved config.yaml is used; drop --config-dir")
+    check_saved_config_overrides("run", overrides, "eval.n=8",
+                                 "choose other eval datasets with eval.datasets=[math500,...]")
     folder = _checkpoint_in(run_dir, checkpoint)
     cfg = resume_config(str(run_dir), [o for o in overrides if not o.startswith("eval.checkpoint=")])
     output_dir = _last_value(overrides, "output_dir")  # the run's own output_dir is where it trained

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grpo_cli.config import compose, to_yaml
+
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["config"], ["recipes"]])
 def test_help(grpo, command: list[str]) -> None:
@@ -93,3 +95,10 @@ def test_train_writes_the_resolved_config_into_the_run_dir(grpo, tmp_path: Path,
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["lr"] == 4e-6 and saved["recipe"] == "quickstart"
     assert (run / "checkpoints").is_dir() and (run / "samples").is_dir()
+
+
+def test_a_resumed_run_takes_no_config_dir(grpo, tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(to_yaml(compose(["recipe=quickstart"])))
+    line = _one_line_error(grpo("train", f"resume={tmp_path}", "--config-dir", str(tmp_path)))
+    assert line == "error: --config-dir does not apply with resume=: a resumed run uses its saved config.yaml; " \
+                   "drop --config-dir"

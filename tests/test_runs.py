@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from grpo_cli.config import compose, to_yaml
+from grpo_cli.config import compose, resume_config, to_yaml
 from grpo_cli.errors import UserError
 from grpo_cli.runs import atomic_write_text, prepare_run_dir
 
@@ -42,3 +43,20 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> 
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert os.listdir(target.parent) == ["file.txt"]
+
+
+def test_a_resumed_run_keeps_its_saved_config(tmp_path: Path) -> None:
+    run = prepare_run_dir(dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path / "run")))
+    assert resume_config(str(run), ["trainer.max_steps=5"]).trainer.max_steps == 5
+    for change in ("rewards=shaped", "recipe=gsm8k", "+trainer.foo=1"):
+        with pytest.raises(UserError, match=re.escape(f"'{change}' is not one: a resumed run keeps its recipe and group "
+                                                      "options (model=, rewards=, ...); start a new run to change them")):
+            resume_config(str(run), [change])
+
+
+def test_a_damaged_saved_config_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("trainer: [1,\n  : :\n")
+    with pytest.raises(UserError) as caught:
+        resume_config(str(tmp_path), [])
+    assert str(caught.value) == (f"{tmp_path / 'config.yaml'} is not valid YAML (expected the node content, but found "
+                                 "':', line 2); the run's saved config is damaged: repair it, or start a new run")
