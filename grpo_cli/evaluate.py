@@ -44,7 +44,7 @@ from grpo_cli.loss import pass_at_k
 from grpo_cli.rewards import RewardSet, build_reward_set
 from grpo_cli.rewards.extract import extract_answer
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
-from grpo_cli.runs import atomic_write_text, fresh_dir
+from grpo_cli.runs import atomic_write_text, check_output_dir, fresh_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -391,12 +391,7 @@ def output_dir(target: Target) -> Path:
 
 
 def _named_output_dir(cfg: Config) -> Path | None:
-    if not cfg.output_dir:
-        return None
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output_dir={cfg.output_dir} already holds files; choose a new output_dir")
-    return out
+    return check_output_dir(cfg.output_dir) if cfg.output_dir else None
 
 
 def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[SetResult]]:
@@ -408,11 +403,11 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
 
     cfg = target.cfg
     start = time.perf_counter()
+    _named_output_dir(cfg)  # one that already holds files fails now, not after the work
     tokenizer = load_tokenizer(cfg.model)
     sets = load_eval_sets(cfg, tokenizer)
     rewards = eval_reward_set(cfg)
     sampling = sampling_settings(cfg, seed=cfg.seed)
-    _named_output_dir(cfg)  # one that already holds files fails now, not after the work
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
     if sampling.n > 1 and sampling.temperature == 0:

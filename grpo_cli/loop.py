@@ -52,12 +52,13 @@ from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set
 from grpo_cli.rollout import Engine, Sample, make_engine, sampling_from_config
-from grpo_cli.runs import prepare_run_dir
+from grpo_cli.runs import check_run_dir, prepare_run_dir
 from grpo_cli.sync import engine_logprob_diff, push_weights
 
 
 def train(cfg: Config) -> Path:
     """Run (or resume) a training run; returns its directory."""
+    check_run_dir(cfg)  # a bad output_dir fails before anything loads
     device = distributed.setup()  # under torchrun: this rank's device, in the process group
     world, rank = distributed.world(), distributed.rank()
     if world > 1:

@@ -33,23 +33,37 @@ def prepare_run_dir(cfg: Config) -> Path:
     A new run never lands in a directory that already holds files: it is either named by the user
     (output_dir=...) and must be empty, or made fresh under runs/<recipe>/<timestamp>.
     """
+    check_run_dir(cfg)
     if cfg.resume:
-        run = Path(cfg.resume).expanduser()
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"resume={cfg.resume}: not a run directory (no config.yaml); pass the folder a "
-                            "previous `grpo train` wrote")
-        return run
-    if cfg.output_dir:
-        run = Path(cfg.output_dir).expanduser()
-        if run.exists() and any(run.iterdir()):
-            raise UserError(f"output_dir={cfg.output_dir} already holds files; choose a new output_dir, or "
-                            f"continue that run with resume={cfg.output_dir}")
-    else:
-        run = fresh_dir(Path("runs") / (cfg.recipe or "default"))
+        return Path(cfg.resume).expanduser()
+    run = Path(cfg.output_dir).expanduser() if cfg.output_dir else fresh_dir(Path("runs") / (cfg.recipe or "default"))
     for sub in ("checkpoints", "samples"):
         (run / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", to_yaml(cfg))
     return run
+
+
+def check_run_dir(cfg: Config) -> None:
+    """What `prepare_run_dir` will need, checked without writing anything: before the model loads."""
+    if cfg.resume:
+        if not (Path(cfg.resume).expanduser() / "config.yaml").is_file():
+            raise UserError(f"resume={cfg.resume}: not a run directory (no config.yaml); pass the folder a "
+                            "previous `grpo train` wrote")
+    elif cfg.output_dir:
+        check_output_dir(cfg.output_dir, f"continue that run with resume={cfg.output_dir}")
+
+
+def check_output_dir(output_dir: str, alternative: str | None = None) -> Path:
+    """A named folder for new results must be new or empty (and not a file, nor inside one)."""
+    out = Path(output_dir).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = f"output_dir={output_dir}" + ("" if existing == out else f": {existing}")
+        raise UserError(f"{what} is a file, not a folder; choose another output_dir")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output_dir={output_dir} already holds files; choose a new output_dir"
+                        + (f", or {alternative}" if alternative else ""))
+    return out
 
 
 def fresh_dir(parent: Path) -> Path:

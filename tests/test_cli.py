@@ -102,3 +102,9 @@ def test_a_resumed_run_takes_no_config_dir(grpo, tmp_path: Path) -> None:
     line = _one_line_error(grpo("train", f"resume={tmp_path}", "--config-dir", str(tmp_path)))
     assert line == "error: --config-dir does not apply with resume=: a resumed run uses its saved config.yaml; " \
                    "drop --config-dir"
+
+
+def test_an_output_dir_that_is_a_file_fails_first(grpo, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    line = _one_line_error(grpo("train", "recipe=quickstart", f"output_dir={tmp_path / 'notes.txt'}"))
+    assert line == f"error: output_dir={tmp_path / 'notes.txt'} is a file, not a folder; choose another output_dir"

@@ -208,6 +208,8 @@ def test_named_output_dir_must_be_empty(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="already holds files"):
         output_dir(load_target([f"output_dir={tmp_path}"], None))
     assert output_dir(load_target([f"output_dir={tmp_path / 'new'}"], None)) == tmp_path / "new"
+    with pytest.raises(UserError, match="results.json is a file, not a folder; choose another output_dir"):
+        output_dir(load_target([f"output_dir={tmp_path / 'results.json'}"], None))
 
 
 def test_run_without_checkpoints(tmp_path: Path) -> None:

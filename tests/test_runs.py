@@ -12,7 +12,7 @@ import yaml
 
 from grpo_cli.config import compose, resume_config, to_yaml
 from grpo_cli.errors import UserError
-from grpo_cli.runs import atomic_write_text, prepare_run_dir
+from grpo_cli.runs import atomic_write_text, check_run_dir, prepare_run_dir
 
 
 def test_fresh_runs_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,6 +35,20 @@ def test_named_output_dir_must_be_empty_and_resume_needs_a_run(tmp_path: Path) -
     assert prepare_run_dir(dataclasses.replace(cfg, resume=str(run))) == run
     with pytest.raises(UserError, match="not a run directory"):
         prepare_run_dir(dataclasses.replace(cfg, resume=str(tmp_path)))
+
+
+def test_an_output_dir_that_is_a_file_fails_before_anything_loads(tmp_path: Path) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for output_dir, message in ((file, f"output_dir={file} is a file, not a folder; choose another output_dir"),
+                                (file / "run", f"output_dir={file / 'run'}: {file} is a file, not a folder")):
+        cfg = dataclasses.replace(compose([]), output_dir=str(output_dir))
+        with pytest.raises(UserError) as caught:
+            check_run_dir(cfg)  # what `grpo train` checks first
+        assert message in str(caught.value)
+        with pytest.raises(UserError):
+            prepare_run_dir(cfg)
+    assert file.read_text() == "mine"
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:
