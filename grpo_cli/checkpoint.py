@@ -12,15 +12,18 @@ save, so a run resumes on any number of ranks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from grpo_cli import distributed
+from grpo_cli.errors import first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,7 +39,37 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     done = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=step_of)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def damage(folder: Path, trainer_state: bool = True) -> str | None:
+    """What is visibly wrong with a checkpoint (or any model folder), or None: config.json that is
+    not a JSON object, a *.safetensors file shorter or longer than its header says, a trainer_state.pt
+    that is not a torch archive. Reads headers only, so it runs before anything loads: the loaders'
+    own errors for a damaged file are pages long (vLLM's especially)."""
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+                return "config.json is not a JSON object"
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"config.json is not valid JSON ({first_line(e)})"
+    for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("adapter/*.safetensors")]):
+        try:
+            with safe_open(weights, framework="numpy"):
+                pass
+        except SafetensorError as e:
+            return f"{weights.relative_to(folder)} is truncated or corrupt ({first_line(e)})"
+    state = folder / STATE_FILE
+    if trainer_state and state.is_file() and not zipfile.is_zipfile(state):  # torch.save writes a zip archive
+        return f"{STATE_FILE} is truncated or corrupt (not a torch.save archive)"
+    return None
 
 
 def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerBase, keep_last: int,

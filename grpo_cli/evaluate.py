@@ -378,6 +378,21 @@ def _checkpoint_in(run_dir: Path, checkpoint: str | None) -> Path:
     raise UserError(f"checkpoint={checkpoint}: no such checkpoint in {run_dir} (available: {available})")
 
 
+def _check_checkpoint(target: Target) -> None:
+    """A checkpoint or model folder that is not whole fails in one line, before vLLM reads it."""
+    from grpo_cli.checkpoint import damage
+
+    folder = target.checkpoint
+    assert folder is not None
+    other = "evaluate another checkpoint (checkpoint=STEP)" if target.run else "pass an intact model folder"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint={folder}: the folder holds no model (no config.json); pass a checkpoint "
+                        "(RUN/checkpoints/step-NNNNNN) or a Hugging Face model folder")
+    problem = damage(folder, trainer_state=False)
+    if problem is not None:
+        raise UserError(f"checkpoint {folder} is damaged: {problem}; {other}")
+
+
 def output_dir(target: Target) -> Path:
     """Create the folder for the results: output_dir when given (it must be empty), else
     RUN/eval/<checkpoint>/<time> for a run's checkpoint, else runs/eval/<time>."""
@@ -404,6 +419,8 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     cfg = target.cfg
     start = time.perf_counter()
     _named_output_dir(cfg)  # one that already holds files fails now, not after the work
+    if target.checkpoint is not None:
+        _check_checkpoint(target)
     tokenizer = load_tokenizer(cfg.model)
     sets = load_eval_sets(cfg, tokenizer)
     rewards = eval_reward_set(cfg)

@@ -58,7 +58,9 @@ from grpo_cli.sync import engine_logprob_diff, push_weights
 
 def train(cfg: Config) -> Path:
     """Run (or resume) a training run; returns its directory."""
-    check_run_dir(cfg)  # a bad output_dir fails before anything loads
+    check_run_dir(cfg)  # a bad output_dir, or a damaged checkpoint to resume, fails before anything loads
+    if cfg.resume:
+        check_resumable(Path(cfg.resume).expanduser())
     device = distributed.setup()  # under torchrun: this rank's device, in the process group
     world, rank = distributed.world(), distributed.rank()
     if world > 1:
@@ -183,6 +185,24 @@ def train(cfg: Config) -> Path:
         engine.close()
         distributed.teardown()
     return run
+
+
+def check_resumable(run: Path) -> None:
+    """The checkpoint a resume starts from must be whole; if it is not, say which earlier one is."""
+    found = checkpoint.checkpoint_dirs(run)
+    problem = checkpoint.damage(found[-1]) if found else None
+    if problem is None:
+        return
+    fix = (f"move it out of {found[-1].parent} to resume from {found[-2].name}, or start a new run" if len(found) > 1
+           else "it is the run's only checkpoint: start a new run")
+    raise UserError(f"checkpoint {found[-1]} is damaged: {problem}; {fix}")
+
+
+def finished_step(cfg: Config) -> int | None:
+    """The step a resumed run already reached, if that is trainer.max_steps or beyond (nothing to train)."""
+    found = checkpoint.checkpoint_dirs(Path(cfg.resume).expanduser()) if cfg.resume else []
+    step = checkpoint.step_of(found[-1]) if found else 0
+    return step if found and step >= cfg.trainer.max_steps else None
 
 
 # ----------------------------------------------------------------------------- several learners (torchrun)

@@ -108,3 +108,14 @@ def test_an_output_dir_that_is_a_file_fails_first(grpo, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     line = _one_line_error(grpo("train", "recipe=quickstart", f"output_dir={tmp_path / 'notes.txt'}"))
     assert line == f"error: output_dir={tmp_path / 'notes.txt'} is a file, not a folder; choose another output_dir"
+
+
+def test_resuming_a_finished_run_says_so_without_loading_anything(grpo, tmp_path: Path) -> None:
+    # The model does not exist: loading it would fail, so exit code 0 shows nothing was loaded.
+    (tmp_path / "config.yaml").write_text(to_yaml(compose(["trainer.max_steps=4", "model.name_or_path=/no/model"])))
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000004" / "trainer_state.pt").write_bytes(b"")
+    result = grpo("train", f"resume={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (f"nothing to train: {tmp_path} already reached step 4 (trainer.max_steps=4); "
+                                     f"to train further, raise it, e.g. grpo train resume={tmp_path} trainer.max_steps=8")

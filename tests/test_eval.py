@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo_cli.config import compose, to_yaml
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import (
     Graded,
+    _check_checkpoint,
     dataset_label,
     eval_datasets,
     eval_reward_set,
@@ -210,6 +212,25 @@ def test_named_output_dir_must_be_empty(tmp_path: Path) -> None:
     assert output_dir(load_target([f"output_dir={tmp_path / 'new'}"], None)) == tmp_path / "new"
     with pytest.raises(UserError, match="results.json is a file, not a folder; choose another output_dir"):
         output_dir(load_target([f"output_dir={tmp_path / 'results.json'}"], None))
+
+
+def test_a_damaged_or_empty_checkpoint_fails_before_vllm_reads_it(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    run = _fake_run(tmp_path, [2])
+    folder = run / "checkpoints" / "step-000002"
+    with pytest.raises(UserError, match="the folder holds no model \\(no config.json\\)"):
+        _check_checkpoint(load_target([f"eval.run={run}"], None))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+    _check_checkpoint(load_target([f"eval.run={run}"], None))  # whole (the trainer state is not needed)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(UserError) as caught:
+        _check_checkpoint(load_target([f"eval.run={run}"], None))
+    assert str(caught.value).startswith(f"checkpoint {folder} is damaged: model.safetensors is truncated or corrupt")
+    (folder / "config.json").write_text('{"model_type": ')
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        _check_checkpoint(load_target([f"eval.run={run}"], None))
 
 
 def test_run_without_checkpoints(tmp_path: Path) -> None:

@@ -74,3 +74,45 @@ def test_a_damaged_saved_config_is_named(tmp_path: Path) -> None:
         resume_config(str(tmp_path), [])
     assert str(caught.value) == (f"{tmp_path / 'config.yaml'} is not valid YAML (expected the node content, but found "
                                  "':', line 2); the run's saved config is damaged: repair it, or start a new run")
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    """A small checkpoint folder as `checkpoint.save` lays it out: config.json, weights, trainer state."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+    torch.save({"step": step}, folder / "trainer_state.pt")
+    return folder
+
+
+@pytest.mark.parametrize(("file", "content", "problem"), [
+    ("trainer_state.pt", b"garbage\n", "trainer_state.pt is truncated or corrupt (not a torch.save archive)"),
+    ("model.safetensors", None, "model.safetensors is truncated or corrupt (Error while deserializing header"),
+    ("config.json", b'{"model_type": ', "config.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_is_named_before_a_resume_loads_anything(tmp_path: Path, file: str,
+                                                                      content: bytes | None, problem: str) -> None:
+    from grpo_cli.loop import check_resumable
+
+    _checkpoint(tmp_path, 2)
+    latest = _checkpoint(tmp_path, 4)
+    check_resumable(tmp_path)  # whole: no error
+    target = latest / file
+    target.write_bytes(content if content is not None else target.read_bytes()[:-10])  # None: truncated
+    with pytest.raises(UserError) as caught:
+        check_resumable(tmp_path)
+    assert str(caught.value).startswith(f"checkpoint {latest} is damaged: {problem}")
+    assert str(caught.value).endswith(f"; move it out of {latest.parent} to resume from step-000002, or start a new run")
+
+
+def test_resuming_a_finished_run_is_noticed_before_anything_loads(tmp_path: Path) -> None:
+    from grpo_cli.loop import finished_step
+
+    _checkpoint(tmp_path, 4)
+    cfg = dataclasses.replace(compose(["trainer.max_steps=4"]), resume=str(tmp_path))
+    assert finished_step(cfg) == 4
+    assert finished_step(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=5))) is None
