@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpo_cli.errors import UserError, did_you_mean, first_line
+from grpo_cli.errors import UserError, did_you_mean, first_line, utf8_lines
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,7 +76,8 @@ def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     from reasoning_gym.factory import DATASETS
 
     if cfg.task not in DATASETS:
-        raise UserError(f"dataset.task={cfg.task}: not a reasoning-gym task{did_you_mean(cfg.task, DATASETS)}")
+        raise UserError(f"dataset.task={cfg.task}: not a reasoning-gym task{did_you_mean(cfg.task, DATASETS)}; "
+                        f"choose one of: {', '.join(sorted(DATASETS))}")
     # A different seed per split keeps evaluation problems apart from training ones.
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
     try:
@@ -106,15 +107,14 @@ def _jsonl(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"dataset.path={cfg.path}: no such file; pass a .jsonl file with one JSON object per line")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in utf8_lines(path, "save the file as UTF-8"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -24,3 +25,15 @@ def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.5) -> str:
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def utf8_lines(path: Path, fix: str) -> Iterator[tuple[int, str]]:
+    """(number, line) for each line of a text file; a line that is not UTF-8 is a UserError naming the
+    file, the line and `fix`. Lines end at \\n only, as JSON lines do."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {number} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); {fix}") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from grpo_cli.charts import DASHES, PALETTE, Line, legend, line_chart
-from grpo_cli.errors import UserError
+from grpo_cli.errors import UserError, utf8_lines
 from grpo_cli.runs import atomic_write_text
 
 EDGE_STEPS = 5          # the summary's start/end reward: mean over this many first/last logged steps
@@ -85,6 +85,9 @@ EVAL_PLOT = PlotSpec("eval", "Evaluation during training", _eval_series, (0.0, 1
 # ----------------------------------------------------------------------------- reading a run
 def load_run(path: Path) -> Run:
     """Read a run directory; a missing or damaged metrics.jsonl is a UserError naming the fix."""
+    if path.is_file():
+        run = f": here {path.parent}" if (path.parent / "metrics.jsonl").is_file() else " (e.g. runs/quickstart/<time>)"
+        raise UserError(f"{path} is a file, not a run directory; pass the folder `grpo train` wrote{run}")
     if not path.is_dir():
         raise UserError(f"{path}: no such directory; pass a run directory written by `grpo train` "
                         "(e.g. runs/quickstart/<time>)")
@@ -101,7 +104,7 @@ def load_run(path: Path) -> Run:
 
 
 def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line for _, line in utf8_lines(path, "the file is damaged: delete that line and run `grpo report` again")]
     records, notes = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -128,7 +131,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -144,7 +147,7 @@ def _read_samples(folder: Path, accuracy: str | None) -> list[dict[str, Any]]:
     samples = []
     for file in sorted(folder.glob("step-*.jsonl")):
         step = int(file.stem.split("-", 1)[1])
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in utf8_lines(file, "delete the file to build the report without it"):
             if not line.strip():
                 continue
             try:
@@ -166,7 +169,7 @@ def _read_evals(folder: Path) -> list[dict[str, Any]]:
     for file in sorted(folder.glob("*/*/results.json")):
         try:
             results = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # an eval still being written or broken; the training figures do not depend on it
         found = re.fullmatch(r"step-(\d+)", file.parent.parent.name)
         evals.append({**results, "step": int(found.group(1)) if found else None, "path": file})

@@ -49,8 +49,10 @@ def test_reasoning_gym_rows_are_seeded_and_eval_split_differs() -> None:
 
 
 def test_reasoning_gym_errors() -> None:
-    with pytest.raises(UserError, match="not a reasoning-gym task"):
+    with pytest.raises(UserError, match=r"task \(did you mean chain_sum or decimal_chain_sum\?\); choose one of: ab, "):
         load_rows(dataclasses.replace(GYM, task="chain_sums"))
+    with pytest.raises(UserError, match=r"dataset.task=nope: not a reasoning-gym task; choose one of: .*, chain_sum, "):
+        load_rows(dataclasses.replace(GYM, task="nope"))
     with pytest.raises(UserError, match="task_args for chain_sum"):
         load_rows(dataclasses.replace(GYM, task_args={"bogus": 1}))
 
@@ -83,6 +85,11 @@ def test_jsonl_errors(tmp_path: Path) -> None:
     bad.write_text('{"question": "1", "answer": "1"}\n{oops\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         load_rows(DatasetConfig(source="jsonl", path=str(bad)))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"question": "1", "answer": "1"}\n{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(latin1)))
+    assert str(caught.value) == f"{latin1} line 2 is not UTF-8 text (byte 0xe9 at column 18); save the file as UTF-8"
 
 
 def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:

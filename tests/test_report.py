@@ -14,6 +14,7 @@ import torch
 
 from grpo_cli.charts import nice_ticks
 from grpo_cli.config import REFLECTION_WORDS, compose
+from grpo_cli.errors import UserError
 from grpo_cli.loop import Round, _completion_metrics, _sample_records, length_by_outcome, reflection_rate
 from grpo_cli.report import build_report, load_run
 from grpo_cli.rewards import RewardScores
@@ -217,6 +218,24 @@ def test_bad_runs_are_one_line_errors(grpo, tmp_path: Path, setup: str, message:
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_unreadable_runs_name_the_file_and_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": 2, "x\xff": 1}\n')
+    with pytest.raises(UserError) as caught:
+        load_run(run)
+    assert str(caught.value) == (f"{run / 'metrics.jsonl'} line 2 is not UTF-8 text (byte 0xff at column 15); the file "
+                                 "is damaged: delete that line and run `grpo report` again")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "samples" / "step-000001.jsonl").write_bytes(b'{"completion": "\xc3"}\n')
+    with pytest.raises(UserError, match="step-000001.jsonl line 1 is not UTF-8 text"):
+        load_run(run)
+    with pytest.raises(UserError) as caught:
+        load_run(run / "metrics.jsonl")
+    assert str(caught.value) == (f"{run / 'metrics.jsonl'} is a file, not a run directory; pass the folder "
+                                 f"`grpo train` wrote: here {run}")
 
 
 # ----------------------------------------------------------------------------- in a browser
