@@ -144,12 +144,12 @@ def config(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
 """)
 def recipes(config_dir: ConfigDir = None) -> None:
     """List the recipes (full experiments) with a one-line description each."""
-    from grpo_cli.config import find_recipes, recipe_description
+    from grpo_cli.config import find_recipes, recipe_description, user_config_dir
 
-    found = find_recipes(config_dir.expanduser().resolve() if config_dir else None)
+    found = {name: recipe_description(path) for name, path in find_recipes(user_config_dir(config_dir)).items()}
     width = max(map(len, found), default=0)
-    for name, path in found.items():
-        typer.echo(f"{name:<{width}}  {recipe_description(path)}")
+    for name, description in found.items():
+        typer.echo(f"{name:<{width}}  {description}")
 
 
 @app.command(epilog="""

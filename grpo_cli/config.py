@@ -208,7 +208,11 @@ def find_recipes(extra: Path | None = None) -> dict[str, Path]:
 
 
 def recipe_description(path: Path) -> str:
-    return str(OmegaConf.load(path).get("description", ""))
+    return str(load_recipe(path).get("description", ""))
+
+
+def load_recipe(path: Path) -> Any:
+    return load_yaml(path, f"fix the recipe, or move it out of {path.parent}")
 
 
 # ----------------------------------------------------------------------------- composition
@@ -220,7 +224,7 @@ def _register(extra: Path | None) -> None:
     _writable(schema)
     store.store(name="grpo_schema", node=schema)
     for name, path in find_recipes(extra).items():
-        store.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+        store.store(group="recipe", name=name, node=load_recipe(path), package="_global_")
 
 
 def _writable(node: Any) -> None:
@@ -233,13 +237,14 @@ def _writable(node: Any) -> None:
 
 def compose(overrides: list[str], config_dir_extra: str | Path | None = None) -> Config:
     """Compose conf/ + recipes + overrides (Hydra's grammar) into a validated `Config`."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    extra = _existing_dir(config_dir_extra)
+    extra = user_config_dir(config_dir_extra)
     _register(extra)
     overrides = list(overrides)
     if extra is not None:
@@ -250,6 +255,10 @@ def compose(overrides: list[str], config_dir_extra: str | Path | None = None) ->
             raw = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(explain(e)) from None
+    except yaml.YAMLError as e:  # a config group option (conf/ or --config-dir) that is not YAML
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{mark.name if mark else 'a config file'} is not valid YAML ({_yaml_problem(e)}); "
+                        "fix it, or move it out of your --config-dir") from None
     finally:
         GlobalHydra.instance().clear()
     recipe = raw.hydra.runtime.choices.get("recipe")
@@ -305,12 +314,14 @@ def load_yaml(path: Path, fix: str) -> Any:
     try:
         return OmegaConf.load(path)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path} is not valid YAML ({getattr(e, 'problem', None) or 'cannot parse it'}{where}); "
-                        f"{fix}") from None
+        raise UserError(f"{path} is not valid YAML ({_yaml_problem(e)}); {fix}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; {fix}") from None
+
+
+def _yaml_problem(error: Exception) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return (getattr(error, "problem", None) or "cannot parse it") + (f", line {mark.line + 1}" if mark else "")
 
 
 class _open:
@@ -327,7 +338,8 @@ class _open:
         OmegaConf.set_struct(self.cfg, True)
 
 
-def _existing_dir(path: str | Path | None) -> Path | None:
+def user_config_dir(path: str | Path | None) -> Path | None:
+    """--config-dir, resolved; one that does not exist is a UserError (not silently no recipes)."""
     if path is None:
         return None
     p = Path(path).expanduser().resolve()

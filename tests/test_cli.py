@@ -28,6 +28,16 @@ def test_recipes_lists_each_with_a_description(grpo) -> None:
     assert "SmolLM2-135M-Instruct" in lines["quickstart"]
 
 
+def test_recipes_checks_its_config_dir_like_config(grpo, tmp_path: Path) -> None:
+    line = _one_line_error(grpo("recipes", "--config-dir", str(tmp_path / "nope")))
+    assert line.startswith(f"error: --config-dir {tmp_path / 'nope'}: no such directory")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "broken.yaml").write_text("description: [oops\n  x: :\n")
+    result = grpo("recipes", "--config-dir", str(tmp_path))
+    assert "broken.yaml is not valid YAML" in _one_line_error(result)
+    assert result.stdout == ""  # nothing listed before the error
+
+
 def test_config_prints_the_resolved_config_with_overrides(grpo) -> None:
     result = grpo("config", "recipe=r1_zero_math", "trainer.lr=3e-6", "rollout.group_size=4")
     assert result.returncode == 0, result.stderr

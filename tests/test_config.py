@@ -166,6 +166,21 @@ def test_every_list_setting_has_a_command_line_example_that_composes() -> None:
         compose([override, "rollout.engine=hf", "eval.n=8"])  # hf: servers are checked, not used; k <= n
 
 
+def test_a_broken_yaml_file_in_a_config_dir_is_named(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name_or_path: [oops\n  x: :\n")
+    with pytest.raises(UserError) as caught:
+        compose(["model=mine"], tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'model' / 'mine.yaml'} is not valid YAML (expected ',' or ']', "
+                                        "but got ':', line 2)")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "broken.yaml").write_text("description: [oops\n  x: :\n")
+    with pytest.raises(UserError) as caught:
+        compose(["recipe=quickstart"], tmp_path)  # every recipe is registered, the broken one too
+    assert str(caught.value) == (f"{tmp_path / 'recipes' / 'broken.yaml'} is not valid YAML (expected ',' or ']', but "
+                                 f"got ':', line 2); fix the recipe, or move it out of {tmp_path / 'recipes'}")
+
+
 def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--config-dir"):
         compose([], tmp_path / "nope")
