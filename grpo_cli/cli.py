@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from grpo_cli.errors import RolloutServerError, UserError
+
+# Where the click that typer runs on defines its errors: click itself, or (typer >= 0.26) typer's own copy.
+click_errors = sys.modules[typer.BadParameter.__module__]
 
 app = typer.Typer(
     name="grpo",
@@ -186,7 +189,8 @@ def rollout_server(
     overrides: Overrides = None,
     config_dir: ConfigDir = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one, printed).")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535,
+                                      help="Port to listen on (0: any free one, printed).")] = 8000,
 ) -> None:
     """Serve rollouts for `rollout=vllm_server`: a vLLM engine behind HTTP that takes weight updates.
 
@@ -203,7 +207,18 @@ def rollout_server(
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)  # click's errors come here, to be worded as ours
+    except getattr(click_errors, "NoArgsIsHelpError", ()):  # `grpo` alone: the help is printed already
+        sys.exit(2)
+    except click_errors.UsageError as e:  # an unknown command or option, a missing or malformed argument
+        typer.echo(f"error: {usage_error(e)}", err=True)
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -213,3 +228,21 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error(error: Any) -> str:
+    """Click's usage error as one line, with where to look (and, for an option that is really a
+    setting, the override that sets it)."""
+    from grpo_cli.config import keys_named
+
+    text = " ".join(error.format_message().split())
+    ctx = error.ctx
+    if ctx is None:
+        return text
+    takes_overrides = any(p.name == "overrides" for p in ctx.command.params)
+    if isinstance(error, click_errors.NoSuchOption) and takes_overrides:
+        keys = keys_named(error.option_name.lstrip("-").replace("-", "_"))
+        example = " or ".join(f"{k}=VALUE" for k in keys) if keys else "trainer.lr=1e-6"
+        return f"{text}; settings are overrides without dashes, e.g. {example} (see {ctx.command_path} --help)"
+    return f"{text} (see {ctx.command_path} --help)"

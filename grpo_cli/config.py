@@ -528,6 +528,13 @@ def _schema_keys(key: str) -> tuple[str, list[str]] | None:
     return None if found is None else (found[0], [f.name for f in dataclasses.fields(found[1])])
 
 
+def keys_named(name: str) -> list[str]:
+    """The dotted keys whose last part is `name`: ["trainer.lr"] for "lr"."""
+    hints = typing.get_type_hints(Config)
+    groups = [group for group, kind in hints.items() if dataclasses.is_dataclass(kind)]
+    return ([name] if name in hints else []) + [f"{g}.{name}" for g in groups if name in typing.get_type_hints(hints[g])]
+
+
 def _is_text(key: str) -> bool:
     """Whether the schema types `key` as a string (a value that may need quotes on the command line)."""
     found = _schema_parent(key)

@@ -77,6 +77,19 @@ def test_bad_input_exits_2_with_one_line(grpo, args: list[str], expected: str) -
     assert expected in _one_line_error(grpo(*args))
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["trian", "recipe=quickstart"], "error: No such command 'trian'. Did you mean 'train'?"),
+    (["train", "--lr", "1e-6"], "settings are overrides without dashes, e.g. trainer.lr=VALUE"),
+    (["report"], "error: Missing argument 'runs'."),
+    (["eval", "--limit", "abc"], "error: Invalid value for '--limit'"),
+    (["rollout-server", "--port", "99999"], "error: Invalid value for '--port'"),  # 0 (any free port) to 65535
+    (["rollout-server", "--port", "-1"], "error: Invalid value for '--port'"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(grpo, args: list[str], expected: str) -> None:
+    line = _one_line_error(grpo(*args))
+    assert expected in line and line.endswith(" --help)")
+
+
 def test_missing_dataset_column_names_the_columns(grpo, tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "solution": "2"}) + "\n")
