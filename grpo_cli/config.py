@@ -416,6 +416,13 @@ def _validate_rewards(terms: dict[str, RewardTerm]) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
+    from grpo_cli.models import BUILTIN_MODELS
+
+    folder = Path(m.name_or_path).expanduser()  # a folder wins over a Hub id of the same name (models.resolve)
+    if m.name_or_path not in BUILTIN_MODELS and folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(f"model.name_or_path={m.name_or_path}: the folder holds no model (no config.json); pass a "
+                        "Hugging Face model folder (config.json, weights, tokenizer) such as a run's "
+                        f"checkpoints/step-NNNNNN, a Hub id (org/name) or a built-in model: {', '.join(BUILTIN_MODELS)}")
     if m.lora_rank < 0:
         raise UserError(f"model.lora_rank={m.lora_rank}: use 0 (train every weight) or a LoRA rank such as 16")
     if not 0 <= m.lora_dropout < 1:

@@ -181,6 +181,15 @@ def test_a_broken_yaml_file_in_a_config_dir_is_named(tmp_path: Path) -> None:
                                  f"got ':', line 2); fix the recipe, or move it out of {tmp_path / 'recipes'}")
 
 
+def test_a_model_folder_without_a_model_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as caught:
+        compose([f"model.name_or_path={tmp_path}"])
+    assert str(caught.value).startswith(f"model.name_or_path={tmp_path}: the folder holds no model (no config.json); "
+                                        "pass a Hugging Face model folder")
+    (tmp_path / "config.json").write_text("{}")
+    assert compose([f"model.name_or_path={tmp_path}"]).model.name_or_path == str(tmp_path)
+
+
 def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--config-dir"):
         compose([], tmp_path / "nope")
