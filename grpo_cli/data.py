@@ -16,7 +16,7 @@ from grpo_cli.errors import UserError, did_you_mean, first_line, utf8_lines
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from grpo_cli.config import DatasetConfig
+    from grpo_cli.schema import DatasetConfig
 
 # The base-model template of DeepSeek-R1-Zero (DeepSeek-R1 paper, Table 1).
 R1_ZERO_TEMPLATE = (

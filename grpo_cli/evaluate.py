@@ -29,15 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from grpo_cli.config import (
-    Config,
-    DatasetConfig,
-    check_saved_config_overrides,
-    compose,
-    config_dir,
-    resume_config,
-    to_container,
-)
+from grpo_cli.config import check_saved_config_overrides, compose, config_dir, resume_config, to_container
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
@@ -45,6 +37,7 @@ from grpo_cli.rewards import RewardSet, build_reward_set
 from grpo_cli.rewards.extract import extract_answer
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
 from grpo_cli.runs import atomic_write_text, check_output_dir, fresh_dir
+from grpo_cli.schema import Config, DatasetConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from grpo_cli import distributed
-from grpo_cli.config import Config, ModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.logprobs import (
     Packed,
@@ -36,6 +35,7 @@ from grpo_cli.logprobs import (
 )
 from grpo_cli.loss import policy_loss
 from grpo_cli.models import load_model, torch_dtype
+from grpo_cli.schema import Config, ModelConfig
 
 
 class TrainingError(RuntimeError):

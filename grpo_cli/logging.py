@@ -23,8 +23,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from grpo_cli.config import Config, to_container
+from grpo_cli.config import to_container
 from grpo_cli.runs import atomic_write_text
+from grpo_cli.schema import Config
 
 CONSOLE_KEYS = {"reward/mean": "reward", "accuracy": "acc", "kl": "kl", "completion/len_mean": "len",
                 "time/step": "s/step"}

@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
-from grpo_cli.config import Config
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import PeriodicEval
@@ -53,6 +52,7 @@ from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set
 from grpo_cli.rollout import Engine, Sample, make_engine, sampling_from_config
 from grpo_cli.runs import check_run_dir, prepare_run_dir
+from grpo_cli.schema import Config
 from grpo_cli.sync import engine_logprob_diff, push_weights
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from grpo_cli.config import ModelConfig
+    from grpo_cli.schema import ModelConfig
 
 BUILTIN_MODELS = {
     # name -> (package that ships it, GGUF file inside the package)

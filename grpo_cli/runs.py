@@ -7,8 +7,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo_cli.config import Config, to_yaml
+from grpo_cli.config import to_yaml
 from grpo_cli.errors import UserError
+from grpo_cli.schema import Config
 
 
 def atomic_write_text(path: Path, text: str) -> None:

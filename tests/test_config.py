@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.config import LIST_EXAMPLES, Config, RewardTerm, compose, config_dir, find_recipes, to_yaml
+from grpo_cli.config import LIST_EXAMPLES, compose, config_dir, find_recipes, to_yaml
 from grpo_cli.errors import UserError
+from grpo_cli.schema import Config, RewardTerm
 
 GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in config_dir().glob("*/*.yaml"))
 NEEDS_PATH = {"hf", "jsonl"}  # dataset options with no default path

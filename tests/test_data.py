@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.config import DatasetConfig
 from grpo_cli.data import load_prompts, load_rows, render_prompt
 from grpo_cli.errors import UserError
+from grpo_cli.schema import DatasetConfig
 
 GYM = DatasetConfig(source="reasoning_gym", task="chain_sum", size=5, seed=7,
                     task_args={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})

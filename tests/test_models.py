@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_cli.config import ModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.models import load_model, load_tokenizer, resolve, torch_dtype
+from grpo_cli.schema import ModelConfig
 
 
 def test_builtin_model_loads_offline(smollm2_dir: Path) -> None:

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from grpo_cli.charts import nice_ticks
-from grpo_cli.config import REFLECTION_WORDS, compose
+from grpo_cli.config import compose
 from grpo_cli.errors import UserError
 from grpo_cli.loop import Round, _completion_metrics, _sample_records, length_by_outcome, reflection_rate
 from grpo_cli.report import build_report, load_run
 from grpo_cli.rewards import RewardScores
 from grpo_cli.rollout import Sample
+from grpo_cli.schema import REFLECTION_WORDS
 
 PLOT_IDS = ("reward", "accuracy", "length", "reflection", "kl", "clip", "entropy", "grad-norm", "time", "eval")
 ATTACK = "<script>alert(1)</script>"

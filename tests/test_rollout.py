@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_cli.config import ModelConfig, RolloutConfig
 from grpo_cli.rollout import SamplingSettings, make_engine, sampling_from_config
+from grpo_cli.schema import ModelConfig, RolloutConfig
 from grpo_cli.sync import _buckets, engine_logprob_diff, layer_key, push_weights
 
 LONG = " ".join(f"step {i}: add {i % 7} to the total." for i in range(40))  # ~400 tokens: cached prefix blocks

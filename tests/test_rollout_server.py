@@ -23,10 +23,10 @@ import pytest
 import torch
 from server_process import free_port, start_server, stop_server  # tests/server_process.py
 
-from grpo_cli.config import RolloutConfig
 from grpo_cli.errors import RolloutServerError, UserError
 from grpo_cli.rollout import SamplingSettings
 from grpo_cli.rollout.vllm_server import VLLMServerEngine, split_evenly
+from grpo_cli.schema import RolloutConfig
 from grpo_cli.sync import layer_key, push_weights, read_weight_files, write_weight_files
 
 # The server process needs vLLM; this one does not import it.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from grpo_cli.config import ModelConfig, RolloutConfig
+    from grpo_cli.schema import ModelConfig, RolloutConfig
 
 __all__ = ["Engine", "Sample", "SamplingSettings", "make_engine", "sampling_from_config"]
 

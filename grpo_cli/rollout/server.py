@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 from grpo_cli.errors import UserError, first_line
 
 if TYPE_CHECKING:
-    from grpo_cli.config import Config
     from grpo_cli.rollout.vllm import VLLMEngine
+    from grpo_cli.schema import Config
 
 log = logging.getLogger("grpo.rollout_server")
 

@@ -47,7 +47,7 @@ from grpo_cli.models import torch_dtype
 from grpo_cli.rollout import Sample, SamplingSettings
 
 if TYPE_CHECKING:
-    from grpo_cli.config import ModelConfig, RolloutConfig
+    from grpo_cli.schema import ModelConfig, RolloutConfig
 
 PROMPT_BUDGET = 2048  # prompt tokens the engine's max_model_len leaves room for, beyond max_new_tokens
 _SEED_STRIDE = 0x9E3779B1  # spreads per-prompt seeds so that seed s and s + 1 share no streams

@@ -38,7 +38,7 @@ from grpo_cli.rollout import Sample, SamplingSettings
 if TYPE_CHECKING:
     import torch
 
-    from grpo_cli.config import RolloutConfig
+    from grpo_cli.schema import RolloutConfig
 
 _HINT = "is `grpo rollout-server` running there? (rollout.servers)"
 
