@@ -384,10 +384,15 @@ def keys_named(name: str) -> list[str]:
     return ([name] if name in hints else []) + [f"{g}.{name}" for g in groups if name in typing.get_type_hints(hints[g])]
 
 
+def _field_type(key: str) -> Any:
+    """The schema's type of a dotted key (None if the schema does not type it)."""
+    found = _schema_parent(key)
+    return None if found is None else typing.get_type_hints(found[1]).get(found[0])
+
+
 def _is_text(key: str) -> bool:
     """Whether the schema types `key` as a string (a value that may need quotes on the command line)."""
-    found = _schema_parent(key)
-    return found is not None and typing.get_type_hints(found[1]).get(found[0]) in (str, str | None)
+    return _field_type(key) in (str, str | None)
 
 
 def _unparsable(override: str, first: str) -> str:
@@ -434,6 +439,9 @@ def explain(error: Exception) -> str:
             return f"bad value for '{key}': it cannot be null"
         if "is not a ListConfig" in text and key in LIST_EXAMPLES:
             return f"bad value for '{key}': it takes a list, e.g. {LIST_EXAMPLES[key]}"
+        if "is not a valid bool" in text:
+            optional = _field_type(key) == bool | None
+            return f"bad value for '{key}': use true or false" + (" (or null: the default)" if optional else "")
         return f"bad value for '{key}': {first}"
     deleted = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
     if deleted:

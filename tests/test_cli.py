@@ -64,6 +64,7 @@ def test_unknown_key_exits_2_naming_it(grpo) -> None:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["config", "trainer.lr=fast"], "'fast' is not a valid float"),
+    (["config", "optimizer.master_weights=maybe"], "use true or false (or null: the default)"),
     (["config", "recipe=r1_zero"], "unknown recipe 'r1_zero'"),
     (["config", "rollout=vlm"], "unknown rollout option 'vlm'"),
     (["config", "trainer.lr"], "cannot parse override"),
