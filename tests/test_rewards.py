@@ -235,6 +235,12 @@ def test_reward_scores_metrics_empty():
     ("ratio 3/4", "3/4"),
     ("so the result is -7", "-7"),
     ("between 3-5 items", "5"),  # a hyphen is not a minus sign
+    ("So the temperature is \u22125 degrees.", "-5"),  # U+2212 MINUS SIGN is a minus
+    ("The change is \u20133.", "-3"),  # an en dash before a number, no digit before it: a minus
+    ("(\u2013.5)", "-.5"),
+    ("between 3\u20135 items", "5"),  # an en dash between numbers is a range, not -5
+    ("pages 3 \u2013 5", "5"),  # also with spaces around it
+    ("#### \u22127", "-7"),
     ("no digits here", None),
     ("", None),
     ("<answer>   </answer> 9", "9"),  # empty tag falls through
@@ -250,6 +256,9 @@ def test_extract_answer(text, expected):
     ("#### 1,000", "1000"),
     ("Thus the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("  \\frac{1}{2} ", "\\frac{1}{2}"),
+    ("She is 7 years younger.\n#### \u22127", "-7"),  # U+2212 in golds too
+    ("So $x = \\boxed{\u22122}$.", "-2"),
+    ("\u20134", "-4"),
 ])
 def test_gold_answer(reference, expected):
     assert gold_answer(reference) == expected

@@ -39,6 +39,11 @@ ACCURACY_CASES = [
     ("<answer>７２</answer>", "72", 0.0, False),  # full-width digits are not read as a number
     ("<answer>五</answer>", "5", 0.0, False),  # nor are CJK numerals
     ("<answer>−5</answer>", "-5", 1.0, False),  # U+2212 minus sign
+    ("So the temperature is \u22125 degrees.", "5", 0.0, False),  # final number -5 (U+2212), not 5
+    ("So the temperature is \u22125 degrees.", "-5", 1.0, False),
+    ("The change is \u20133.", "-3", 1.0, False),  # en dash used as a minus sign
+    ("Between 3\u20135 apples.", "5", 1.0, False),  # en dash range: the final number is 5
+    ("<answer>-7</answer>", "#### \u22127", 1.0, False),  # U+2212 in a GSM8K-style gold
     ("<answer>outer <answer>5</answer></answer>", "5", 1.0, False),  # nested tags: innermost
     ("<think>\\boxed{5}</think><answer>6</answer>", "5", 0.0, False),  # <answer> beats a box in the reasoning
     ("<answer>\\boxed{5}</answer>", "5", 1.0, False),

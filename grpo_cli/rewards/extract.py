@@ -13,6 +13,24 @@ _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 # sign right after a word character is a hyphen or a subtraction ("2024-01", "3-5"), not a sign.
 _NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?")
 _BOXED_NAMES = ("\\boxed", "\\fbox")
+# An en dash (U+2013) directly before a number.
+_EN_DASH_NUMBER_RE = re.compile(r"\u2013(?=\.?\d)")
+
+
+def normalize_minus(text: str) -> str:
+    """U+2212 MINUS SIGN becomes "-", and so does an en dash (U+2013) directly before a number
+    ("it is <en dash>5", "x <en dash> 1"), unless a digit comes before it (spaces skipped): "3<en
+    dash>5" and "3 <en dash> 5" are ranges, as typeset text writes them, never a negative 5."""
+    text = text.replace("\u2212", "-")
+    if "\u2013" not in text:
+        return text
+
+    def sign(m: re.Match[str]) -> str:
+        # A bounded look back keeps text of many dashes and spaces linear.
+        before = text[max(0, m.start() - 32) : m.start()].rstrip(" \t")
+        return "\u2013" if before[-1:].isdigit() else "-"
+
+    return _EN_DASH_NUMBER_RE.sub(sign, text)
 
 
 def answer_tag(text: str) -> str | None:
@@ -84,7 +102,9 @@ def final_number(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The completion's final answer: last <answer> content, else last \\boxed{...}, else a
-    '#### N', else the final number in the text. None if none is found."""
+    '#### N', else the final number in the text. None if none is found. Minus signs are
+    normalised first (`normalize_minus`), so "is <U+2212>5" gives "-5", not "5"."""
+    text = normalize_minus(text)
     for extractor in (answer_tag, last_boxed, hash_answer, final_number):
         found = extractor(text)
         if found is not None and found.strip():
@@ -94,8 +114,9 @@ def extract_answer(text: str) -> str | None:
 
 def gold_answer(reference: str) -> str:
     """The answer part of a reference: after '####' (GSM8K solution), else the last
-    \\boxed{...} (MATH solution), else the whole reference."""
-    reference = str(reference)
+    \\boxed{...} (MATH solution), else the whole reference; minus signs normalised as in
+    `extract_answer`."""
+    reference = normalize_minus(str(reference))
     if "####" in reference:
         found = hash_answer(reference)
         if found:
