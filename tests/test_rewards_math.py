@@ -44,6 +44,14 @@ ACCURACY_CASES = [
     ("The change is \u20133.", "-3", 1.0, False),  # en dash used as a minus sign
     ("Between 3\u20135 apples.", "5", 1.0, False),  # en dash range: the final number is 5
     ("<answer>-7</answer>", "#### \u22127", 1.0, False),  # U+2212 in a GSM8K-style gold
+    # "\$" is a dollar sign, not a math delimiter, in completions and in golds.
+    ("The total is \\boxed{\\$18}.", "#### 18", 1.0, False),
+    ("<answer>\\$18</answer>", "#### 18", 1.0, False),
+    ("<answer>\\$17</answer>", "#### 18", 0.0, False),
+    ("<answer>The total is \\$18.</answer>", "#### 18", 1.0, False),  # prose with a dollar amount
+    ("<answer>\\$1,234.50</answer>", "1234.5", 1.0, False),
+    ("\\boxed{42}", "So he pays $6 \\cdot 7 = \\boxed{\\$42}$.", 1.0, False),  # MATH gold, was flagged
+    ("\\boxed{\\$1.25}", "The cost is $\\boxed{\\$1.25}$.", 1.0, False),
     ("<answer>outer <answer>5</answer></answer>", "5", 1.0, False),  # nested tags: innermost
     ("<think>\\boxed{5}</think><answer>6</answer>", "5", 0.0, False),  # <answer> beats a box in the reasoning
     ("<answer>\\boxed{5}</answer>", "5", 1.0, False),

@@ -22,7 +22,11 @@ import re  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 
-_ANCHORS = ("$", "\\(", "\\[", "\\boxed", "\\fbox")
+_ANCHORS = ("\\(", "\\[", "\\boxed", "\\fbox")
+# A "$" delimits math unless escaped: "\$18" is eighteen dollars (an even run of backslashes
+# before it escapes only themselves).
+_DOLLAR_RE = re.compile(r"(?:^|[^\\])(?:\\\\)*\$")
+_ESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\\$")
 _COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 _WORD_RE = re.compile(r"[A-Za-z]{3,}")
 
@@ -44,10 +48,14 @@ def _parse(text, parse):
     def run(s):
         return parse(s, fallback_mode="no_fallback", parsing_timeout=None)
 
-    if any(anchor in text for anchor in _ANCHORS) or _WORD_RE.search(_COMMAND_RE.sub(" ", text)):
+    if _DOLLAR_RE.search(text) or any(anchor in text for anchor in _ANCHORS) or _WORD_RE.search(_COMMAND_RE.sub(" ", text)):
         # Delimited LaTeX, or prose ("The answer is 42"): let math-verify find the math. Prose
-        # must not be wrapped in $...$, where "yes" would parse as the product y*e*s.
-        return run(text)
+        # must not be wrapped in $...$, where "yes" would parse as the product y*e*s. In prose
+        # math-verify reads no "\$18" (it does inside $...$): then try without the currency signs.
+        found = run(text)
+        if not found and "\\$" in text:
+            found = run(_ESCAPED_DOLLAR_RE.sub(r"\1", text))
+        return found
     # A bare expression such as "\sqrt{2}" or "\{1,2\}" is only understood as LaTeX.
     return run("$" + text + "$") or run(text)
 
