@@ -21,8 +21,10 @@ from grpo_cli.rewards.extract import (
     answer_or_text,
     extract_answer,
     extract_code,
+    final_answer,
     gold_answer,
     last_boxed,
+    reference_answer,
     think_text,
 )
 from grpo_cli.rewards.math import cosine_value
@@ -262,6 +264,26 @@ def test_extract_answer(text, expected):
 ])
 def test_gold_answer(reference, expected):
     assert gold_answer(reference) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<answer> odd </answer>", ("odd", True)),  # marked as the answer: <answer> or \\boxed{}
+    ("so \\boxed{\\text{Devon}}.", ("\\text{Devon}", True)),
+    ("work\n#### 7", ("7", False)),  # picked out of the text
+    ("it is 7 apples", ("7", False)),
+    ("nothing", (None, False)),
+])
+def test_final_answer_says_whether_it_was_marked(text, expected):
+    assert final_answer(text) == expected
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("So $\\boxed{\\text{Devon}}$.", ("\\text{Devon}", True)),
+    ("#### 72", ("72", False)),
+    ("\\text{Devon}", ("\\text{Devon}", False)),
+])
+def test_reference_answer_says_whether_it_was_boxed(reference, expected):
+    assert reference_answer(reference) == expected
 
 
 def test_last_boxed_and_think_text():

@@ -52,6 +52,18 @@ ACCURACY_CASES = [
     ("<answer>\\$1,234.50</answer>", "1234.5", 1.0, False),
     ("\\boxed{42}", "So he pays $6 \\cdot 7 = \\boxed{\\$42}$.", 1.0, False),  # MATH gold, was flagged
     ("\\boxed{\\$1.25}", "The cost is $\\boxed{\\$1.25}$.", 1.0, False),
+    # Text answers: a \\text{} gold parses, and a word in the completion's box or <answer> is
+    # compared as a string (math-verify's reading of a box), case-insensitively.
+    ("\\boxed{\\text{Devon}}", "The winner is $\\boxed{\\text{Devon}}$.", 1.0, False),  # was flagged
+    ("\\boxed{Devon}", "The winner is $\\boxed{\\text{Devon}}$.", 1.0, False),
+    ("<answer>devon</answer>", "\\text{Devon}", 1.0, False),  # a MATH-500 style answer column
+    ("<answer>Vedon</answer>", "The winner is $\\boxed{\\text{Devon}}$.", 0.0, False),
+    ("The function is \\boxed{\\text{odd}}", "So $f$ is $\\boxed{\\text{odd}}$.", 1.0, False),
+    ("<answer>odd</answer>", "\\boxed{\\text{odd}}", 1.0, False),
+    ("<answer>even</answer>", "\\boxed{\\text{odd}}", 0.0, False),
+    ("So the function is odd.", "\\boxed{\\text{odd}}", 0.0, False),  # no marked answer, no number
+    ("<answer>yes</answer>", "\\boxed{\\text{yes}}", 1.0, False),  # (a bare gold "yes" is flagged, below)
+    ("<answer>no</answer>", "\\boxed{\\text{yes}}", 0.0, False),
     ("<answer>outer <answer>5</answer></answer>", "5", 1.0, False),  # nested tags: innermost
     ("<think>\\boxed{5}</think><answer>6</answer>", "5", 0.0, False),  # <answer> beats a box in the reasoning
     ("<answer>\\boxed{5}</answer>", "5", 1.0, False),

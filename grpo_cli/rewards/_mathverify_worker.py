@@ -1,11 +1,16 @@
 """math-verify worker process, run as a script by `mathcheck.MathChecker` (never imported).
 
 Protocol (JSON lines): prints "ready" once math-verify is imported, then for every request
-line {"timeout": seconds, "soft": bool, "pairs": [[gold, pred], ...]} prints one line per pair, in order and
-as soon as it is known: "1" equal, "0" not equal, "g" gold answer unparseable, "t" soft
-timeout, "e" error. Streaming per pair lets the parent hold an exact per-check deadline and,
-if this process gets stuck in C code (huge integer powers ignore signals), kill it knowing
-which pair was responsible. Exits on EOF.
+line {"timeout": seconds, "soft": bool, "pairs": [[gold, pred, gold_boxed, pred_boxed], ...]}
+(the two flags optional, default false) prints one line per pair, in order and as soon as it
+is known: "1" equal, "0" not equal, "g" gold answer unparseable, "t" soft timeout, "e" error.
+Streaming per pair lets the parent hold an exact per-check deadline and, if this process gets
+stuck in C code (huge integer powers ignore signals), kill it knowing which pair was
+responsible. Exits on EOF.
+
+A "boxed" answer is the content of a \\boxed{} or an <answer> tag: a whole final answer. When no
+other reading of it parses, it is read as math-verify reads a box (`$\\boxed{...}$`), where a
+bare word such as "Devon" is the string devon rather than prose with no math in it.
 """
 
 import sys
@@ -28,6 +33,8 @@ _ANCHORS = ("\\(", "\\[", "\\boxed", "\\fbox")
 _DOLLAR_RE = re.compile(r"(?:^|[^\\])(?:\\\\)*\$")
 _ESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\\$")
 _COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+# Text inside math ("\text{Devon}", "5\mbox{ cm}") is LaTeX, not prose: its words don't count.
+_TEXT_ARG_RE = re.compile(r"\\(?:text(?:bf|it|rm|sf|tt|normal)?|mbox|mathrm)\s*\{[^{}]*\}")
 _WORD_RE = re.compile(r"[A-Za-z]{3,}")
 
 
@@ -39,25 +46,39 @@ def _on_alarm(signum, frame):
     raise _SoftTimeout()
 
 
-def _parse(text, parse):
+def _run(parse, text):
+    # No signal-based timeout inside math-verify: we bound time ourselves (setitimer here,
+    # a hard kill in the parent).
+    return parse(text, fallback_mode="no_fallback", parsing_timeout=None)
+
+
+def _parse(text, parse, boxed=False):
     text = text.strip()
     if not text:
         return []
-    # No signal-based timeout inside math-verify: we bound time ourselves (setitimer here,
-    # a hard kill in the parent).
-    def run(s):
-        return parse(s, fallback_mode="no_fallback", parsing_timeout=None)
+    found = _read(text, parse)
+    if not found and boxed:
+        # Last resort for a whole answer: read it as math-verify reads a box ("Devon", "odd").
+        found = _run(parse, "$\\boxed{" + text + "}$")
+    return found
 
-    if _DOLLAR_RE.search(text) or any(anchor in text for anchor in _ANCHORS) or _WORD_RE.search(_COMMAND_RE.sub(" ", text)):
+
+def _read(text, parse):
+    if _DOLLAR_RE.search(text) or any(anchor in text for anchor in _ANCHORS) or _is_prose(text):
         # Delimited LaTeX, or prose ("The answer is 42"): let math-verify find the math. Prose
         # must not be wrapped in $...$, where "yes" would parse as the product y*e*s. In prose
         # math-verify reads no "\$18" (it does inside $...$): then try without the currency signs.
-        found = run(text)
+        found = _run(parse, text)
         if not found and "\\$" in text:
-            found = run(_ESCAPED_DOLLAR_RE.sub(r"\1", text))
+            found = _run(parse, _ESCAPED_DOLLAR_RE.sub(r"\1", text))
         return found
-    # A bare expression such as "\sqrt{2}" or "\{1,2\}" is only understood as LaTeX.
-    return run("$" + text + "$") or run(text)
+    # A bare expression such as "\sqrt{2}" or "\text{Devon}" is only understood as LaTeX.
+    return _run(parse, "$" + text + "$") or _run(parse, text)
+
+
+def _is_prose(text):
+    """A word of 3+ letters outside LaTeX commands and their \\text{...} arguments."""
+    return _WORD_RE.search(_COMMAND_RE.sub(" ", _TEXT_ARG_RE.sub(" ", text))) is not None
 
 
 def main():
@@ -69,8 +90,8 @@ def main():
     from math_verify import parse, verify
 
     @functools.lru_cache(maxsize=4096)
-    def parse_gold(text):
-        return tuple(_parse(text, parse))
+    def parse_gold(text, boxed):
+        return tuple(_parse(text, parse, boxed))
 
     signal.signal(signal.SIGALRM, _on_alarm)
     out = sys.stdout
@@ -80,15 +101,16 @@ def main():
         request = json.loads(line)
         # soft=False leaves the bound to the parent's hard kill alone (used by tests).
         timeout = float(request["timeout"]) if request.get("soft", True) else 0.0
-        for gold, pred in request["pairs"]:
+        for pair in request["pairs"]:
+            gold, pred, gold_boxed, pred_boxed = (*pair, False, False)[:4]
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
                 try:
-                    gold_parsed = parse_gold(gold)
+                    gold_parsed = parse_gold(gold, bool(gold_boxed))
                     if not gold_parsed:
                         code = "g"
                     else:
-                        pred_parsed = _parse(pred, parse)
+                        pred_parsed = _parse(pred, parse, bool(pred_boxed))
                         ok = bool(pred_parsed) and verify(list(gold_parsed), pred_parsed, timeout_seconds=None)
                         code = "1" if ok else "0"
                 finally:

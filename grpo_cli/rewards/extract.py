@@ -104,28 +104,39 @@ def extract_answer(text: str) -> str | None:
     """The completion's final answer: last <answer> content, else last \\boxed{...}, else a
     '#### N', else the final number in the text. None if none is found. Minus signs are
     normalised first (`normalize_minus`), so "is <U+2212>5" gives "-5", not "5"."""
+    return final_answer(text)[0]
+
+
+def final_answer(text: str) -> tuple[str | None, bool]:
+    """`extract_answer`'s answer, and whether it is a whole answer the model marked as one (the
+    content of an <answer> or a \\boxed{}) rather than a number picked out of the text."""
     text = normalize_minus(text)
-    for extractor in (answer_tag, last_boxed, hash_answer, final_number):
+    for extractor, marked in ((answer_tag, True), (last_boxed, True), (hash_answer, False), (final_number, False)):
         found = extractor(text)
         if found is not None and found.strip():
-            return found.strip()
-    return None
+            return found.strip(), marked
+    return None, False
 
 
 def gold_answer(reference: str) -> str:
     """The answer part of a reference: after '####' (GSM8K solution), else the last
     \\boxed{...} (MATH solution), else the whole reference; minus signs normalised as in
     `extract_answer`."""
+    return reference_answer(reference)[0]
+
+
+def reference_answer(reference: str) -> tuple[str, bool]:
+    """`gold_answer`'s answer, and whether it is the content of a \\boxed{}."""
     reference = normalize_minus(str(reference))
     if "####" in reference:
         found = hash_answer(reference)
         if found:
-            return found
+            return found, False
     if any(name in reference for name in _BOXED_NAMES):
         found = last_boxed(reference)
         if found is not None:
-            return found.strip()
-    return reference.strip()
+            return found.strip(), True
+    return reference.strip(), False
 
 
 def answer_or_text(text: str) -> str:

@@ -2,8 +2,10 @@
 
 Both extract the completion's final answer (`extract.extract_answer`) and the reference's
 (`extract.gold_answer`: plain answer, GSM8K '#### N' or MATH \\boxed{}) and compare them with
-math-verify in time-bounded worker processes (`mathcheck`). A reference math-verify cannot
-parse is flagged invalid (reward 0, `FlaggedScores.invalid`) rather than silently scored.
+math-verify in time-bounded worker processes (`mathcheck`). An answer taken from a \\boxed{} or
+an <answer> is a whole answer, which the checker may read as math-verify reads a box, so a
+text answer such as \\text{Devon} or "odd" is compared as a string. A reference math-verify
+cannot parse is flagged invalid (reward 0, `FlaggedScores.invalid`) rather than silently scored.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import FlaggedScores, RewardFn
-from .extract import extract_answer, gold_answer
+from .extract import final_answer, reference_answer
 from .mathcheck import CORRECT, GOLD_INVALID, default_checker
 
 
@@ -32,7 +34,9 @@ def check_answers(completions: Sequence[str], answer: Sequence[Any], timeout: fl
         if ref is None:
             raise ValueError("reference 'answer' is None")
         # Empty prediction still goes to the worker so an unparseable gold gets flagged.
-        pairs.append((gold_answer(str(ref)), extract_answer(text) or ""))
+        gold, gold_boxed = reference_answer(str(ref))
+        pred, pred_boxed = final_answer(text)
+        pairs.append((gold, pred or "", gold_boxed, pred_boxed))
     return default_checker().check(pairs, timeout=timeout)
 
 

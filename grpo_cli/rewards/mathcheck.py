@@ -37,6 +37,10 @@ _WORKER_SCRIPT = Path(__file__).with_name("_mathverify_worker.py")
 
 CORRECT, WRONG, GOLD_INVALID, TIMEOUT, ERROR = "1", "0", "g", "t", "e"
 
+Pair = tuple[str, str] | tuple[str, str, bool, bool]
+"""(gold, pred) or (gold, pred, gold_boxed, pred_boxed): a boxed answer is a \\boxed{} or
+<answer> content, read as math-verify reads a box when nothing else parses (see the worker)."""
+
 
 class _Worker:
     def __init__(self, memory_mb: int, startup_timeout: float):
@@ -80,7 +84,7 @@ class _Worker:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.decode()
 
-    def send(self, indices: Sequence[int], pairs: Sequence[tuple[str, str]], timeout: float, soft: bool) -> None:
+    def send(self, indices: Sequence[int], pairs: Sequence[Pair], timeout: float, soft: bool) -> None:
         payload = {"timeout": timeout, "soft": soft, "pairs": [list(pairs[i]) for i in indices]}
         self.pending = deque(indices)
         self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
@@ -142,7 +146,7 @@ class MathChecker:
         self._workers[slot] = None
         self.restarts += 1
 
-    def check(self, pairs: Sequence[tuple[str, str]], timeout: float = 5.0) -> list[str]:
+    def check(self, pairs: Sequence[Pair], timeout: float = 5.0) -> list[str]:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         n = len(pairs)
