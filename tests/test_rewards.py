@@ -149,6 +149,18 @@ def test_cli_switches_reward_sets_and_weights():
     assert build_reward_set(terms).score([text], answer=["5"]).total == [0.0]
 
 
+def test_shaped_overlong_follows_the_rollout_length_limit():
+    # gsm8k generates at most 512 tokens: the penalty must start at 512 - 256 = 256 tokens (a fixed
+    # max_len of 1024 started it at 768, which no completion reaches).
+    terms = _grpo_config_rewards("recipe=gsm8k", "rewards=shaped")
+    assert terms["overlong"]["args"] == {"max_len": 512, "buffer": 256}
+    overlong = build_reward_set({"overlong": terms["overlong"]})
+    # 256 tokens: 0.  300: (256 - 300) / 256 = -0.171875.  512 (the limit): -1.
+    assert overlong.score(["x"] * 3, completion_tokens=[256, 300, 512]).total == [0.0, -0.171875, -1.0]
+    terms = _grpo_config_rewards("recipe=gsm8k", "rewards=shaped", "rollout.max_new_tokens=300")
+    assert terms["overlong"]["args"] == {"max_len": 300, "buffer": 256}
+
+
 # ----------------------------------------------------------------------------- fault isolation
 
 

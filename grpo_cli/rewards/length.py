@@ -52,11 +52,13 @@ def _lengths(completions: Sequence[str], columns: dict[str, Any]) -> list[int]:
 def overlong(max_len: int = 4096, buffer: int = 512) -> RewardFn:
     """DAPO soft overlong punishment: 0 up to `max_len - buffer`, then linearly down to -1 at
     `max_len`, and -1 beyond. Length is in tokens when a `completion_tokens` or
-    `completion_length` column is given, else in characters."""
+    `completion_length` column is given, else in characters. `max_len` should be the
+    generation limit (conf/rewards/shaped.yaml takes it from rollout.max_new_tokens): set
+    above it, the penalty may never apply."""
     max_len = _int_arg("max_len", max_len, 1)
     buffer = _int_arg("buffer", buffer, 1)
     if buffer > max_len:
-        raise ValueError(f"buffer ({buffer}) must be <= max_len ({max_len})")
+        raise ValueError(f"buffer ({buffer}) must be <= max_len ({max_len}); lower buffer, e.g. to a quarter of max_len")
     start = max_len - buffer
 
     def overlong_reward(completions: list[str], **columns: Any) -> list[float]:
