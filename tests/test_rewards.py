@@ -497,6 +497,14 @@ def test_cheap_rewards_accept_any_text(text):
     ("zh", "<think>你好<answer>答</answer>", 1.0),  # unclosed think: tag names are not Latin text
     ("zh", "<think>你<think>好</think></think><answer>x</answer>", 1.0),  # nested think
     ("zh", "<think>你好 ok</think>", 0.5),  # 2 Han, 2 Latin
+    # Math is not language: lone Latin/Greek letters (variables) and math spans are skipped.
+    ("zh", "<think>设x为正数，则x的平方加y的平方等于r的平方，所以答案是</think><answer>5</answer>", 1.0),
+    # ^ 22 Han; x, x, y, r are variables (it was 22 / 26)
+    ("zh", "<think>我们计算$\\frac{ab}{cd} + xy$的值</think>", 1.0),  # 6 Han, the $...$ span skipped (was 6 / 12)
+    ("en", "The area is π r^2 and the angle θ is small", 1.0),  # 27 Latin; r, π, θ skipped (was 28 / 30)
+    ("zh", "你好\\(ab\\)世界\\[cd\\]$$ef$$", 1.0),  # \(...\), \[...\], $$...$$
+    ("zh", "价格是\\$5 or \\$3元", 4 / 6),  # "\$" is a dollar sign, no span: 4 Han, "or" 2 Latin
+    ("zh", "你好 $x + yy", 2 / 4),  # an unclosed "$" hides nothing: 2 Han, x lone, "yy" 2 Latin
     ("en", "123 + 456 = 579 !", 0.0),  # no letters
     ("en", "", 0.0),
 ])

@@ -3,8 +3,10 @@ language's script (DeepSeek-R1 stage 2 added such a reward against language mixi
 
 Letters are classified by Unicode script via `unicodedata` names, so no language-id model is
 needed; the price is that languages sharing a script (English vs French) are not told apart.
-LaTeX command names (\\frac, \\sqrt) and <think>/<answer> tags are skipped so math-heavy
-reasoning in, say, Chinese is not counted as Latin text.
+Math is not language, so math-heavy reasoning in, say, Chinese is not counted as Latin text:
+skipped are math spans ($...$, $$...$$, \\(...\\), \\[...\\]; an escaped \\$ is a dollar sign),
+LaTeX command names (\\frac, \\sqrt), lone Latin or Greek letters (variables: "设x为正数",
+"the angle θ") and <think>/<answer> tags.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
 }
 
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+# A Latin or Greek letter with no letter of its own script beside it is a variable, not a word.
+_LONE_LETTER_RE = re.compile(r"(?<![A-Za-z])[A-Za-z](?![A-Za-z])|(?<![\u0370-\u03ff])[\u0370-\u03ff](?![\u0370-\u03ff])")
+# Where math spans open; "$" only when not escaped.
+_MATH_OPEN_RE = re.compile(r"\$\$|\\\[|\\\(|(?<!\\)\$")
+_MATH_CLOSE = {"$$": "$$", "\\[": "\\]", "\\(": "\\)", "$": "$"}
 # Template tags left inside the reasoning (nested, duplicated, an unclosed <think>) are markup,
 # not Latin words.
 _TAG_RE = re.compile(r"</?(?:think|answer)>")
@@ -55,8 +62,32 @@ def script_of(ch: str) -> str | None:
     return name.split(" ", 1)[0] or None
 
 
+def strip_math(text: str) -> str:
+    """`text` with its math spans replaced by a space. An opener without a closer is left as
+    text (a cut-off formula must not hide the prose after it). Linear: once a closer is missing
+    after some point, later openers of its kind are not searched again."""
+    out: list[str] = []
+    pos = 0  # text[pos:] is not yet copied
+    missing: set[str] = set()
+    for m in _MATH_OPEN_RE.finditer(text):
+        if m.start() < pos or m.group() in missing:
+            continue
+        closer = _MATH_CLOSE[m.group()]
+        end = text.find(closer, m.end())
+        while closer == "$" and end != -1 and text[end - 1] == "\\":  # "\\$" inside is no closer
+            end = text.find(closer, end + 1)
+        if end == -1:
+            missing.add(m.group())
+            continue
+        out.append(text[pos : m.start()])
+        out.append(" ")
+        pos = end + len(closer)
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def script_share(text: str, scripts: frozenset[str]) -> float:
-    text = _LATEX_COMMAND_RE.sub(" ", _TAG_RE.sub(" ", text))
+    text = _LONE_LETTER_RE.sub(" ", _LATEX_COMMAND_RE.sub(" ", strip_math(_TAG_RE.sub(" ", text))))
     letters = [s for s in map(script_of, text) if s is not None]
     if not letters:
         return 0.0
