@@ -51,6 +51,8 @@ def test_registry_names():
     ("overlong", {"max_len": 10, "buffer": 0}, ["reward 'overlong'", "buffer"]),
     ("cosine_length", {"max_len": 0}, ["reward 'cosine_length'", "max_len"]),
     ("cosine_length", {"min_value_correct": 2.0}, ["reward 'cosine_length'", "min_value_correct"]),
+    ("cosine_length", {"unit": "words"}, ["reward 'cosine_length'", "unit", "'tokens'"]),
+    ("cosine_length", {"exceed_penalty": float("nan")}, ["reward 'cosine_length'", "exceed_penalty", "finite"]),
     ("language_consistency", {"language": "xx"}, ["unknown language 'xx'", "known: ar, bg", "zh"]),
     ("reward_model", {}, ["reward 'reward_model'", "missing required argument 'model_name_or_path'"]),
     ("reward_model", {"model_name_or_path": "m", "batch_size": 0}, ["reward 'reward_model'", "batch_size"]),
@@ -456,6 +458,31 @@ def test_cosine_length_table():
     assert default_checker().timeouts == before + 1  # the power tower really hit the bound
     assert out == [pytest.approx(e, abs=1e-12) for e in expected]
     assert out.invalid == invalid
+
+
+def test_cosine_length_in_tokens_with_the_exceed_penalty():
+    fifty_chars = RIGHT + " " * 32  # correct, 50 characters
+    wrong = "<answer>6</answer>" + " " * 32  # wrong, 50 characters
+    golds = ["5", "5", "5", "5"]
+    texts = [fifty_chars, fifty_chars, wrong, fifty_chars]
+    tokens = [100, 50, 25, list(range(50))]  # token counts, or the token ids themselves
+    # Characters (the default) ignore the token column: L=50, correct 0.75, wrong -0.75.
+    by_chars = build_reward("cosine_length", max_len=100)(texts, answer=golds, completion_tokens=tokens)
+    assert by_chars == [pytest.approx(v, abs=1e-12) for v in (0.75, 0.75, -0.75, 0.75)]
+    # Tokens, max_len=100: correct L=100 -> 0.5; correct L=50 -> 0.75; wrong L=25 ->
+    # -0.5 - 0.25 (1 + cos(pi/4)) = -0.9267766952966369; 50 token ids -> 0.75.
+    by_tokens = build_reward("cosine_length", max_len=100, unit="tokens")
+    assert by_tokens(texts, answer=golds, completion_tokens=tokens) == [
+        pytest.approx(v, abs=1e-12) for v in (0.5, 0.75, -0.9267766952966369, 0.75)]
+    # The exceed-length penalty replaces the score of any completion with L >= max_len (cut off at
+    # the limit), right or wrong; below it nothing changes. An unscorable gold stays 0 and flagged.
+    exceed = build_reward("cosine_length", max_len=100, unit="tokens", exceed_penalty=-2.0)
+    out = exceed([fifty_chars, fifty_chars, wrong, wrong, RIGHT], answer=["5", "5", "5", "5", "no math here at all"],
+                 completion_tokens=[100, 99, 150, 50, 100])
+    # correct L=99: 0.5 + 0.25 (1 + cos(0.99 pi)) = 0.5 + 0.25 (1 - cos(0.01 pi)) = 0.5001233599...
+    assert out == [-2.0, pytest.approx(0.5 + 0.25 * (1 - math.cos(0.01 * math.pi)), abs=1e-12), -2.0,
+                   pytest.approx(-0.75, abs=1e-12), 0.0]
+    assert out.invalid == [False, False, False, False, True]
 
 
 # ----------------------------------------------------------------------------- any text

@@ -39,7 +39,7 @@ def repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0) -> Reward
     return repetition_penalty_reward
 
 
-def _lengths(completions: Sequence[str], columns: dict[str, Any]) -> list[int]:
+def completion_lengths(completions: Sequence[str], columns: dict[str, Any]) -> list[int]:
     """Token counts from `completion_tokens` (token id lists or counts) or `completion_length`
     (counts) when the loop provides them, else character counts."""
     for name in ("completion_tokens", "completion_length"):
@@ -63,7 +63,7 @@ def overlong(max_len: int = 4096, buffer: int = 512) -> RewardFn:
 
     def overlong_reward(completions: list[str], **columns: Any) -> list[float]:
         scores = []
-        for length in _lengths(completions, columns):
+        for length in completion_lengths(completions, columns):
             if length <= start:
                 scores.append(0.0)
             elif length <= max_len:

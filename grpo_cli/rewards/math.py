@@ -16,6 +16,7 @@ from typing import Any
 
 from .base import FlaggedScores, RewardFn
 from .extract import final_answer, reference_answer
+from .length import completion_lengths
 from .mathcheck import CORRECT, GOLD_INVALID, default_checker
 
 
@@ -68,13 +69,27 @@ def cosine_length(
     max_value_correct: float = 1.0,
     max_len: int = 1000,
     timeout: float = 5.0,
+    unit: str = "characters",
+    exceed_penalty: float | None = None,
 ) -> RewardFn:
-    """Correctness-aware length shaping (length L in characters, clamped to `max_len`).
+    """Correctness-aware length shaping (Yeo et al. 2025, "Demystifying Long Chain-of-Thought
+    Reasoning in LLMs"), length L clamped to `max_len`.
 
     Correct: from `max_value_correct` at L=0 down to `min_value_correct` at `max_len`;
     wrong: from `min_value_wrong` at L=0 up to `max_value_wrong` at `max_len`. So short correct
     answers earn most and short wrong answers are punished most (long reasoning on hard
     problems is punished less). Correctness is checked exactly as in `accuracy`.
+
+    `unit`: "characters" (the default, as before) or "tokens", the paper's unit, taken from the
+    `completion_tokens` column that training and `grpo eval` pass (or `completion_length`; bare
+    texts without either are measured in characters). Characters stay the default because
+    existing runs and tests rely on it: with a short generation limit most completions have the
+    same token count, so only their character lengths tell them apart.
+
+    `exceed_penalty`: when set, a completion with L >= `max_len` scores it whatever its answer
+    (the paper's exceed-length penalty, -10 on its scale). It means "cut off at the length
+    limit" with unit=tokens and max_len = rollout.max_new_tokens. Off by default: its value
+    depends on the scale of the other four values, and it only means "cut off" in that setting.
     """
     values = {
         "min_value_wrong": min_value_wrong,
@@ -94,17 +109,27 @@ def cosine_length(
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     timeout = _positive("timeout", timeout)
+    if unit not in ("characters", "tokens"):
+        raise ValueError(f"unit must be 'characters' or 'tokens', got {unit!r}")
+    if exceed_penalty is not None and (
+        isinstance(exceed_penalty, bool) or not isinstance(exceed_penalty, (int, float))
+        or not math.isfinite(exceed_penalty)
+    ):
+        raise ValueError(f"exceed_penalty must be a finite number or null (off), got {exceed_penalty!r}")
 
-    def cosine_length_reward(completions: list[str], answer: Sequence[Any], **_: Any) -> list[float]:
+    def cosine_length_reward(completions: list[str], answer: Sequence[Any], **columns: Any) -> list[float]:
         codes = check_answers(completions, answer, timeout)
         scores = []
-        for text, code in zip(completions, codes, strict=True):
+        lengths = completion_lengths(completions, columns) if unit == "tokens" else [len(t) for t in completions]
+        for length, code in zip(lengths, codes, strict=True):
             if code == GOLD_INVALID:
                 scores.append(0.0)
+            elif exceed_penalty is not None and length >= max_len:
+                scores.append(float(exceed_penalty))
             elif code == CORRECT:
-                scores.append(cosine_value(len(text), max_len, min_value_correct, max_value_correct))
+                scores.append(cosine_value(length, max_len, min_value_correct, max_value_correct))
             else:
-                scores.append(cosine_value(len(text), max_len, max_value_wrong, min_value_wrong))
+                scores.append(cosine_value(length, max_len, max_value_wrong, min_value_wrong))
         return FlaggedScores(scores, [c == GOLD_INVALID for c in codes])
 
     return cosine_length_reward
