@@ -36,6 +36,9 @@ _COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 # Text inside math ("\text{Devon}", "5\mbox{ cm}") is LaTeX, not prose: its words don't count.
 _TEXT_ARG_RE = re.compile(r"\\(?:text(?:bf|it|rm|sf|tt|normal)?|mbox|mathrm)\s*\{[^{}]*\}")
 _WORD_RE = re.compile(r"[A-Za-z]{3,}")
+# Text answers are short ("Devon", "\text{(A), (C)}"); read as a box, a long run of prose costs
+# seconds of sympy per completion (20 KB of words: about 4 s) and is never an answer anyway.
+_MAX_BOX_FALLBACK = 100
 
 
 class _SoftTimeout(BaseException):
@@ -57,7 +60,7 @@ def _parse(text, parse, boxed=False):
     if not text:
         return []
     found = _read(text, parse)
-    if not found and boxed:
+    if not found and boxed and len(text) <= _MAX_BOX_FALLBACK:
         # Last resort for a whole answer: read it as math-verify reads a box ("Devon", "odd").
         found = _run(parse, "$\\boxed{" + text + "}$")
     return found
