@@ -31,6 +31,10 @@ ACCURACY_CASES = [
     ("\\boxed{0.75}", MATH_GOLD, 1.0, False),
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0, False),  # nested braces, simplified
     ("<answer>1,000</answer>", "1000", 1.0, False),
+    ("\\boxed{90^\\circ}", "90", 1.0, False),  # degrees
+    ("<answer>10 \\text{ cm}</answer>", "10", 1.0, False),  # a unit in \\text{}
+    ("First \\boxed{3}, corrected: \\boxed{4}", "4", 1.0, False),  # the last box wins
+    ("First \\boxed{3}, corrected: \\boxed{4}", "3", 0.0, False),
     ("<answer>1</answer> wait <answer>2</answer>", "2", 1.0, False),  # the last answer counts
     ("<answer>The answer is 42.</answer>", "42", 1.0, False),
     ("<answer>\\frac{1}{</answer>", "1", 0.0, False),  # malformed prediction
