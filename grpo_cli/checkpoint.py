@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from grpo_cli.learner import Learner
 
 STATE_FILE = "trainer_state.pt"
+TMP_PREFIX = ".tmp-step-"  # a checkpoint being written: .tmp-step-NNNNNN-PID, renamed to step-NNNNNN when complete
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -74,23 +75,35 @@ def damage(folder: Path, trainer_state: bool = True) -> str | None:
 
 def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerBase, keep_last: int,
          data_position: int) -> Path:
+    from grpo_cli.learner import TrainingError
+
     final = run / "checkpoints" / f"step-{step:06d}"
-    tmp = run / "checkpoints" / f".tmp-step-{step:06d}-{os.getpid()}"
+    tmp = run / "checkpoints" / f"{TMP_PREFIX}{step:06d}-{os.getpid()}"
     main = distributed.is_main()
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    learner.save_weights(tmp)  # sharded: every rank gathers, rank 0 writes
-    learner_state = learner.state_dict()
+    try:
+        learner.save_weights(tmp)  # sharded: every rank gathers, rank 0 writes
+        learner_state = learner.state_dict()
+        if main:
+            tokenizer.save_pretrained(tmp)
+            state = {
+                "step": step,
+                "data_position": data_position,
+                "learner": learner_state,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            }
+            torch.save(state, tmp / STATE_FILE)
+    except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RuntimeError) and not _write_failure(e):
+            raise
+        last = checkpoint_dirs(run)[-1:]
+        raise TrainingError(f"could not write checkpoint step-{step:06d} in {run / 'checkpoints'} ({first_line(e)}); "
+                            "free disk space there, then resume the run: it continues after "
+                            + (f"{last[0].name}, intact" if last else "its start (no checkpoint yet)")) from None
     if main:
-        tokenizer.save_pretrained(tmp)
-        state = {
-            "step": step,
-            "data_position": data_position,
-            "learner": learner_state,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        }
-        torch.save(state, tmp / STATE_FILE)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -98,6 +111,18 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()  # no rank goes on (or reads it back) before the checkpoint is complete
     return final
+
+
+def _write_failure(error: RuntimeError) -> bool:
+    """torch.save's writer reports a failed write (a full disk, say) as a RuntimeError."""
+    return "PytorchStreamWriter" in str(error) or "inline_container" in str(error)
+
+
+def remove_unfinished(run: Path) -> None:
+    """Checkpoints a killed or failed process was still writing (named after its process id, so no
+    later save replaces them): never complete, never read, only taking space."""
+    for tmp in (run / "checkpoints").glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(path: Path, learner: Learner) -> dict[str, Any]:

@@ -354,6 +354,13 @@ class Learner:
                 for index, values in optimizer["state"].items()}}
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is this run's: a resume may raise trainer.max_steps (or change trainer.lr), and
+        # the next step's lr comes from the schedule over the new length, not the one saved. Unchanged,
+        # it is the lr that was saved.
+        self.scheduler.base_lrs = [self.cfg.trainer.lr] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.cfg.trainer.lr
+            group["lr"] = self.cfg.trainer.lr * lr_lambda(self.scheduler.last_epoch)
         self._load_weights(weights_dir)
         if self.masters is not None:  # the saved fp32 copies; from a run without them, the weights themselves
             self._copy(self.masters, state.get("master_weights") or self.trainable)

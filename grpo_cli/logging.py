@@ -79,10 +79,18 @@ def _plain(value: Any) -> Any:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step` (the resumed checkpoint's); a line cut short by a kill or a
+    full disk is dropped with the rest."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
 
 

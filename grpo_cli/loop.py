@@ -27,6 +27,7 @@ in the loss).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
 from grpo_cli.data import load_prompts
-from grpo_cli.errors import UserError
+from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger
@@ -71,6 +72,8 @@ def train(cfg: Config) -> Path:
     evaluation = PeriodicEval(cfg, tokenizer) if cfg.trainer.eval_every else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
     run = _prepare_run(cfg)
+    if cfg.resume and distributed.is_main():
+        checkpoint.remove_unfinished(run)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
     start, position = 0, 0  # last finished step; prompts consumed so far
     latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
@@ -87,6 +90,7 @@ def train(cfg: Config) -> Path:
     logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     completed, completed_position = start, position  # the last step whose update finished, and its data position
+    logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
     try:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
@@ -157,6 +161,7 @@ def train(cfg: Config) -> Path:
                 logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "
                                f"{message}")
             logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _accuracy_label(cfg)))
+            logged = step
 
             # ---------------------------------------------------------------- checkpoint
             if step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps:
@@ -167,11 +172,21 @@ def train(cfg: Config) -> Path:
                 os.kill(os.getpid(), signal.SIGINT)
     except KeyboardInterrupt:
         saved = (run / "checkpoints" / f"step-{completed:06d}").exists()
-        # Never save a half-applied update; several ranks may be stopped anywhere, out of step.
-        if world == 1 and completed > start and not saved and not learner.dirty:
+        # Never save a half-applied update, nor a step whose metrics are not written (stopped in its
+        # eval, say): a resume would never log them. Several ranks may be stopped anywhere, out of step.
+        if world == 1 and logged == completed > start and not saved and not learner.dirty:
             checkpoint.save(run, completed, learner, tokenizer, cfg.trainer.keep_last, completed_position)
-        logger.message(f"interrupted after step {completed}; continue with: grpo train resume={run}")
+        last = checkpoint.checkpoint_dirs(run)[-1:]
+        resumes = f"it goes on from {last[0].name}" if last else "no checkpoint yet: it starts over"
+        logger.message(f"interrupted after step {logged}; continue with: grpo train resume={run} ({resumes})")
         raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        last = checkpoint.checkpoint_dirs(run)[-1:]
+        raise TrainingError(f"cannot write to {run} ({first_line(e)}); free space there (or make it writable), then "
+                            "resume the run: it continues after "
+                            + (f"{last[0].name}" if last else "its start (no checkpoint yet)")) from None
     except torch.OutOfMemoryError:
         raise TrainingError("out of memory: lower trainer.micro_batch_size or rollout.max_new_tokens, set "
                             "model.gradient_checkpointing=true, or lower rollout.gpu_memory_utilization") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -35,8 +36,10 @@ def prepare_run_dir(cfg: Config) -> Path:
     (output_dir=...) and must be empty, or made fresh under runs/<recipe>/<timestamp>.
     """
     check_run_dir(cfg)
-    if cfg.resume:
-        return Path(cfg.resume).expanduser()
+    if cfg.resume:  # its config as this run goes on (overrides such as a raised trainer.max_steps included)
+        run = Path(cfg.resume).expanduser()
+        atomic_write_text(run / "config.yaml", to_yaml(dataclasses.replace(cfg, resume=None)))
+        return run
     run = Path(cfg.output_dir).expanduser() if cfg.output_dir else fresh_dir(Path("runs") / (cfg.recipe or "default"))
     for sub in ("checkpoints", "samples"):
         (run / sub).mkdir(parents=True, exist_ok=True)
@@ -50,8 +53,19 @@ def check_run_dir(cfg: Config) -> None:
         if not (Path(cfg.resume).expanduser() / "config.yaml").is_file():
             raise UserError(f"resume={cfg.resume}: not a run directory (no config.yaml); pass the folder a "
                             "previous `grpo train` wrote")
+        check_writable(Path(cfg.resume).expanduser(), f"resume={cfg.resume}")
     elif cfg.output_dir:
-        check_output_dir(cfg.output_dir, f"continue that run with resume={cfg.output_dir}")
+        out = check_output_dir(cfg.output_dir, f"continue that run with resume={cfg.output_dir}")
+        check_writable(next(p for p in (out, *out.parents) if p.exists()), f"output_dir={cfg.output_dir}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """A folder the run will write into: a read-only or full one fails now, not at the first checkpoint."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); choose a writable folder") from None
 
 
 def check_output_dir(output_dir: str, alternative: str | None = None) -> Path:

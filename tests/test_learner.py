@@ -586,3 +586,27 @@ def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_m
     expected.backward()
     for (name, got), want in zip(twice.policy.named_parameters(), once.policy.parameters(), strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Cosine over 4 steps ends at lr 0; resumed with trainer.max_steps=6, the next update gets the lr
+    of step 5 of a 6-step cosine, as a run that was set to 6 steps all along."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+
+    def learner(steps: int) -> Learner:
+        return Learner(_config(tiny_model_dir, "loss.beta=0", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=0",
+                               f"trainer.max_steps={steps}"), CPU, pad_id=0)
+
+    short, long = learner(4), learner(6)
+    for _ in range(4):
+        short.update(PROMPTS, COMPLETIONS, engine, advantages)
+        long.update(PROMPTS, COMPLETIONS, engine, advantages)
+    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    state = short.state_dict()
+    short.save_weights(tmp_path)
+    resumed = learner(6)
+    resumed.load_state_dict(state, tmp_path)
+    # 1e-3 * (1 + cos(pi * 4 / 6)) / 2 = 2.5e-4
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4, rel=1e-9)
+    assert resumed.optimizer.param_groups[0]["lr"] == long.optimizer.param_groups[0]["lr"]

@@ -116,3 +116,67 @@ def test_resuming_a_finished_run_is_noticed_before_anything_loads(tmp_path: Path
     cfg = dataclasses.replace(compose(["trainer.max_steps=4"]), resume=str(tmp_path))
     assert finished_step(cfg) == 4
     assert finished_step(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=5))) is None
+
+
+def test_a_resume_writes_its_overrides_into_the_runs_config(tmp_path: Path) -> None:
+    """`grpo train resume=RUN trainer.max_steps=6` trains to 6; config.yaml says so afterwards, so a
+    plain resume, `grpo eval run=` and `grpo report` see the run as it went on."""
+    run = prepare_run_dir(dataclasses.replace(compose(["recipe=quickstart", "trainer.max_steps=4"]),
+                                              output_dir=str(tmp_path / "run")))
+    prepare_run_dir(resume_config(str(run), ["trainer.max_steps=6"]))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 6 and saved["resume"] is None
+    assert resume_config(str(run), []).trainer.max_steps == 6
+
+
+def test_an_unwritable_output_folder_fails_before_anything_loads(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    cfg = dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match=re.escape(f"output_dir={tmp_path / 'run'}: cannot write in {tmp_path} "
+                                                  "(Read-only file system); choose a writable folder")):
+        check_run_dir(cfg)
+
+
+def test_metrics_cut_short_by_a_kill_are_dropped_on_resume(tmp_path: Path) -> None:
+    from grpo_cli.logging import _truncate_after
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')
+    _truncate_after(metrics, 2)
+    assert metrics.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n'
+    metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # the cut line is the resumed step's own
+    _truncate_after(metrics, 2)
+    assert metrics.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import torch
+
+    from grpo_cli import checkpoint
+    from grpo_cli.learner import Learner, TrainingError
+
+    learner = Learner(compose([f"model.name_or_path={tiny_model_dir}"]), torch.device("cpu"), pad_id=0)
+
+    class Tokenizer:
+        def save_pretrained(self, folder: Path) -> None:
+            pass
+
+    (tmp_path / "checkpoints" / ".tmp-step-000001-999").mkdir(parents=True)  # a killed process's
+    checkpoint.remove_unfinished(tmp_path)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TrainingError, match=re.escape("could not write checkpoint step-000002 in ")
+                       + ".*free disk space there, then resume the run: it continues after its start"):
+        checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
