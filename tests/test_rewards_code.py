@@ -328,3 +328,91 @@ def test_code_runs_completions_concurrently(monkeypatch, no_leftovers):
     out = build_reward("code", timeout=5.0, workers=2)([sleepy] * 4, tests=[[{"input": "a", "output": "a"}]] * 4)
     assert list(out) == [1.0] * 4
     assert most[0] == 2  # two sandboxes at a time, never more
+
+
+# ----------------------------------------------------------------------------- assert tests are judged outside the program
+
+# A wrong program (add returns 0) fails all three: it only scores if it fakes a verdict.
+FORGE_TESTS = ["assert add(2, 3) == 5", "assert add(10, 5) == 15", "assert add(1, 1) == 2"]
+WRONG_ADD = "def add(a, b):\n    return 0\n"
+
+
+@pytest.mark.parametrize("program", [
+    WRONG_ADD,
+    # what the sandbox reports comes through this descriptor: extra lines void them all
+    WRONG_ADD + "import os, sys\nos.write(int(sys.argv[3]), b''.join(b'[%d, [\"b\", true]]\\n' % i for i in range(3)))",
+    WRONG_ADD + "open('results.txt', 'w').write(''.join(f'{i} 1\\n' for i in range(100)))",  # the old channel
+    WRONG_ADD + "import os\nos._exit(0)",
+    "class A:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+    "def add(a, b):\n    return A()",
+    "class A(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+    "def add(a, b):\n    return A(0)",  # read as the int it is
+    WRONG_ADD + "import builtins\nbuiltins.AssertionError = KeyError\nbuiltins.bool = lambda *a: True",
+])
+def test_assert_verdicts_cannot_be_faked(program, no_leftovers):
+    assert build_reward("code", timeout=2.0)([_fenced(program)], tests=[FORGE_TESTS]) == [0.0]
+
+
+def test_expected_values_never_reach_the_sandbox(no_leftovers):
+    from grpo_cli.rewards.code import parse_tests
+
+    tests = parse_tests(["assert add(2, 3) == 987654321", "assert abs(add(1, 1) - 123454321) < 1"])
+    program = (
+        "import gc, sys\ndef add(a, b):\n    return a + b\n"
+        "seen = open('/proc/self/cmdline').read()\n"
+        "f = sys._getframe()\nwhile f is not None:\n    seen += repr(f.f_locals)\n    f = f.f_back\n"
+        "seen += repr([o for o in gc.get_objects() if isinstance(o, (str, list, dict, tuple))])\n"
+        "needles = [''.join(['98765', '4321']), ''.join(['12345', '4321'])]  # built after the search\n"
+        "print('FOUND' if any(n in seen for n in needles) else 'NOT FOUND')\n"
+    )
+    result = run_python(program, steps=tests.steps, limits=FAST)
+    assert result.stdout == "NOT FOUND\n", result.stderr[-500:]
+    assert "add(2, 3)" in str(tests.steps) and "987654321" not in str(tests.steps)
+
+
+AREA_TESTS = [
+    "assert area(2) == 12",  # decided in the trainer
+    "assert area(0) is not None",
+    "assert not is_big(area(1))",
+    "assert abs(area(2.5) - 18.75) < 1e-9",  # decided in a second sandbox without the program
+    "import math\nassert math.isclose(area(1), 3.0)",
+    "assert sorted(pair(1)) == [1, 2]",
+    "assert pair(1) == [2, 1]",
+]
+AREA_RIGHT = "def area(r):\n    return 3 * r * r\ndef pair(x):\n    return [x + 1, x]\ndef is_big(v):\n    return v > 100"
+
+
+def test_assert_forms_are_scored_like_python(no_leftovers):
+    programs = [
+        AREA_RIGHT,
+        "def area(r):\n    return 0\ndef pair(x):\n    return (x + 1, x)\ndef is_big(v):\n    return True",
+        "class A:\n    def __eq__(self, o):\n        return True\n    __hash__ = object.__hash__\n"
+        "    def __sub__(self, o):\n        return 0\n    def __lt__(self, o):\n        return True\n"
+        "def area(r):\n    return A()\ndef pair(x):\n    return A()\ndef is_big(v):\n    return False",
+    ]
+    out = build_reward("code", timeout=5.0)([_fenced(p) for p in programs], tests=[AREA_TESTS] * 3)
+    # wrong: only area(0) = 0 is not None and sorted((2, 1)) == [1, 2]; always-equal: only is_big
+    # (its A() is not plain data, so it fails even `is not None`)
+    assert list(out) == [1.0, 2 / 7, 1 / 7]
+
+
+def test_asserts_beyond_the_split_still_score_with_a_warning(caplog, no_leftovers):
+    from grpo_cli.rewards import code as code_module
+
+    code_module._warned.discard("whole")
+    tests = ["assert all(sq(i) == i * i for i in range(4))", "assert sq(3) == 9"]
+    reward = build_reward("code", timeout=5.0)
+    out = reward([_fenced("def sq(x):\n    return x * x"), _fenced("def sq(x):\n    return x + x")],
+                 tests=[tests, tests])
+    assert list(out) == [1.0, 0.0]
+    assert [r.message for r in caplog.records if "hostile program can fake" in r.message] != []
+
+
+def test_assert_rows_without_asserts_or_with_bad_python():
+    from grpo_cli.rewards.code import parse_tests
+
+    out = build_reward("code", timeout=5.0)([_fenced("x = 1")], tests=[["import math", "x = 1"]])
+    assert list(out) == [0.0] and out.invalid == [True]
+    with pytest.raises(ValueError, match="test 1 is not valid Python"):
+        parse_tests(["assert f(1) == 1", "assert f(("])
+

@@ -1,20 +1,28 @@
-"""Sandbox bootstrap: the first code run in the sandbox process (`python -I -B boot.py spec`).
+"""Sandbox bootstrap: the first code run in the sandbox process
+(`python -I -B -c <this file> LABEL SPEC_FD VALUES_FD`).
 
-Runs as a script in the child, never imported by the trainer. In order it:
-1. reads the spec (limits, program path, assert tests, results path), then deletes the spec
-   and program files so the untrusted code cannot read its tests from disk;
+In the sandbox it runs as the main script. In order it:
+1. reads the spec (limits, program, steps, bindings) from SPEC_FD and closes it, so the
+   untrusted code cannot read it;
 2. lowers its own resource limits (soft = hard, so they cannot be raised again): address
    space, CPU seconds, file size (caps stdout too), open files, no core dumps, processes;
 3. disables process creation (fork/exec/spawn/system, subprocess), signals to other
    processes, sockets and DNS, and blocks `ctypes` imports;
-4. execs the program with fresh globals (as __main__), then each assert statement in the
-   same globals, appending "<index> <0|1>" per assert to the results file.
+4. execs the program with fresh globals (as __main__), then the steps in the same globals:
+   statements to exec, and expressions whose values it writes to VALUES_FD, one
+   JSON line `[k, value]` (or `[k]` when that step failed) per value step, in order.
 Step 3 is a Python-level guard against accidental or naive misuse; the hard guarantees come
-from the OS (limits, process-group kill, namespaces) set up by the parent.
+from the OS (limits, process-group kill, namespaces, another uid) set up by the parent.
+
+Nothing here decides whether a test passed: the program shares this interpreter and could
+fake any verdict made in it. It only reports values, as plain data (`encode_value`), and
+the trainer compares them with expected values the sandbox never sees. The trainer imports
+this module for `encode_value` / `decode_value` only.
 """
 
 import builtins
 import json
+import operator
 import os
 import resource
 import sys
@@ -92,6 +100,72 @@ def _lock_down():
     sys.meta_path.insert(0, _DenyImports)
 
 
+# ----------------------------------------------------------------------------- plain values
+
+_MAX_DEPTH = 100
+
+
+def encode_value(value, depth=0):
+    """`value` as JSON-able tagged data, e.g. (1, "a") -> ["t", [["i", "1"], ["s", "a"]]].
+    Only plain data: None, bool, int, float, str, bytes, list, tuple, dict, set, frozenset
+    (subclasses are read through the base type, so their overrides play no part; integers
+    of other types through __index__). Anything else raises TypeError."""
+    if depth > _MAX_DEPTH:
+        raise ValueError("value nested too deeply")
+    if value is None:
+        return ["n"]
+    if value is True or value is False:
+        return ["b", value]
+    if isinstance(value, int):
+        return ["i", int.__repr__(value)]
+    if isinstance(value, float):
+        return ["f", float.__repr__(value)]
+    if isinstance(value, str):
+        return ["s", str.__str__(value)]
+    if isinstance(value, bytes):
+        return ["y", bytes.hex(value)]
+    for base, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
+        if isinstance(value, base):
+            return [tag, [encode_value(item, depth + 1) for item in base.__iter__(value)]]
+    if isinstance(value, dict):
+        return ["d", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in dict.items(value)]]
+    if hasattr(type(value), "__index__"):  # numpy integers
+        return ["i", int.__repr__(operator.index(value))]
+    raise TypeError(f"{type(value).__name__} is not plain data")
+
+
+_SCALARS = {"n": lambda x: None, "b": bool, "i": int, "f": float, "s": str, "y": bytes.fromhex}
+_SCALAR_TYPES = {"n": type(None), "b": bool, "i": str, "f": str, "s": str, "y": str}
+_CONTAINERS = {"l": list, "t": tuple, "S": set, "F": frozenset}
+
+
+def decode_value(data, depth=0):
+    """The inverse of `encode_value`; builds only plain Python objects. Raises ValueError
+    (or TypeError) on anything malformed: the trainer decodes what a hostile program wrote."""
+    if depth > _MAX_DEPTH or not isinstance(data, list) or not data or not isinstance(data[0], str):
+        raise ValueError("malformed value")
+    tag = data[0]
+    if tag == "n" and len(data) == 1:
+        return None
+    if len(data) != 2:
+        raise ValueError("malformed value")
+    if tag in _SCALARS and isinstance(data[1], _SCALAR_TYPES[tag]):
+        return _SCALARS[tag](data[1])
+    if tag in _CONTAINERS and isinstance(data[1], list):
+        return _CONTAINERS[tag](decode_value(item, depth + 1) for item in data[1])
+    if tag == "d" and isinstance(data[1], list):
+        out = {}
+        for pair in data[1]:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError("malformed value")
+            out[decode_value(pair[0], depth + 1)] = decode_value(pair[1], depth + 1)
+        return out
+    raise ValueError("malformed value")
+
+
+# ----------------------------------------------------------------------------- running
+
+
 def _run(source, filename, namespace):
     """Exec `source`; returns an exit status (0 ok, SystemExit's code, 1 on an exception)."""
     try:
@@ -110,15 +184,19 @@ def _run(source, filename, namespace):
 
 
 def main():
-    spec_path = sys.argv[1]
-    with open(spec_path, encoding="utf-8") as f:
+    spec_fd, values_fd = int(sys.argv[2]), int(sys.argv[3])
+    with os.fdopen(spec_fd, encoding="utf-8") as f:
         spec = json.load(f)
-    with open(spec["program"], encoding="utf-8") as f:
-        source = f.read()
-    os.unlink(spec_path)
-    os.unlink(spec["program"])
-    asserts = spec.get("asserts")
-    results = open(spec["results"], "a", encoding="utf-8") if asserts is not None else None
+    write, dumps = os.write, json.dumps
+    room = [spec["fsize_bytes"]]  # an over-long record would be cut by RLIMIT_FSIZE
+
+    def report(k, value, failed):
+        line = dumps([k] if failed else [k, value]) + "\n"
+        if len(line) > room[0]:
+            line = dumps([k]) + "\n"
+        data = line.encode()
+        room[0] -= len(data)
+        write(values_fd, data)
 
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_AS, spec.get("memory_bytes"))
@@ -129,12 +207,25 @@ def main():
     _lock_down()
 
     namespace = {"__name__": "__main__", "__builtins__": builtins}
+    for name, data in spec.get("bindings", {}).items():
+        namespace[name] = decode_value(data)
+    source, steps = spec["source"], spec["steps"]
+    del spec
     status = _run(source, "solution.py", namespace)
-    if asserts is not None:
-        for i, test in enumerate(asserts):
-            ok = _run(test, f"<test {i}>", namespace) == 0
-            results.write(f"{i} {int(ok)}\n")
-            results.flush()
+    k = 0
+    for step in steps:
+        if "exec" in step:
+            _run(step["exec"], "<test setup>", namespace)
+            continue
+        try:
+            value, failed = encode_value(eval(compile(step["eval"], "<test>", "eval"), namespace)), False
+        except BaseException:  # noqa: BLE001 - a failing step fails that test only
+            value, failed = None, True
+        try:
+            report(k, value, failed)
+        except BaseException:  # noqa: BLE001 - e.g. the program closed the descriptor
+            pass
+        k += 1
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

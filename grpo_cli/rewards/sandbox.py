@@ -17,8 +17,9 @@ Layers, from strongest to weakest:
 Not isolated: the filesystem. The program can read what the trainer's user can read and write
 where it can write (as `nobody` only world-accessible paths), and if it gets past the Python
 guard it can reach filesystem Unix sockets, which a network namespace does not cover.
-Limits are set by the child itself, not in `preexec_fn`, because preexec_fn is unsafe when the
-trainer has threads (the code reward runs sandboxes from a thread pool).
+Results come back as plain values on a descriptor of their own; the sandbox never judges
+a test (see `_sandbox_boot`). Limits are set by the child itself, not in `preexec_fn`,
+which is unsafe when the trainer has threads (the code reward runs sandboxes from a pool).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from ._sandbox_boot import decode_value, encode_value
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ _NS_FLAGS = ("--net", "--pid", "--fork", "--kill-child")
 class SandboxLimits:
     timeout: float = 5.0  # wall-clock seconds per run
     memory_mb: int = 1024  # RLIMIT_AS
-    max_output_bytes: int = 1 << 20  # RLIMIT_FSIZE: stdout and any file written
+    max_output_bytes: int = 1 << 20  # RLIMIT_FSIZE: stdout, reported values and any file written
     max_processes: int = 16  # RLIMIT_NPROC (threads count too)
     max_open_files: int = 64
 
@@ -64,13 +68,17 @@ class SandboxLimits:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+NO_VALUE = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()
+"""Stands in `SandboxResult.values` for a step that failed, never ran, or was not reported."""
+
+
 @dataclass
 class SandboxResult:
     returncode: int | None  # None when killed at the time limit
     timed_out: bool
     stdout: str
     stderr: str
-    passed: list[bool] = field(default_factory=list)  # one per assert test, in order
+    values: list[Any] = field(default_factory=list)  # one per value step, in order; NO_VALUE if none
 
 
 @dataclass(frozen=True)
@@ -110,37 +118,64 @@ def _wait_exited(proc: subprocess.Popen, timeout: float) -> bool:
         delay = min(delay * 2, 0.02)
 
 
-def _run(source: str, stdin: str, asserts: Sequence[str] | None, limits: SandboxLimits,
-         isolation: Isolation) -> SandboxResult:
-    tmp = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))
+def _read_values(path: Path, count: int, limit: int) -> list[Any]:
+    """The values the sandbox reported: complete lines `[k, value]` / `[k]` with k = 0, 1, ...
+    in order. Anything else (the program writing to the descriptor itself) voids them all."""
+    values = [NO_VALUE] * count
     try:
-        boot, spec, program = tmp / "boot.py", tmp / "spec.json", tmp / "program.py"
-        boot.write_text(_BOOT_SOURCE.read_text(encoding="utf-8"), encoding="utf-8")
-        program.write_text(source, encoding="utf-8", errors="surrogatepass")
-        (tmp / "stdin.txt").write_text(stdin, encoding="utf-8", errors="surrogatepass")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return values
+    lines = data.split(b"\n")[:-1]  # the last piece is empty or a line cut by a kill
+    if len(lines) > count:
+        return [NO_VALUE] * count
+    for k, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, list) or record[:1] != [k] or len(record) > 2:
+                raise ValueError("out of order")
+            if len(record) == 2:
+                values[k] = decode_value(record[1])
+        except (ValueError, TypeError, RecursionError):
+            return [NO_VALUE] * count
+    return values
+
+
+def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: Mapping[str, Any],
+         limits: SandboxLimits, isolation: Isolation) -> SandboxResult:
+    tmp = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))  # 0700: the sandbox's uid cannot look in
+    try:
+        work = tmp / "work"  # its working directory where /tmp is not private
+        work.mkdir()
+        if isolation.uid is not None:
+            os.chown(work, isolation.uid, isolation.gid)
+        spec = tmp / "spec.json"
         spec.write_text(json.dumps({
-            "program": str(program),
-            "asserts": list(asserts) if asserts is not None else None,
-            "results": str(tmp / "results.txt"),
+            "source": source,
+            "steps": list(steps),
+            "bindings": {name: encode_value(value) for name, value in bindings.items()},
             "memory_bytes": limits.memory_mb * 1024 * 1024,
             "cpu_seconds": int(limits.timeout) + 1,
             "fsize_bytes": limits.max_output_bytes,
             "max_open_files": limits.max_open_files,
             "max_processes": limits.max_processes,
-        }), encoding="utf-8")
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if isolation.uid is not None:
-            os.chown(tmp, isolation.uid, isolation.gid)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "TMPDIR": str(tmp), "LANG": "C.UTF-8"}
-        cmd = [*isolation.prefix, sys.executable, "-I", "-B", "-X", "utf8", str(boot), str(spec)]
+        }), encoding="utf-8", errors="surrogatepass")
+        (tmp / "stdin.txt").write_text(stdin, encoding="utf-8", errors="surrogatepass")
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
+        cmd = list(isolation.prefix)
         user_kwargs = {}
         if isolation.uid is not None:
             user_kwargs = {"user": isolation.uid, "group": isolation.gid, "extra_groups": []}
         with open(tmp / "stdin.txt", "rb") as fin, open(tmp / "stdout.txt", "wb") as fout, \
-                open(tmp / "stderr.txt", "wb") as ferr:
-            proc = subprocess.Popen(cmd, cwd=tmp, stdin=fin, stdout=fout, stderr=ferr, env=env,
-                                    close_fds=True, start_new_session=True, **user_kwargs)
+                open(tmp / "stderr.txt", "wb") as ferr, open(spec, "rb") as fspec, \
+                open(tmp / "values.jsonl", "wb") as fvalues:
+            # The work dir's name in the command line lets tests find escaped processes.
+            cmd += [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOT_SOURCE.read_text(encoding="utf-8"),
+                    str(work), str(fspec.fileno()), str(fvalues.fileno())]
+            proc = subprocess.Popen(cmd, cwd=work, stdin=fin, stdout=fout, stderr=ferr, env=env,
+                                    close_fds=True, pass_fds=(fspec.fileno(), fvalues.fileno()),
+                                    start_new_session=True, **user_kwargs)
         try:
             exited = _wait_exited(proc, limits.timeout)
         finally:
@@ -150,20 +185,13 @@ def _run(source: str, stdin: str, asserts: Sequence[str] | None, limits: Sandbox
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
-        passed: list[bool] = []
-        if asserts is not None:
-            done = {}
-            for line in _tail(tmp / "results.txt", 1 << 20).splitlines():
-                parts = line.split()
-                if len(parts) == 2 and parts[0].isdigit() and parts[1] in ("0", "1"):
-                    done.setdefault(int(parts[0]), parts[1] == "1")
-            passed = [done.get(i, False) for i in range(len(asserts))]
+        count = sum(1 for step in steps if "exec" not in step)
         return SandboxResult(
             returncode=proc.returncode if exited else None,
             timed_out=not exited,
             stdout=_tail(tmp / "stdout.txt", limits.max_output_bytes),
             stderr=_tail(tmp / "stderr.txt", 64 * 1024),
-            passed=passed,
+            values=_read_values(tmp / "values.jsonl", count, limits.max_output_bytes),
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -197,7 +225,7 @@ def _probe() -> Isolation:
     limits = SandboxLimits(timeout=20.0)
     for candidate in _candidates():
         try:
-            result = _run("print('ok')", "", None, limits, candidate)
+            result = _run("print('ok')", "", [], {}, limits, candidate)
         except OSError as exc:
             logger.debug("sandbox isolation %s unavailable: %s", candidate.describe(), exc)
             continue
@@ -214,9 +242,11 @@ def isolation() -> Isolation:
         return _probe()
 
 
-def run_python(source: str, *, stdin: str = "", asserts: Sequence[str] | None = None,
+def run_python(source: str, *, stdin: str = "", steps: Sequence[Mapping[str, Any]] = (),
+               bindings: Mapping[str, Any] | None = None,
                limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run `source` as __main__ in the sandbox with `stdin` as standard input; when `asserts`
-    is given, run each of those statements afterwards in the program's globals and report
-    which passed. Never raises for anything the program does."""
-    return _run(source, stdin, asserts, limits, isolation())
+    """Run `source` as __main__ in the sandbox with `stdin` as standard input and the plain
+    values `bindings` as globals, then `steps` in its globals, in order: {"exec": statement}
+    (its failure ignored) or {"eval": expression}, which adds its value (plain data only,
+    else NO_VALUE) to `values`. Never raises for anything the program does."""
+    return _run(source, stdin, steps, bindings or {}, limits, isolation())
