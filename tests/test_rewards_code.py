@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,7 +178,7 @@ def test_reimporting_patched_modules_is_denied(no_leftovers):
 def test_escaped_process_dies_with_the_sandbox(unguarded, no_leftovers):
     """Kernel-level containment: a child that forks and leaves the process group with setsid()
     is taken down with the sandbox by the PID namespace."""
-    if "--pid" not in isolation().prefix:
+    if not isolation().pid_namespace:
         pytest.skip(f"no PID namespace available here ({isolation().describe()})")
     program = (
         "import os\npid = os.fork()\n"
@@ -212,7 +213,7 @@ def test_network_namespace_blocks_sockets_without_the_python_guard(unguarded, no
     process without a network namespace, so this only passes thanks to the namespace."""
     import socket
 
-    if "--net" not in isolation().prefix:
+    if not isolation().net_namespace:
         pytest.skip(f"no network namespace available here ({isolation().describe()})")
     server = socket.create_server(("127.0.0.1", 0))
     try:
@@ -415,4 +416,81 @@ def test_assert_rows_without_asserts_or_with_bad_python():
     assert list(out) == [0.0] and out.invalid == [True]
     with pytest.raises(ValueError, match="test 1 is not valid Python"):
         parse_tests(["assert f(1) == 1", "assert f(("])
+
+
+# ----------------------------------------------------------------------------- no root powers in the sandbox
+
+FORK_40 = (
+    "import os, time\nmade = 0\nfor _ in range(40):\n    try:\n        pid = os.fork()\n"
+    "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    made += 1\n"
+    "print(made)\n"
+)
+
+
+def test_a_root_trainer_runs_programs_without_root(no_leftovers):
+    from grpo_cli.rewards import sandbox
+
+    if os.geteuid() != 0 or not isolation().pid_namespace:
+        pytest.skip(f"needs a root trainer where namespaces work ({isolation().describe()})")
+    assert isolation().non_root, isolation().describe()
+    trainer_file = sandbox.__file__  # root-owned: opening it to write changes nothing
+    program = f"import os\nprint(os.geteuid())\ntry:\n    open({trainer_file!r}, 'r+')\nexcept OSError:\n    print('denied')"
+    result = run_python(program, limits=FAST)
+    assert result.stdout.split() == ["65534", "denied"], result.stderr[-500:]
+
+
+def test_process_limit_holds_without_the_python_guard(unguarded, no_leftovers):
+    if not isolation().non_root:
+        pytest.skip(f"the program runs as root here ({isolation().describe()})")
+    result = run_python(FORK_40, limits=SandboxLimits(timeout=2.0, max_processes=8))
+    assert 0 < int(result.stdout) < 8  # the sandbox process itself counts too
+
+
+def test_root_fallback_is_bounded_by_a_pids_cgroup(unguarded, no_leftovers):
+    from grpo_cli.rewards import sandbox
+
+    if os.geteuid() != 0 or not os.access(sandbox._CGROUP_PIDS, os.W_OK) or not shutil.which("unshare"):
+        pytest.skip("needs root, unshare and a writable pids cgroup (v1)")
+    as_root = sandbox.Isolation((shutil.which("unshare"), "--user", *sandbox._NS_FLAGS, "--"), non_root=False,
+                                net_namespace=True, pid_namespace=True)
+    limits = SandboxLimits(timeout=2.0, max_processes=8)
+    result = sandbox._run(FORK_40, "", [], {}, limits, as_root)
+    assert 0 < int(result.stdout) <= 8 + sandbox._PROCESS_OVERHEAD, result.stderr[-500:]
+    assert not list(sandbox._CGROUP_PIDS.glob(f"grpo-sandbox-{os.getpid()}-*"))  # removed afterwards
+
+
+def test_unix_sockets_in_tmp_are_out_of_reach(unguarded, no_leftovers):
+    import socket
+
+    if not isolation().private_tmp:
+        pytest.skip(f"no private /tmp here ({isolation().describe()})")
+    folder = tempfile.mkdtemp(dir="/tmp")
+    os.chmod(folder, 0o755)
+    path = os.path.join(folder, "trainer.sock")
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(path)
+        server.listen()
+        os.chmod(path, 0o777)
+        program = f"import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({path!r})\n" \
+                  "    print('CONNECTED')\nexcept OSError as e:\n    print(type(e).__name__)"
+        assert run_python(program, limits=FAST).stdout == "FileNotFoundError\n"
+    finally:
+        server.close()
+        shutil.rmtree(folder)
+
+
+def test_weaker_isolation_is_reported_once(monkeypatch, caplog, no_leftovers):
+    from grpo_cli.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_candidates", lambda: [sandbox.Isolation((), non_root=False)])
+    sandbox._probe.cache_clear()
+    try:
+        for _ in range(2):
+            assert run_python("print('ok')", limits=FAST).stdout == "ok\n"
+    finally:
+        sandbox._probe.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == sandbox.__name__]
+    assert len(warnings) == 1
+    assert "runs as root" in warnings[0] and "no network namespace" in warnings[0] and "non-root user" in warnings[0]
 

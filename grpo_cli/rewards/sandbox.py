@@ -1,22 +1,30 @@
 """Run untrusted Python (model-written programs) in a separate, limited process.
 
-Layers, from strongest to weakest:
+Layers, from strongest to weakest; the strongest set that works here is probed once per
+process and logged, and a warning says once which layers are missing and how to get them:
 * a separate `python -I -B` process (isolated mode: no PYTHON* variables, no user site, no
-  script dir on sys.path) with a minimal fresh environment, in a fresh temporary working
-  directory that is deleted afterwards;
-* where it works here (probed once): Linux namespaces via `unshare --user --net --pid
-  --fork --kill-child` (no network but loopback-down, no capabilities, own PID namespace so
-  every process it starts dies with it), and, when the trainer runs as root and the
-  interpreter is reachable, the uid/gid of `nobody`;
+  script dir on sys.path) with a minimal fresh environment;
+* Linux namespaces via `unshare`: network (no network, loopback down, abstract Unix sockets
+  cut off), PID (every process the program starts dies with it; /proc shows only its own)
+  and mount: fresh small tmpfs on /tmp, /var/tmp and /dev/shm, so Unix sockets and files
+  other users left there are out of reach and whatever it writes vanishes with it;
+* another uid. A root trainer runs the program as `nobody`, without capabilities, in a user
+  namespace of its own: trainer files are read-only to it and the process limit applies
+  to it alone (Linux never applies RLIMIT_NPROC to root). `nobody` cannot run an
+  interpreter under /root (pyenv, conda), so the system's python3 (same version first) is
+  used then: programs see the standard library, not the trainer's packages. A non-root
+  trainer maps itself to root in a user namespace with no capabilities: the program can
+  write whatever the trainer's user can write (there is no other uid to drop to);
 * a wall-clock limit: on expiry the whole process group (its own session) is SIGKILLed;
 * rlimits set by the sandbox process on itself before any untrusted code runs (`_sandbox_boot`):
   address space, CPU time, file size (also caps stdout, which goes to a file), open files,
-  process count (Linux does not enforce it for root, even inside the user namespace);
+  process count. Where the program must run as root, a pids cgroup (v1, if writable)
+  bounds its processes instead;
 * the bootstrap's Python-level guards: fork/exec/subprocess, signals, sockets, DNS, ctypes.
   Deliberately hostile code can get around these (they live in its own interpreter).
-Not isolated: the filesystem. The program can read what the trainer's user can read and write
-where it can write (as `nobody` only world-accessible paths), and if it gets past the Python
-guard it can reach filesystem Unix sockets, which a network namespace does not cover.
+Not isolated: the rest of the filesystem is readable as that uid (world-readable files;
+everything, where the program runs as root), and filesystem Unix sockets outside the
+private temporary directories stay reachable if their permissions allow that uid.
 Results come back as plain values on a descriptor of their own; the sandbox never judges
 a test (see `_sandbox_boot`). Limits are set by the child itself, not in `preexec_fn`,
 which is unsafe when the trainer has threads (the code reward runs sandboxes from a pool).
@@ -25,6 +33,7 @@ which is unsafe when the trainer has threads (the code reward runs sandboxes fro
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -48,6 +57,24 @@ logger = logging.getLogger(__name__)
 
 _BOOT_SOURCE = Path(__file__).with_name("_sandbox_boot.py")
 _NS_FLAGS = ("--net", "--pid", "--fork", "--kill-child")
+_PRIVATE_TMP_FLAGS = ("--mount", "--propagation", "private", "--mount-proc")
+# Runs as root in the new mount namespace: private tmpfs dirs, then the interpreter ("$@"),
+# as $1:$2 when given (else as is), with no capabilities. A root trainer adds a user
+# namespace last, owned by that uid, so the process-count limit counts this sandbox only.
+_SETUP_SCRIPT = """set -e
+uid=$1 gid=$2 size=$3 setpriv=$4 unshare=$5; shift 5
+for dir in /tmp /var/tmp /dev/shm; do
+    if [ -d "$dir" ]; then mount -t tmpfs -o "mode=1777,nosuid,nodev,size=$size,nr_inodes=4096" grpo-sandbox "$dir"; fi
+done
+cd /tmp
+unset OLDPWD PWD
+if [ -n "$uid" ]; then
+    exec "$setpriv" --reuid="$uid" --regid="$gid" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- "$unshare" --user -- "$@"
+fi
+exec "$setpriv" --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"
+"""
+_CGROUP_PIDS = Path("/sys/fs/cgroup/pids")
+_PROCESS_OVERHEAD = 4  # unshare, its forked child, a shell: in the cgroup besides the program
 
 
 @dataclass(frozen=True)
@@ -83,13 +110,37 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    prefix: tuple[str, ...] = ()  # e.g. the unshare command
+    """How sandboxes start here: `prefix` runs before the interpreter `python`; `uid`/`gid`
+    are set by Popen itself (the fallback without a mount namespace)."""
+
+    prefix: tuple[str, ...] = ()
+    python: str = sys.executable
     uid: int | None = None
     gid: int | None = None
+    net_namespace: bool = False
+    pid_namespace: bool = False
+    private_tmp: bool = False
+    non_root: bool = True  # the program does not run as (the host's) root
 
     def describe(self) -> str:
-        user = "as nobody" if self.uid is not None else f"as uid {os.geteuid()}"
-        return f"{' '.join(self.prefix) or 'no namespaces'}, {user}"
+        layers = [name for name, on in (("network", self.net_namespace), ("PID", self.pid_namespace),
+                                        ("mount + private /tmp", self.private_tmp)) if on]
+        who = "not as root" if self.non_root else "as root"
+        return f"namespaces: {', '.join(layers) or 'none'}; {who}; interpreter {self.python}"
+
+    def missing(self) -> list[str]:
+        """The protections this isolation lacks, each with its consequence."""
+        out = []
+        if not self.non_root:
+            out.append("the program runs as root: it can write any file root can, and the "
+                       "process limit is not enforced (a pids cgroup bounds it only where one is writable)")
+        if not self.net_namespace:
+            out.append("no network namespace: only the Python-level guard stands between it and the network")
+        if not self.pid_namespace:
+            out.append("no PID namespace: processes that leave its process group outlive it")
+        if not self.private_tmp:
+            out.append("no private /tmp: it can reach Unix sockets and files there")
+        return out
 
 
 def _tail(path: Path, limit: int) -> str:
@@ -142,9 +193,41 @@ def _read_values(path: Path, count: int, limit: int) -> list[Any]:
     return values
 
 
+_cgroup_ids = itertools.count()
+
+
+def _pids_cgroup(limits: SandboxLimits) -> Path | None:
+    """A fresh pids cgroup (v1) capped at the process limit, where one can be made."""
+    path = _CGROUP_PIDS / f"grpo-sandbox-{os.getpid()}-{next(_cgroup_ids)}"
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    try:
+        (path / "pids.max").write_text(str(limits.max_processes + _PROCESS_OVERHEAD))
+    except OSError:
+        _remove_cgroup(path)
+        return None
+    return path
+
+
+def _remove_cgroup(path: Path) -> None:
+    # Killed processes leave the cgroup a moment after they are reaped.
+    for _ in range(100):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    logger.debug("could not remove sandbox cgroup %s", path)
+
+
 def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: Mapping[str, Any],
          limits: SandboxLimits, isolation: Isolation) -> SandboxResult:
     tmp = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))  # 0700: the sandbox's uid cannot look in
+    cgroup = None
     try:
         work = tmp / "work"  # its working directory where /tmp is not private
         work.mkdir()
@@ -162,8 +245,13 @@ def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: 
             "max_processes": limits.max_processes,
         }), encoding="utf-8", errors="surrogatepass")
         (tmp / "stdin.txt").write_text(stdin, encoding="utf-8", errors="surrogatepass")
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
+        home = "/tmp" if isolation.private_tmp else str(work)
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         cmd = list(isolation.prefix)
+        if isolation.private_tmp:
+            cmd[cmd.index("{size}")] = str(max(limits.max_output_bytes * 4, 16 << 20))
+        if not isolation.non_root and (cgroup := _pids_cgroup(limits)) is not None:
+            cmd = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
         user_kwargs = {}
         if isolation.uid is not None:
             user_kwargs = {"user": isolation.uid, "group": isolation.gid, "extra_groups": []}
@@ -171,7 +259,7 @@ def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: 
                 open(tmp / "stderr.txt", "wb") as ferr, open(spec, "rb") as fspec, \
                 open(tmp / "values.jsonl", "wb") as fvalues:
             # The work dir's name in the command line lets tests find escaped processes.
-            cmd += [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOT_SOURCE.read_text(encoding="utf-8"),
+            cmd += [isolation.python, "-I", "-B", "-X", "utf8", "-c", _BOOT_SOURCE.read_text(encoding="utf-8"),
                     str(work), str(fspec.fileno()), str(fvalues.fileno())]
             proc = subprocess.Popen(cmd, cwd=work, stdin=fin, stdout=fout, stderr=ferr, env=env,
                                     close_fds=True, pass_fds=(fspec.fileno(), fvalues.fileno()),
@@ -194,26 +282,57 @@ def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: 
             values=_read_values(tmp / "values.jsonl", count, limits.max_output_bytes),
         )
     finally:
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _interpreters() -> list[str]:
+    """This interpreter, then the system's python3 (same version first), for a uid that
+    cannot reach this one (e.g. under /root)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    found = [sys.executable]
+    for name in (version, "python3"):
+        path = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        if path and os.path.realpath(path) not in map(os.path.realpath, found):
+            found.append(path)
+    return found
+
+
 def _candidates() -> list[Isolation]:
-    unshare = shutil.which("unshare")
-    users: list[tuple[int | None, int | None]] = []
-    if os.geteuid() == 0:
+    unshare, setpriv, mount = shutil.which("unshare"), shutil.which("setpriv"), shutil.which("mount")
+    root = os.geteuid() == 0
+    out: list[Isolation] = []
+    ns = {"net_namespace": True, "pid_namespace": True}
+    if unshare and setpriv and mount:
+        if root:
+            try:
+                nobody = pwd.getpwnam("nobody")
+                ids = (str(nobody.pw_uid), str(nobody.pw_gid))
+            except KeyError:
+                ids = None
+            if ids:
+                prefix = (unshare, *_PRIVATE_TMP_FLAGS, *_NS_FLAGS, "--", "/bin/sh", "-c", _SETUP_SCRIPT,
+                          "sh", *ids, "{size}", setpriv, unshare)
+                out += [Isolation(prefix, python, private_tmp=True, **ns) for python in _interpreters()]
+        else:
+            prefix = (unshare, "--user", "--map-root-user", *_PRIVATE_TMP_FLAGS, *_NS_FLAGS, "--",
+                      "/bin/sh", "-c", _SETUP_SCRIPT, "sh", "", "", "{size}", setpriv, unshare)
+            out.append(Isolation(prefix, private_tmp=True, **ns))
+    if root:
         try:
             nobody = pwd.getpwnam("nobody")
-            users.append((nobody.pw_uid, nobody.pw_gid))
+            for python in _interpreters():
+                if unshare:
+                    out.append(Isolation((unshare, *_NS_FLAGS, "--"), python, nobody.pw_uid, nobody.pw_gid, **ns))
+                out.append(Isolation((), python, nobody.pw_uid, nobody.pw_gid))
         except KeyError:
             pass
-    users.append((None, None))
-    out = []
-    for uid, gid in users:
-        if unshare:
-            out.append(Isolation((unshare, "--user", *_NS_FLAGS, "--"), uid, gid))
-            if uid is None and os.geteuid() == 0:
-                out.append(Isolation((unshare, *_NS_FLAGS, "--"), uid, gid))
-        out.append(Isolation((), uid, gid))
+    if unshare:
+        out.append(Isolation((unshare, "--user", *_NS_FLAGS, "--"), non_root=not root, **ns))
+        if root:
+            out.append(Isolation((unshare, *_NS_FLAGS, "--"), non_root=False, **ns))
+    out.append(Isolation((), non_root=not root))
     return out
 
 
@@ -225,12 +344,18 @@ def _probe() -> Isolation:
     limits = SandboxLimits(timeout=20.0)
     for candidate in _candidates():
         try:
-            result = _run("print('ok')", "", [], {}, limits, candidate)
+            result = _run("import json, collections\nprint('ok')", "", [], {}, limits, candidate)
         except OSError as exc:
             logger.debug("sandbox isolation %s unavailable: %s", candidate.describe(), exc)
             continue
         if result.returncode == 0 and result.stdout.strip() == "ok":
             logger.info("code sandbox isolation: %s", candidate.describe())
+            if candidate.missing():
+                logger.warning(
+                    "code sandbox: weaker isolation here (%s): %s. Run the trainer as a non-root user "
+                    "(or as root with util-linux's unshare, setpriv and mount, user 'nobody' and a "
+                    "python3 that user can run) where Linux namespaces are allowed to get them.",
+                    candidate.describe(), "; ".join(candidate.missing()))
             return candidate
         logger.debug("sandbox isolation %s failed: %s", candidate.describe(), result.stderr[-500:])
     raise RuntimeError("cannot start a sandboxed Python process")
