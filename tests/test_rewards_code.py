@@ -494,3 +494,21 @@ def test_weaker_isolation_is_reported_once(monkeypatch, caplog, no_leftovers):
     assert len(warnings) == 1
     assert "runs as root" in warnings[0] and "no network namespace" in warnings[0] and "non-root user" in warnings[0]
 
+
+# ----------------------------------------------------------------------------- APPS / TACO call-based tests
+
+def test_apps_call_based_tests_call_the_function(no_leftovers):
+    apps = json.dumps({"fn_name": "add", "inputs": [[2, 3], [10, -4]], "outputs": [[5], [6]]})
+    pairs = {"fn_name": "swap", "inputs": [[1, 2], [[3], "x"]], "outputs": [[2, 1], [["x", [3]]]]}
+    programs = [
+        ("def add(a, b):\n    return a + b", apps, 1.0),  # outputs hold [value]: APPS's rule
+        ("class Solution:\n    def add(self, a, b):\n        return a + b", apps, 1.0),  # LeetCode style
+        ("def add(a, b):\n    return a * b", apps, 0.0),
+        ("class A:\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return A()", apps, 0.0),
+        ("def swap(a, b):\n    return (b, a)", pairs, 1.0),  # a tuple counts as a list
+        ("def add(a, b):\n    return a + b", pairs, 0.0),  # no such function
+    ]
+    out = build_reward("code", timeout=5.0)([_fenced(p) for p, _, _ in programs], tests=[t for _, t, _ in programs])
+    assert list(out) == [expected for _, _, expected in programs]
+    assert out.invalid == [False] * len(programs)
+

@@ -9,7 +9,7 @@ In the sandbox it runs as the main script. In order it:
 3. disables process creation (fork/exec/spawn/system, subprocess), signals to other
    processes, sockets and DNS, and blocks `ctypes` imports;
 4. execs the program with fresh globals (as __main__), then the steps in the same globals:
-   statements to exec, and expressions whose values it writes to VALUES_FD, one
+   statements to exec, and expressions or calls whose values it writes to VALUES_FD, one
    JSON line `[k, value]` (or `[k]` when that step failed) per value step, in order.
 Step 3 is a Python-level guard against accidental or naive misuse; the hard guarantees come
 from the OS (limits, process-group kill, namespaces, another uid) set up by the parent.
@@ -183,6 +183,16 @@ def _run(source, filename, namespace):
         return 1
 
 
+def _value(step, namespace):
+    """The value of one value step: {"eval": expression} or {"call": name, "args": [...]}
+    (APPS call-based tests: a method of `Solution` when the program defines that class)."""
+    if "eval" in step:
+        return eval(compile(step["eval"], "<test>", "eval"), namespace)
+    name, target = step["call"], namespace.get("Solution")
+    function = getattr(target(), name) if isinstance(target, type) and hasattr(target, name) else namespace[name]
+    return function(*step["args"])
+
+
 def main():
     spec_fd, values_fd = int(sys.argv[2]), int(sys.argv[3])
     with os.fdopen(spec_fd, encoding="utf-8") as f:
@@ -218,7 +228,7 @@ def main():
             _run(step["exec"], "<test setup>", namespace)
             continue
         try:
-            value, failed = encode_value(eval(compile(step["eval"], "<test>", "eval"), namespace)), False
+            value, failed = encode_value(_value(step, namespace)), False
         except BaseException:  # noqa: BLE001 - a failing step fails that test only
             value, failed = None, True
         try:

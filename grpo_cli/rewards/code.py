@@ -5,6 +5,9 @@ The program (last ```python block, else last ``` block, else the <answer> conten
 * stdin/stdout tests: a list of {"input": str, "output": str} dicts, or an APPS-style dict
   {"inputs": [...], "outputs": [...]}; each test is a separate sandboxed run, passed when it
   exits 0 and its output matches (line endings and trailing whitespace ignored);
+* call-based tests (APPS/TACO): {"fn_name": name, "inputs": [[args], ...], "outputs": [...]};
+  the function (or a method of a `Solution` class) is called with each argument list and
+  passes when its value equals the output, or the output's only element (APPS's rule);
 * assert tests: statements such as "assert f(2) == 4", as a list or one string; each top-level
   assert is one test, other statements (imports, helpers) run before the asserts after them.
 Either may be given as a JSON string. Rows without tests are flagged invalid.
@@ -56,11 +59,13 @@ _VALUE_NAME = "_grpo_value_{}"
 class Check:
     """One test, decided in the trainer from the values the sandbox reported.
     `expression`: the assert's test with each call into the program replaced by the name
-    _grpo_value_<k> of its value k (`values` lists those k). `test`: as written."""
+    _grpo_value_<k> of its value k (`values` lists those k); None for an APPS call test,
+    which passes when value `values[0]` matches `expected`. `test`: as written."""
 
     test: str
     values: tuple[int, ...]
-    expression: str
+    expression: str | None = None
+    expected: Any = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ def parse_tests(tests: Any) -> IoTests | ProgramTests | None:
             inputs, outputs = tests["inputs"], tests["outputs"]
             if len(inputs) != len(outputs):
                 raise ValueError(f"tests have {len(inputs)} inputs but {len(outputs)} outputs")
+            if tests.get("fn_name"):
+                return _call_tests(str(tests["fn_name"]), inputs, outputs)
             return [(_text(i), _text(o)) for i, o in zip(inputs, outputs, strict=True)] or None
         raise ValueError(f"unsupported tests layout with keys {sorted(tests)[:5]}")
     if isinstance(tests, Sequence):
@@ -115,6 +122,15 @@ def _text(value: Any) -> str:
     if isinstance(value, list):  # some datasets store stdin as a list of lines
         return "\n".join(map(str, value))
     return str(value)
+
+
+def _call_tests(fn_name: str, inputs: Sequence[Any], outputs: Sequence[Any]) -> ProgramTests | None:
+    steps, checks = [], []
+    for k, (args, expected) in enumerate(zip(inputs, outputs, strict=True)):
+        args = list(args) if isinstance(args, (list, tuple)) else [args]
+        steps.append({"call": fn_name, "args": args})
+        checks.append(Check(f"{fn_name}(*{args!r}) -> {expected!r}", (k,), None, expected))
+    return ProgramTests(tuple(steps), tuple(checks)) if checks else None
 
 
 class _Unsplittable(Exception):
@@ -204,6 +220,10 @@ def _operand(node: ast.expr, env: dict[str, Any]) -> Any:
 def _decide_here(check: Check, env: dict[str, Any]) -> bool | None:
     """The check's verdict from plain values, or None when it needs the verifier sandbox."""
     try:
+        if check.expression is None:  # APPS: a tuple as a list; [x] also matches x
+            (value,), expected = env.values(), check.expected
+            value = list(value) if isinstance(value, tuple) else value
+            return bool(value == expected or (isinstance(expected, list) and len(expected) == 1 and value == expected[0]))
         node, negate = ast.parse(check.expression, mode="eval").body, False
         while isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             node, negate = node.operand, not negate

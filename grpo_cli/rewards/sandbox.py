@@ -372,6 +372,7 @@ def run_python(source: str, *, stdin: str = "", steps: Sequence[Mapping[str, Any
                limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as __main__ in the sandbox with `stdin` as standard input and the plain
     values `bindings` as globals, then `steps` in its globals, in order: {"exec": statement}
-    (its failure ignored) or {"eval": expression}, which adds its value (plain data only,
-    else NO_VALUE) to `values`. Never raises for anything the program does."""
+    (its failure ignored), {"eval": expression} or {"call": name, "args": [...]}; each of the
+    last two adds its value (plain data only, else NO_VALUE) to `values`. Never raises for
+    anything the program does."""
     return _run(source, stdin, steps, bindings or {}, limits, isolation())
