@@ -512,3 +512,24 @@ def test_apps_call_based_tests_call_the_function(no_leftovers):
     assert list(out) == [expected for _, _, expected in programs]
     assert out.invalid == [False] * len(programs)
 
+
+# ----------------------------------------------------------------------------- time budget per completion
+
+def test_time_budget_bounds_one_completion(no_leftovers):
+    reward = build_reward("code", timeout=0.5, time_budget=1.0)
+    slow_io = _fenced("import time\ntime.sleep(0.2)\nprint(input())")
+    io_tests = [{"input": f"{i}\n", "output": f"{i}\n"} for i in range(10)]
+    slow_calls = _fenced("import time\ndef f(x):\n    time.sleep(0.2)\n    return x")
+    call_tests = [f"assert f({i}) == {i}" for i in range(10)]
+    for program, tests in ((slow_io, io_tests), (slow_calls, call_tests)):
+        start = time.monotonic()
+        out = reward([program], tests=[tests])
+        elapsed = time.monotonic() - start
+        assert 0.0 < out[0] < 0.6, out  # each passes given time; only a few of 10 fit
+        assert elapsed < 1.0 + 1.0
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, float("inf"), True, "10"])
+def test_time_budget_must_be_positive_seconds(budget):
+    with pytest.raises(ValueError, match="time_budget"):
+        build_reward("code", time_budget=budget)

@@ -23,6 +23,7 @@ depends on names bound in the assert itself (`all(f(i) == i for i in ...)`) or t
 nothing of the program runs whole in the program's interpreter (a warning names the first);
 a call of a helper that is neither a builtin nor in TRUSTED_MODULES (`np.allclose(f(x), y)`,
 a function defined by the tests' own statements) runs there with its arguments.
+`time_budget` bounds the sandbox time of one completion; tests it leaves undone fail.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import builtins
 import json
 import logging
 import operator
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .base import FlaggedScores, RewardFn
@@ -251,8 +253,8 @@ def _verify(checks: Sequence[Check], values: Sequence[Any], limits: SandboxLimit
     return [value is True for value in result.values]
 
 
-def _score_calls(source: str, tests: ProgramTests, limits: SandboxLimits) -> float:
-    result = run_python(source, steps=tests.steps, limits=limits)
+def _score_calls(source: str, tests: ProgramTests, limits: SandboxLimits, deadline: float) -> float:
+    result = run_python(source, steps=tests.steps, limits=_within(limits, deadline))
     passed = [False] * len(tests.checks)
     undecided = []
     for i, check in enumerate(tests.checks):
@@ -264,11 +266,16 @@ def _score_calls(source: str, tests: ProgramTests, limits: SandboxLimits) -> flo
             undecided.append(i)
         else:
             passed[i] = verdict
-    if undecided:
-        verdicts = _verify([tests.checks[i] for i in undecided], result.values, limits)
+    if undecided and deadline > time.monotonic():
+        verdicts = _verify([tests.checks[i] for i in undecided], result.values, _within(limits, deadline))
         for i, ok in zip(undecided, verdicts, strict=True):
             passed[i] = ok
     return sum(passed) / len(passed)
+
+
+def _within(limits: SandboxLimits, deadline: float) -> SandboxLimits:
+    """`limits` with the time limit cut to what is left before `deadline`."""
+    return replace(limits, timeout=max(min(limits.timeout, deadline - time.monotonic()), 0.001))
 
 
 def _normalise_output(text: str) -> str:
@@ -276,12 +283,18 @@ def _normalise_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def score_program(source: str, tests: IoTests | ProgramTests, limits: SandboxLimits) -> float:
+def score_program(source: str, tests: IoTests | ProgramTests, limits: SandboxLimits,
+                  time_budget: float) -> float:
+    """Share of `tests` the program `source` passes, spending at most `time_budget` seconds
+    of sandbox time on them (the tests not run by then fail)."""
+    deadline = time.monotonic() + time_budget
     if isinstance(tests, ProgramTests):
-        return _score_calls(source, tests, limits)
+        return _score_calls(source, tests, limits, deadline)
     passed = 0
     for stdin, expected in tests:
-        result = run_python(source, stdin=stdin, limits=limits)
+        if time.monotonic() >= deadline:
+            break
+        result = run_python(source, stdin=stdin, limits=_within(limits, deadline))
         if result.timed_out:
             # A program that hangs on one input usually hangs on the rest: stop here so an
             # infinite loop costs one time limit, not one per test.
@@ -292,16 +305,20 @@ def score_program(source: str, tests: IoTests | ProgramTests, limits: SandboxLim
 
 
 def code(timeout: float = 5.0, memory_mb: int = 1024, max_output_bytes: int = 1 << 20,
-         max_processes: int = 16, workers: int = 2) -> RewardFn:
+         max_processes: int = 16, workers: int = 2, time_budget: float | None = None) -> RewardFn:
     """Share of tests passed. `timeout`: wall seconds per sandboxed run; `memory_mb`: address
     space limit; `max_output_bytes`: cap on stdout / written files; `max_processes`:
-    RLIMIT_NPROC; `workers`: completions run concurrently."""
+    RLIMIT_NPROC; `workers`: completions run concurrently; `time_budget`: wall seconds of
+    sandbox time per completion, over all its tests (default: twice `timeout`)."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ValueError(f"timeout must be a number, got {timeout!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     limits = SandboxLimits(timeout=float(timeout), memory_mb=memory_mb,
                            max_output_bytes=max_output_bytes, max_processes=max_processes)
+    budget = 2 * limits.timeout if time_budget is None else time_budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+        raise ValueError(f"time_budget must be a positive finite number of seconds, got {time_budget!r}")
 
     def code_reward(completions: list[str], tests: Sequence[Any], **_: Any) -> list[float]:
         if len(tests) != len(completions):
@@ -312,7 +329,7 @@ def code(timeout: float = 5.0, memory_mb: int = 1024, max_output_bytes: int = 1 
             for i, (text, row_tests) in enumerate(zip(completions, parsed, strict=True)):
                 source = extract_code(text)
                 if row_tests and source:
-                    jobs[i] = pool.submit(score_program, source, row_tests, limits)
+                    jobs[i] = pool.submit(score_program, source, row_tests, limits, float(budget))
             scores = [jobs[i].result() if i in jobs else 0.0 for i in range(len(completions))]
         return FlaggedScores(scores, [not t for t in parsed])
 
