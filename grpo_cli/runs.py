@@ -60,7 +60,8 @@ def check_run_dir(cfg: Config) -> None:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """A folder the run will write into: a read-only or full one fails now, not at the first checkpoint."""
+    """A folder the run will write into: a read-only one (or one this user cannot write) fails now, not at
+    the first checkpoint. A full disk may still take this empty file: a save names that itself."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
