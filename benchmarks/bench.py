@@ -4,6 +4,7 @@
     python benchmarks/bench.py --steps 1 --prompts 2 --group 4 --max-new-tokens 16   # a quick check
     python benchmarks/bench.py --gpu    # the GPU workload (recipes/bench_gpu.yaml) on a CUDA machine
     python benchmarks/bench.py --gpu --rollout hf --model DIR   # no vLLM there: both sides on HF generate
+    bash benchmarks/gpu_check.sh .gpu-kit OUT   # a GPU machine with no package index (see gpu_kit.py)
     python benchmarks/bench.py --summarize benchmarks/out/<time> --no-record   # re-print a finished run
 
 The workload is grpo's recipe benchmarks/recipes/bench_cpu.yaml (bench_gpu.yaml with --gpu) plus the
