@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from trl_venv import TRL_VERSION  # noqa: E402
+from trl_venv import TRL_VERSION, installed  # noqa: E402
 
 PYTHON = "3.12"  # the GPU machines'
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -85,10 +85,8 @@ def pin(name: str) -> str:
     """`name==<version installed here>`, TRL at the benchmark's pin; just `name` if neither."""
     if normalise(name) == "trl":
         return f"trl=={TRL_VERSION}"
-    try:
-        return f"{name}=={metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return name
+    version = installed(name)
+    return f"{name}=={version}" if version else name
 
 
 class Target(NamedTuple):

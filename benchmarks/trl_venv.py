@@ -37,7 +37,8 @@ def venv_dir(gpu: bool) -> Path:
     return HERE / (".venv-trl-gpu" if gpu else ".venv-trl")
 
 
-def _installed(name: str) -> str | None:
+def installed(name: str) -> str | None:
+    """The version of `name` installed beside grpo, or None."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -47,7 +48,7 @@ def _installed(name: str) -> str | None:
 def requirements(gpu: bool) -> list[str]:
     pins = [f"trl=={TRL_VERSION}"]
     for name in SHARED:
-        version = _installed(name)
+        version = installed(name)
         pins.append(f"{name}=={version}" if version else name)
     return pins if gpu else [TORCH_CPU, *pins]
 
@@ -81,7 +82,7 @@ def _inherit_packages(python: Path) -> None:
 def ensure(gpu: bool = False, log: bool = True) -> tuple[Path, float]:
     """The environment's python, creating or completing the environment first; and the seconds
     that took (0 when it was already there with the same pins)."""
-    if gpu and _installed("trl") == TRL_VERSION:
+    if gpu and installed("trl") == TRL_VERSION:
         if log:
             print(f"[bench] trl=={TRL_VERSION} is installed beside grpo: TRL runs on {sys.executable}", flush=True)
         return Path(sys.executable), 0.0

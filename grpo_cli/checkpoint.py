@@ -99,10 +99,8 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and not _write_failure(e):
             raise
-        last = checkpoint_dirs(run)[-1:]
         raise TrainingError(f"could not write checkpoint step-{step:06d} in {run / 'checkpoints'} ({first_line(e)}); "
-                            "free disk space there, then resume the run: it continues after "
-                            + (f"{last[0].name}, intact" if last else "its start (no checkpoint yet)")) from None
+                            f"free disk space there, then resume the run: {resume_point(run)}") from None
     if main:
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             shutil.rmtree(final)
@@ -111,6 +109,12 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()  # no rank goes on (or reads it back) before the checkpoint is complete
     return final
+
+
+def resume_point(run: Path) -> str:
+    """Where `grpo train resume=RUN` continues, for messages: after its latest complete checkpoint."""
+    last = checkpoint_dirs(run)[-1:]
+    return f"it continues after {last[0].name}" if last else "it continues after its start (no checkpoint yet)"
 
 
 def _write_failure(error: RuntimeError) -> bool:

@@ -176,17 +176,14 @@ def train(cfg: Config) -> Path:
         # eval, say): a resume would never log them. Several ranks may be stopped anywhere, out of step.
         if world == 1 and logged == completed > start and not saved and not learner.dirty:
             checkpoint.save(run, completed, learner, tokenizer, cfg.trainer.keep_last, completed_position)
-        last = checkpoint.checkpoint_dirs(run)[-1:]
-        resumes = f"it goes on from {last[0].name}" if last else "no checkpoint yet: it starts over"
-        logger.message(f"interrupted after step {logged}; continue with: grpo train resume={run} ({resumes})")
+        logger.message(f"interrupted after step {logged}; continue with: grpo train resume={run} "
+                       f"({checkpoint.resume_point(run)})")
         raise
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        last = checkpoint.checkpoint_dirs(run)[-1:]
         raise TrainingError(f"cannot write to {run} ({first_line(e)}); free space there (or make it writable), then "
-                            "resume the run: it continues after "
-                            + (f"{last[0].name}" if last else "its start (no checkpoint yet)")) from None
+                            f"resume the run: {checkpoint.resume_point(run)}") from None
     except torch.OutOfMemoryError:
         raise TrainingError("out of memory: lower trainer.micro_batch_size or rollout.max_new_tokens, set "
                             "model.gradient_checkpointing=true, or lower rollout.gpu_memory_utilization") from None

@@ -48,7 +48,7 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def check_run_dir(cfg: Config) -> None:
-    """What `prepare_run_dir` will need, checked without writing anything: before the model loads."""
+    """What `prepare_run_dir` will need, checked before the model loads and leaving nothing behind."""
     if cfg.resume:
         if not (Path(cfg.resume).expanduser() / "config.yaml").is_file():
             raise UserError(f"resume={cfg.resume}: not a run directory (no config.yaml); pass the folder a "
