@@ -2,8 +2,8 @@
 
 checkpoints/step-000050/ holds the policy (safetensors + config + tokenizer: loadable by
 `AutoModelForCausalLM.from_pretrained` and by vLLM) and trainer_state.pt (optimizer, scheduler,
-RNG, step, data position). Each is written into a hidden temporary folder and renamed into place,
-so a killed process leaves either the whole checkpoint or none of it.
+RNG, step, data position). Each is written into a hidden temporary folder, flushed to disk and renamed
+into place, so a killed process (or a power cut) leaves either the whole checkpoint or none of it.
 
 With several learner processes (torchrun) every rank takes part in gathering the sharded weights
 and optimizer state, and rank 0 alone writes: the checkpoint is the same as one process would
@@ -24,6 +24,7 @@ import torch
 
 from grpo_cli import distributed
 from grpo_cli.errors import first_line
+from grpo_cli.runs import fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -95,6 +96,7 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             }
             torch.save(state, tmp / STATE_FILE)
+            fsync_tree(tmp)
     except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and not _write_failure(e):
@@ -105,6 +107,7 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(final.parent)  # the rename itself, before older checkpoints go
         for old in checkpoint_dirs(run)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()  # no rank goes on (or reads it back) before the checkpoint is complete

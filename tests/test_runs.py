@@ -180,3 +180,50 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_di
                        + ".*free disk space there, then resume the run: it continues after its start"):
         checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Every file and folder of the checkpoint is fsynced before the rename that makes it `step-N`, and the
+    checkpoints folder after it: otherwise a power cut can leave a step-N whose files are empty."""
+    import torch
+
+    from grpo_cli import checkpoint
+    from grpo_cli.learner import Learner
+
+    learner = Learner(compose([f"model.name_or_path={tiny_model_dir}"]), torch.device("cpu"), pad_id=0)
+
+    class Tokenizer:
+        def save_pretrained(self, folder: Path) -> None:
+            (folder / "tokenizer.json").write_text("{}")
+
+    synced: list[Path] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    at_rename: list[Path] = []
+
+    def replace(src, dst):
+        if Path(src).name.startswith(checkpoint.TMP_PREFIX):
+            at_rename.extend(synced)
+            expected = {Path(src), *Path(src).rglob("*")}
+            assert expected <= set(synced), f"not flushed before the rename: {expected - set(synced)}"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    final = checkpoint.save(tmp_path, 3, learner, Tokenizer(), keep_last=1, data_position=0)
+    assert final.name == "step-000003" and at_rename, "the checkpoint was never renamed into place"
+    assert {"model.safetensors", "config.json", "tokenizer.json", checkpoint.STATE_FILE} <= \
+        {p.name for p in at_rename}
+    assert synced[-1] == (tmp_path / "checkpoints").resolve()  # the rename made durable
+
+
+def test_atomic_write_text_makes_the_rename_durable(tmp_path: Path, monkeypatch) -> None:
+    synced: list[Path] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
+    assert synced[0].parent == tmp_path.resolve() and synced[0].name.startswith(".config.yaml.")  # the data
+    assert synced[-1] == tmp_path.resolve()  # then the folder holding the new name
