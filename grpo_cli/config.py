@@ -235,6 +235,10 @@ def validate(cfg: Config) -> None:
     if cfg.dataset.source in ("hf", "jsonl") and not cfg.dataset.path:
         example = "data/train.jsonl (one JSON object per line)" if cfg.dataset.source == "jsonl" else "openai/gsm8k"
         raise UserError(f"dataset.path is required for dataset.source={cfg.dataset.source}; e.g. dataset.path={example}")
+    if cfg.dataset.source == "reasoning_gym":
+        from grpo_cli.data import check_task
+
+        check_task(cfg.dataset.task)
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
     _validate_rewards(cfg.rewards)

@@ -71,13 +71,19 @@ def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
 
 
 # ----------------------------------------------------------------------------- sources
-def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
-    import reasoning_gym
+def check_task(task: str) -> None:
+    """A reasoning-gym task name, checked by `grpo config` too (importing reasoning-gym takes about a second)."""
     from reasoning_gym.factory import DATASETS
 
-    if cfg.task not in DATASETS:
-        raise UserError(f"dataset.task={cfg.task}: not a reasoning-gym task{did_you_mean(cfg.task, DATASETS)}; "
+    if task not in DATASETS:
+        raise UserError(f"dataset.task={task}: not a reasoning-gym task{did_you_mean(task, DATASETS)}; "
                         f"choose one of: {', '.join(sorted(DATASETS))}")
+
+
+def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
+    import reasoning_gym
+
+    check_task(cfg.task)
     # A different seed per split keeps evaluation problems apart from training ones.
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
     try:

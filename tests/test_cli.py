@@ -71,7 +71,7 @@ def test_unknown_key_exits_2_naming_it(grpo) -> None:
     (["eval", "eval.n=1", "eval.k=[4]"], "every k must be between 1 and eval.n=1"),
     (["train", "model.name_or_path=/no/such/model"], "model.name_or_path=/no/such/model: no such directory"),
     (["train", "model.name_or_path=nobody/no-such-model-xyz"], "not a local directory, a built-in model"),
-    (["train", "dataset.task=chain_sun"], "not a reasoning-gym task (did you mean chain_sum"),
+    (["config", "dataset.task=chain_sun"], "not a reasoning-gym task (did you mean chain_sum"),
     (["config", "--config-dir", "/no/such/dir"], "--config-dir /no/such/dir: no such directory"),
 ])
 def test_bad_input_exits_2_with_one_line(grpo, args: list[str], expected: str) -> None:
