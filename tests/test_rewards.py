@@ -604,3 +604,21 @@ def test_reward_model_uses_chat_template(tiny_reward_model):
     reward = build_reward("reward_model", model_name_or_path=str(chat), batch_size=3, device="cpu")
     assert len(set(expected)) == 5
     assert reward(COMPLETIONS, prompt=PROMPTS) == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_with_a_chat_template_sees_the_problem_not_the_policys_prompt(tiny_reward_model):
+    """In training `prompt` is the policy's rendered prompt (its own chat template, system prompt and
+    special tokens); wrapping that again in the reward model's template would score a conversation
+    nobody had. The user turn is the row's `problem`."""
+    plain, chat = tiny_reward_model
+    rendered = [f"<|im_start|>user {p} <|im_end|> <|im_start|>assistant" for p in PROMPTS]
+    expected = _manual_scores(chat, [f"user: {p} assistant: {c} " for p, c in zip(PROMPTS, COMPLETIONS, strict=True)],
+                              add_special_tokens=False)
+    reward = build_reward("reward_model", model_name_or_path=str(chat), batch_size=3, device="cpu")
+    wrapped = reward(COMPLETIONS, prompt=rendered)  # what it scored before: the rendered prompt as the user turn
+    assert wrapped != pytest.approx(expected, abs=1e-3)  # so the check below means something
+    assert reward(COMPLETIONS, prompt=rendered, problem=PROMPTS) == pytest.approx(expected, abs=1e-5)
+    # Without a chat template the reward model reads the text as the policy saw it: prompt + completion.
+    expected_plain = _manual_scores(plain, [p + c for p, c in zip(rendered, COMPLETIONS, strict=True)])
+    reward = build_reward("reward_model", model_name_or_path=str(plain), batch_size=3, device="cpu")
+    assert reward(COMPLETIONS, prompt=rendered, problem=PROMPTS) == pytest.approx(expected_plain, abs=1e-5)

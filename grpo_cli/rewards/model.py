@@ -1,8 +1,10 @@
 """`reward_model`: score (prompt, completion) pairs with a Hugging Face sequence-classification
 model (e.g. a Bradley-Terry reward model with one output logit).
 
-The text is the tokenizer's chat template over a user/assistant pair when it has one, else the
-plain concatenation prompt + completion. The model is loaded lazily, once, on first use.
+With a chat template, the reward model's tokenizer renders a user/assistant pair: the user turn is
+the dataset's `problem` (the question itself, not the policy's rendered prompt, which already holds
+the policy's own template and special tokens), the assistant turn the completion. Without one, the
+text is the plain concatenation prompt + completion: what the policy saw, then what it wrote. The model is loaded lazily, once, on first use.
 Batches are right-padded: with left padding, models that number positions 0..n-1 regardless
 of the attention mask would score a padded sequence differently from the same one alone.
 Over-long inputs are truncated from the left so the scored final token is the completion's.
@@ -51,13 +53,15 @@ class _Scorer:
                 self._loaded = (tokenizer, model)
             return self._loaded
 
-    def texts(self, tokenizer: Any, prompts: Sequence[Any], completions: Sequence[str]) -> list[str]:
+    def texts(self, tokenizer: Any, prompts: Sequence[Any], completions: Sequence[str],
+              problems: Sequence[Any] | None = None) -> list[str]:
         out = []
-        for prompt, completion in zip(prompts, completions, strict=True):
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             if isinstance(prompt, list):  # conversational prompt: a list of messages
                 messages = [*prompt, {"role": "assistant", "content": completion}]
             else:
-                messages = [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": completion}]
+                question = prompt if problems is None else problems[i]
+                messages = [{"role": "user", "content": str(question)}, {"role": "assistant", "content": completion}]
             if getattr(tokenizer, "chat_template", None):
                 out.append(tokenizer.apply_chat_template(messages, tokenize=False))
             elif isinstance(prompt, list):
@@ -66,13 +70,14 @@ class _Scorer:
                 out.append(str(prompt) + completion)
         return out
 
-    def __call__(self, completions: list[str], prompt: Sequence[Any], **_: Any) -> list[float]:
+    def __call__(self, completions: list[str], prompt: Sequence[Any], problem: Sequence[Any] | None = None,
+                 **_: Any) -> list[float]:
         import torch
 
         if len(prompt) != len(completions):
             raise ValueError(f"'prompt' has {len(prompt)} entries for {len(completions)} completions")
         tokenizer, model = self._load()
-        texts = self.texts(tokenizer, prompt, completions)
+        texts = self.texts(tokenizer, prompt, completions, problem)
         # A chat template already renders BOS/special tokens itself.
         add_special = not getattr(tokenizer, "chat_template", None)
         scores: list[float] = []
