@@ -230,11 +230,18 @@ def _check_several_learners(cfg: Config, world: int) -> None:
 def check_sync(engine: Engine, learner: Learner, probe: Sample) -> dict[str, float]:
     """`sync/logprob_diff_max` right after a push (rollout.check_sync): the engine's log-probs of the
     tokens of rank 0's `probe` against the learner's, at temperature 1 (grpo_cli.sync.engine_logprob_diff).
+    The learner's side is computed in eval mode, as the engine samples: with dropout (model.lora_dropout)
+    a train-mode forward differs from the pushed weights by the dropout noise, not by a bad push.
     Several learner processes: every rank calls it, in step (the sharded forward is collective)."""
     prompt_ids, completion_ids = distributed.broadcast_object((probe.prompt_ids, probe.completion_ids))
-    with torch.no_grad():
-        packed = pack([prompt_ids], [completion_ids], learner.pad_id, learner.device)
-        expected = _logprobs(learner.policy, packed, 1.0)[0][0]  # (T,)
+    was_training = learner.policy.training
+    learner.policy.eval()
+    try:
+        with torch.no_grad():
+            packed = pack([prompt_ids], [completion_ids], learner.pad_id, learner.device)
+            expected = _logprobs(learner.policy, packed, 1.0)[0][0]  # (T,)
+    finally:
+        learner.policy.train(was_training)
     diff = engine_logprob_diff(engine, prompt_ids, completion_ids, expected)
     return {} if diff is None else {"sync/logprob_diff_max": diff}
 

@@ -79,3 +79,38 @@ def test_checkpoint_holds_a_plain_model_and_the_adapter_for_resuming(trained: Le
     fresh.load_state_dict(trained.state_dict(), tmp_path)
     for (name, a), (_, b) in zip(fresh.named_weights(), trained.named_weights(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+class _SyncedEngine:
+    """Stands in for a vLLM engine that received `weights`: it scores tokens as the plain model
+    holding them does (eval mode, no dropout), which is what a correct push gives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def wake(self) -> None:
+        pass
+
+    def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        batch = pack([prompt_ids], [completion_ids], pad_id=0, device=CPU)
+        with torch.no_grad():
+            return sequence_logprobs(self.model, batch, temperature=1.0)[0][0].tolist()
+
+
+def test_check_sync_measures_the_push_not_the_dropout(tiny_model_dir: Path) -> None:
+    """rollout.check_sync with model.lora_dropout > 0: an engine holding exactly the merged weights
+    reads ~1e-6, not the dropout noise of a train-mode forward (0.1-0.3 before the fix)."""
+    from grpo_cli.loop import check_sync
+    from grpo_cli.rollout import Sample
+
+    cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.lora_rank=4", "model.lora_dropout=0.5",
+                   "loss.beta=0", "trainer.lr=1e-2", "rollout.max_new_tokens=4"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    for _ in range(2):  # non-zero adapters, so dropout changes the policy's output
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    engine = _SyncedEngine(_plain(tiny_model_dir, dict(learner.named_weights())))
+    probe = Sample(prompt_index=0, prompt_ids=list(range(100, 140)), completion_ids=list(range(500, 520)), text="",
+                   logprobs=[], truncated=False)
+    assert learner.policy.training
+    assert check_sync(engine, learner, probe)["sync/logprob_diff_max"] < 1e-5
+    assert learner.policy.training  # the learner trains on in train mode
