@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo_cli.errors import UserError
 from grpo_cli.rollout import SamplingSettings, make_engine, sampling_from_config
 from grpo_cli.schema import ModelConfig, RolloutConfig
 from grpo_cli.sync import _buckets, engine_logprob_diff, layer_key, push_weights
@@ -319,8 +320,10 @@ def test_vllm_greedy_and_prompt_length(engine, base_model) -> None:
         with torch.no_grad():
             logits = base_model(input_ids=ids).logits[0, len(s.prompt_ids) - 1: -1]
         assert logits.argmax(-1).tolist() == s.completion_ids
-    with pytest.raises(ValueError, match="at most"):
-        engine.generate(["word " * 1100], SAMPLING)  # the tiny model's context is 1024 tokens
+    # the tiny model's context is 1024 tokens: a one-line error a user can act on, whichever prompt it is
+    with pytest.raises(UserError, match=r"^a prompt has 1101 tokens \('word word .*at most 1024 tokens per sequence.*"
+                                        r"rollout.max_new_tokens \+ 2048 prompt tokens.*leave the long ones out$"):
+        engine.generate([PROMPTS[0], "word " * 1100], SAMPLING)
 
 
 def test_vllm_leaves_the_process_rng_and_threads_alone(engine) -> None:
@@ -424,6 +427,20 @@ def test_make_engine_vllm_builds_a_vllm_engine(monkeypatch) -> None:
     rollout, model_cfg = RolloutConfig(engine="vllm"), ModelConfig(name_or_path="some/model")
     assert make_engine(rollout, model_cfg, "/models/x") == "engine"
     assert made == [("/models/x", rollout, model_cfg)]
+
+
+def test_hf_engine_keeps_to_the_model_context(hf_engine) -> None:
+    """As vLLM's max_model_len: a prompt filling the context (1024 tokens) is refused, and a completion
+    stops where the context ends, truncated, even when max_new_tokens would go further."""
+    with pytest.raises(UserError, match=r"^a prompt has 1101 tokens .*at most 1024 tokens per sequence.*"
+                                        "max_position_embeddings"):
+        hf_engine.generate([PROMPTS[0], "word " * 1100], SAMPLING)
+    near_end = " word" * 1019  # 1019 tokens: room for 5
+    samples = hf_engine.generate([near_end, PROMPTS[0]], SAMPLING)  # 8 new tokens asked
+    assert [len(s.prompt_ids) + len(s.completion_ids) for s in samples[:4]] == [1024] * 4
+    assert all(s.truncated and len(s.completion_ids) == 8 for s in samples[4:])  # the short prompt: all 8
+    assert all(s.truncated for s in samples)
+    assert max_logprob_error(samples, hf_engine.model, 1.0) < 1e-5
 
 
 def test_hf_greedy(hf_engine) -> None:

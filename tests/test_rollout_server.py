@@ -294,6 +294,8 @@ def test_server_refuses_bad_requests_with_a_clear_message(server) -> None:
         call(engine.servers[0], "POST", "/generate", {"prompts": ["a"], "sampling": {"n": 1, "bogus": 2}}, 30)
     with pytest.raises(RolloutServerError, match="answered 400.*CUDA"):
         engine._post_all("/start_weight_update", {})  # NCCL sync is for GPU servers
+    with pytest.raises(RolloutServerError, match=r"answered 400 on /generate: a prompt has 1101 tokens"):
+        engine.generate(["word " * 1100], SamplingSettings(n=1, max_new_tokens=4, temperature=1.0))
     assert engine.health()[0]["weights_version"] != 99
 
 

@@ -22,7 +22,9 @@ sampled from (see grpo_cli/rollout/vllm.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from grpo_cli.errors import UserError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
-__all__ = ["Engine", "Sample", "SamplingSettings", "make_engine", "sampling_from_config"]
+__all__ = ["Engine", "Sample", "SamplingSettings", "check_prompt_lengths", "context_length", "make_engine",
+           "sampling_from_config"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,25 @@ def sampling_from_config(rollout: RolloutConfig, seed: int | None = None) -> Sam
         n=rollout.group_size, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_p=rollout.top_p, top_k=rollout.top_k, stop=tuple(rollout.stop), seed=seed,
     )
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence (prompt + completion) a model config allows, or None if it names none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_prompt_lengths(prompts: list[str], prompt_ids: list[list[int]], limit: int, what: str) -> None:
+    """A UserError for the first prompt that leaves no room for a completion token within `limit`
+    tokens per sequence (`what` says where the limit comes from). A longer prompt cannot be sampled
+    from, and one past a model's context is not something its learner should train on."""
+    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        if len(ids) >= limit:
+            start = " ".join(prompt.split())[:60]
+            raise UserError(f"a prompt has {len(ids)} tokens ('{start}...'), but the rollout engine holds at most "
+                            f"{limit} tokens per sequence, prompt and completion ({what}): shorten the dataset's "
+                            "prompts or leave the long ones out")
 
 
 def make_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str,

@@ -5,13 +5,14 @@ What a `Sample` holds, exactly:
 - `prompt_ids`: `tokenizer(prompt, add_special_tokens=False).input_ids`; prompts are left-padded
   into one batch (the padding is masked and never part of a sample).
 - `completion_ids`: the sampled tokens up to and including the first EOS token, or up to the token
-  that completed a stop string, or max_new_tokens of them; the padding `generate` puts after a
-  finished row is dropped.
+  that completed a stop string, or max_new_tokens of them, or as many as the model's context
+  (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
+  `generate` puts after a finished row is dropped. A prompt that fills the context is refused.
 - `logprobs`: log_softmax(logits / temperature)[sampled token], in fp32, from the logits `generate`
   computed while sampling (taken before top-k/top-p truncation, i.e. exactly what the learner
   computes from a forward pass of the same weights). At temperature 0 (greedy): log_softmax(logits).
 - `text`: the completion decoded without special tokens, cut right after the first stop string.
-- `truncated`: no EOS and no stop string within max_new_tokens.
+- `truncated`: no EOS and no stop string within max_new_tokens (or the context).
 
 Sampling is exactly temperature / top-k / top-p: the model's own generation_config.json defaults
 (repetition penalty, top-k 50, min-p...) are not applied, as in the vllm engine; only its EOS ids are.
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from grpo_cli.rollout import Sample, SamplingSettings
+from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length
 
 
 class _LogprobRecorder:
@@ -100,6 +101,7 @@ class HFEngine:
             raise ValueError("the hf engine needs an EOS token id (none in the tokenizer or generation config)")
         self.eos_ids = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.context = context_length(getattr(policy, "config", None))  # tokens per sequence, prompt + completion (None: no limit)
 
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -109,6 +111,8 @@ class HFEngine:
         greedy = sampling.temperature == 0
         device = next(self.model.parameters()).device
         prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        if self.context is not None:
+            check_prompt_lengths(prompts, prompt_ids, self.context, "the model's max_position_embeddings")
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -124,7 +128,10 @@ class HFEngine:
         stopper = _StopStrings(self.tokenizer, sampling.stop, width, rows) if sampling.stop else None
         sampler = (dict(do_sample=False) if greedy else
                    dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
-        config = GenerationConfig(**sampler, max_new_tokens=sampling.max_new_tokens, num_return_sequences=1,
+        max_new = sampling.max_new_tokens
+        if self.context is not None:  # no step past what even the shortest prompt can keep
+            max_new = min(max_new, self.context - min(len(ids) for ids in prompt_ids))
+        config = GenerationConfig(**sampler, max_new_tokens=max_new, num_return_sequences=1,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
         seeded = sampling.seed is not None
         rng_devices = [device] if device.type == "cuda" else []
@@ -162,9 +169,11 @@ class HFEngine:
         eos = torch.tensor(self.eos_ids)
         samples = []
         for row in range(rows):
-            ids = completions[row].tolist()
+            prompt_index = row // sampling.n
+            room = max_new if self.context is None else self.context - len(prompt_ids[prompt_index])
+            ids = completions[row, :room].tolist()  # tokens past the context are not the model's to train on
             end, by_eos, by_stop = len(ids), False, False
-            hits = torch.isin(completions[row], eos).nonzero()
+            hits = torch.isin(completions[row, :room], eos).nonzero()
             if len(hits):
                 end, by_eos = int(hits[0]) + 1, True
             if stopper is not None and stopper.stopped_at[row] is not None and stopper.stopped_at[row] <= end:
@@ -172,7 +181,6 @@ class HFEngine:
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
             if by_stop:
                 text = _cut_after_stop(text, sampling.stop)
-            prompt_index = row // sampling.n
             samples.append(Sample(
                 prompt_index=prompt_index, prompt_ids=list(prompt_ids[prompt_index]), completion_ids=ids[:end], text=text,
                 logprobs=logprobs[row, :end].tolist(), truncated=not (by_eos or by_stop),

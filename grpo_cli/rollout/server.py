@@ -260,7 +260,7 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
                 status, reply = HTTPStatus.OK, route(body)
             except RequestError as e:
                 status, reply = e.status, {"error": str(e)}
-            except (json.JSONDecodeError, ValueError) as e:
+            except (json.JSONDecodeError, ValueError, UserError) as e:  # UserError: e.g. a prompt too long
                 status, reply = HTTPStatus.BAD_REQUEST, {"error": first_line(e)}
             except Exception as e:
                 traceback.print_exc()

@@ -44,7 +44,7 @@ import torch
 
 from grpo_cli.errors import UserError
 from grpo_cli.models import torch_dtype
-from grpo_cli.rollout import Sample, SamplingSettings
+from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length
 
 if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
@@ -61,9 +61,7 @@ def _model_max_len(model_path: str, model_cfg: ModelConfig) -> int | None:
                                             trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError):
         return None  # vLLM reports the problem itself, with its own words
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None
+    return context_length(config)
 
 
 @contextlib.contextmanager
@@ -98,7 +96,9 @@ class VLLMEngine:
         self.sleep_mode = bool(self.cuda and rollout_cfg.sleep_mode)
         self.sleeping = False  # KV cache released (GPU with sleep mode only)
         self.weights_awake = True  # weights resident on the GPU (a push while asleep wakes only them)
+        self.limit_source = "the vLLM engine's max_model_len"  # what a too-long prompt's error names
         if max_model_len is None:
+            self.limit_source = f"rollout.max_new_tokens + {PROMPT_BUDGET} prompt tokens, at most the model's context"
             max_model_len = rollout_cfg.max_new_tokens + PROMPT_BUDGET
             model_max = _model_max_len(model_path, model_cfg)
             if model_max is not None:
@@ -149,10 +149,7 @@ class VLLMEngine:
         if not prompts:
             return []
         prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        for i, ids in enumerate(prompt_ids):
-            if len(ids) >= self.max_model_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens; the vLLM engine holds at most "
-                                 f"{self.max_model_len} tokens per sequence (prompt + completion)")
+        check_prompt_lengths(prompts, prompt_ids, self.max_model_len, self.limit_source)
         # vLLM refuses n > 1 at temperature 0 (greedy): then each prompt goes in n times, n=1 each.
         copies = sampling.n if sampling.temperature == 0 else 1
         params = [self._params(sampling, prompt_offset + i, sampling.n // copies)
