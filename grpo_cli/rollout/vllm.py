@@ -21,6 +21,9 @@ on CUDA `rollout.gpu_memory_utilization` bounds weights + KV cache and `rollout.
 `sleep` free that memory while the learner trains. max_model_len is max_new_tokens plus
 `PROMPT_BUDGET` prompt tokens, capped by the model's own context length.
 
+Starting the engine also generates one token: a model vLLM loads but cannot run (on CPU, an
+attention head size its kernels lack) is then a one-line error at start, not a traceback mid-run.
+
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so weight pushes need no copies
 between processes. Starting it seeds the global RNGs (random, numpy, torch) and, on CPU, disables
 `torch.set_num_threads`; both are undone here, so the learner's random state and thread count are
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from grpo_cli.errors import UserError
+from grpo_cli.errors import UserError, first_line
 from grpo_cli.models import torch_dtype
 from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length
 
@@ -136,6 +139,7 @@ class VLLMEngine:
                 raise UserError(f"{memory} leaves the vLLM engine too little KV cache for one sequence of "
                                 f"{max_model_len} tokens (rollout.max_new_tokens + {PROMPT_BUDGET} prompt tokens): "
                                 f"raise {memory.split('=')[0]} or lower rollout.max_new_tokens") from None
+            self._first_forward(model_path)
         self.tokenizer = self.llm.get_tokenizer()
 
     # ------------------------------------------------------------------ Engine
@@ -236,6 +240,22 @@ class VLLMEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ helpers
+    def _first_forward(self, model_path: str) -> None:
+        """Generate one token now: some models load but cannot run here (e.g. an attention head size
+        vLLM's CPU kernels lack), which otherwise shows as a traceback at the first rollout."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], SamplingParams(max_tokens=1, seed=0, detokenize=False),
+                              use_tqdm=False)
+        except (RuntimeError, NotImplementedError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            self.close()
+            raise UserError(f"the vLLM engine loaded {model_path} but cannot run it here ({type(e).__name__}: "
+                            f"{first_line(e)}): set rollout.engine=hf to sample with transformers instead") from e
+
     def _params(self, sampling: SamplingSettings, prompt_index: int, n: int) -> Any:
         from vllm import SamplingParams
 
