@@ -60,11 +60,11 @@ def vllm_ceiling(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from grpo_cli.rollout.vllm import PROMPT_BUDGET
+    from grpo_cli.schema import RolloutConfig
 
     engine = spec["engine"]
     kwargs = dict(model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], enforce_eager=engine["enforce_eager"],
-                  max_model_len=min(spec["max_new_tokens"] + PROMPT_BUDGET, engine["model_max_len"]),
+                  max_model_len=min(spec["max_new_tokens"] + RolloutConfig.max_prompt_tokens, engine["model_max_len"]),
                   logprobs_mode="processed_logprobs")
     if spec["device"] == "cuda":
         kwargs.update(gpu_memory_utilization=engine["gpu_memory_utilization"])

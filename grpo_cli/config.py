@@ -197,6 +197,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "rollout.group_size": cfg.rollout.group_size,
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "rollout.max_prompt_tokens": cfg.rollout.max_prompt_tokens,
         "rollout.sync_every": cfg.rollout.sync_every,
         "trainer.prompts_per_step": cfg.trainer.prompts_per_step,
         "trainer.micro_batch_size": cfg.trainer.micro_batch_size,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
-from grpo_cli.data import load_prompts
+from grpo_cli.data import drop_long_prompts, load_prompts
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
@@ -51,7 +51,7 @@ from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set
-from grpo_cli.rollout import Engine, Sample, make_engine, sampling_from_config
+from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
 from grpo_cli.runs import check_run_dir, prepare_run_dir
 from grpo_cli.schema import Config
 from grpo_cli.sync import engine_logprob_diff, push_weights
@@ -75,6 +75,7 @@ def train(cfg: Config) -> Path:
     if cfg.resume and distributed.is_main():
         checkpoint.remove_unfinished(run)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
+    rows, left_out = drop_long_prompts(rows, tokenizer, *prompt_limit(cfg, learner.policy))
     start, position = 0, 0  # last finished step; prompts consumed so far
     latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
     if latest:
@@ -89,6 +90,8 @@ def train(cfg: Config) -> Path:
         push_weights(engine, learner.named_weights())
     logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
+    if left_out:
+        logger.message(left_out)
     completed, completed_position = start, position  # the last step whose update finished, and its data position
     logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
@@ -218,6 +221,15 @@ def finished_step(cfg: Config) -> int | None:
 
 
 # ----------------------------------------------------------------------------- several learners (torchrun)
+def prompt_limit(cfg: Config, policy: torch.nn.Module) -> tuple[int, str]:
+    """The longest prompt training samples from, in tokens, and the setting it comes from:
+    rollout.max_prompt_tokens, or less when the model's context leaves no room for a completion."""
+    context = context_length(getattr(policy, "config", None))
+    if context is not None and context - 1 < cfg.rollout.max_prompt_tokens:
+        return context - 1, f"the model's context of {context} tokens, less one for the completion"
+    return cfg.rollout.max_prompt_tokens, "rollout.max_prompt_tokens"
+
+
 def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.prompts_per_step % world:
         raise UserError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} does not split over {world} learner "

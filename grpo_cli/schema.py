@@ -68,6 +68,7 @@ class RolloutConfig:
     engine: str = _choice("vllm", "hf", "vllm_server")
     group_size: int = 8
     max_new_tokens: int = 256
+    max_prompt_tokens: int = 2048  # longer prompts are left out of training (and vllm's max_model_len leaves room for these)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -111,3 +111,37 @@ def test_hf_source_errors_are_user_errors(tmp_path: Path) -> None:
 def test_chat_template_without_one_is_a_user_error() -> None:
     with pytest.raises(UserError, match="needs a tokenizer with a chat template"):
         render_prompt("x", DatasetConfig(template="chat"), None)
+
+
+class _WordTokenizer:
+    """One token per space-separated word; records whether special tokens were asked for."""
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        assert add_special_tokens is False  # the engines tokenise rendered prompts without adding any
+        return {"input_ids": [[0] * len(t.split()) for t in texts]}
+
+
+def test_prompts_over_the_limit_are_left_out_with_a_note() -> None:
+    from grpo_cli.data import drop_long_prompts
+
+    rows = [{"prompt": "a b c"}, {"prompt": "a b c d e"}, {"prompt": "a"}, {"prompt": "a b c d"}]  # 3, 5, 1, 4 tokens
+    kept, note = drop_long_prompts(rows, _WordTokenizer(), 4, "rollout.max_prompt_tokens")
+    assert kept == [rows[0], rows[2], rows[3]]  # at most 4 tokens, in their order
+    assert note == "left out 1 of 4 prompts longer than 4 tokens (rollout.max_prompt_tokens; the longest has 5)"
+    assert drop_long_prompts(rows, _WordTokenizer(), 5, "x") == (rows, None)
+    with pytest.raises(UserError, match=r"^every prompt is longer than 0 tokens \(x; the shortest has 1\)"):
+        drop_long_prompts(rows, _WordTokenizer(), 0, "x")
+
+
+def test_the_prompt_limit_leaves_the_model_room_for_a_completion() -> None:
+    from types import SimpleNamespace
+
+    from grpo_cli.config import compose
+    from grpo_cli.loop import prompt_limit
+
+    cfg = compose(["rollout.max_prompt_tokens=300"])
+    assert prompt_limit(cfg, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))) == \
+        (300, "rollout.max_prompt_tokens")
+    assert prompt_limit(cfg, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))) == \
+        (255, "the model's context of 256 tokens, less one for the completion")
+    assert prompt_limit(cfg, SimpleNamespace()) == (300, "rollout.max_prompt_tokens")  # a model naming no context

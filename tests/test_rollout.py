@@ -323,7 +323,7 @@ def test_vllm_greedy_and_prompt_length(engine, base_model) -> None:
         assert logits.argmax(-1).tolist() == s.completion_ids
     # the tiny model's context is 1024 tokens: a one-line error a user can act on, whichever prompt it is
     with pytest.raises(UserError, match=r"^a prompt has 1101 tokens \('word word .*at most 1024 tokens per sequence.*"
-                                        r"rollout.max_new_tokens \+ 2048 prompt tokens.*leave the long ones out$"):
+                                        r"rollout.max_new_tokens \+ rollout.max_prompt_tokens.*leave the long ones out$"):
         engine.generate([PROMPTS[0], "word " * 1100], SAMPLING)
 
 

@@ -107,13 +107,21 @@ def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Pat
     # A random model never stops within 12 tokens: every completion is truncated, so with
     # mask_truncated nothing is left to train on and the step skips its update. The cosine length
     # reward differs within every group, so dynamic sampling needs no second round.
+    # The 64 chain-sum prompts have 47 or 50 tokens (35 and 29 of them): the longer ones are left out.
     result = _train(*_args(tiny_model_dir, run, steps=1), "trainer.mask_truncated=true",
-                    "trainer.dynamic_sampling=true", "trainer.max_resample=2")
+                    "trainer.dynamic_sampling=true", "trainer.max_resample=2", "rollout.max_prompt_tokens=47")
     assert result.returncode == 0, result.stderr[-3000:]
     (m,) = _metrics(run)
     assert m["completion/truncated_frac"] == 1.0 and m["rollout/rounds"] == 1.0
     assert m["groups/trained"] == 0.0 and m["update/skipped"] == 1.0
     assert (run / "checkpoints" / "step-000001").is_dir()
+    assert ("left out 29 of 64 prompts longer than 47 tokens (rollout.max_prompt_tokens; the longest has 50)"
+            in result.stderr)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = {json.loads(line)["prompt"] for line in (run / "samples" / "step-000001.jsonl").read_text().splitlines()}
+    assert prompts and {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts} == {47}
 
 
 def test_lora_run_syncs_merged_weights_and_saves_a_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ Engine settings: fp32 on CPU and bfloat16 on CUDA for `model.dtype=auto`; on CPU
 bounded by `rollout.cpu_kv_cache_mib` (unbounded, vLLM takes a large share of RAM and starts slowly);
 on CUDA `rollout.gpu_memory_utilization` bounds weights + KV cache and `rollout.sleep_mode` lets
 `sleep` free that memory while the learner trains. max_model_len is max_new_tokens plus
-`PROMPT_BUDGET` prompt tokens, capped by the model's own context length.
+rollout.max_prompt_tokens, capped by the model's own context length.
 
 Starting the engine also generates one token: a model vLLM loads but cannot run (on CPU, an
 attention head size its kernels lack) is then a one-line error at start, not a traceback mid-run.
@@ -52,7 +52,6 @@ from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, con
 if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
-PROMPT_BUDGET = 2048  # prompt tokens the engine's max_model_len leaves room for, beyond max_new_tokens
 _SEED_STRIDE = 0x9E3779B1  # spreads per-prompt seeds so that seed s and s + 1 share no streams
 
 
@@ -101,8 +100,8 @@ class VLLMEngine:
         self.weights_awake = True  # weights resident on the GPU (a push while asleep wakes only them)
         self.limit_source = "the vLLM engine's max_model_len"  # what a too-long prompt's error names
         if max_model_len is None:
-            self.limit_source = f"rollout.max_new_tokens + {PROMPT_BUDGET} prompt tokens, at most the model's context"
-            max_model_len = rollout_cfg.max_new_tokens + PROMPT_BUDGET
+            self.limit_source = "rollout.max_new_tokens + rollout.max_prompt_tokens, at most the model's context"
+            max_model_len = rollout_cfg.max_new_tokens + rollout_cfg.max_prompt_tokens
             model_max = _model_max_len(model_path, model_cfg)
             if model_max is not None:
                 max_model_len = min(max_model_len, model_max)
@@ -137,8 +136,8 @@ class VLLMEngine:
                 memory = (f"rollout.gpu_memory_utilization={rollout_cfg.gpu_memory_utilization}" if self.cuda
                           else f"rollout.cpu_kv_cache_mib={rollout_cfg.cpu_kv_cache_mib}")
                 raise UserError(f"{memory} leaves the vLLM engine too little KV cache for one sequence of "
-                                f"{max_model_len} tokens (rollout.max_new_tokens + {PROMPT_BUDGET} prompt tokens): "
-                                f"raise {memory.split('=')[0]} or lower rollout.max_new_tokens") from None
+                                f"{max_model_len} tokens (rollout.max_new_tokens + rollout.max_prompt_tokens): "
+                                f"raise {memory.split('=')[0]}, or lower rollout.max_new_tokens or rollout.max_prompt_tokens") from None
             self._first_forward(model_path)
         self.tokenizer = self.llm.get_tokenizer()
 
