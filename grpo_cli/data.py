@@ -50,9 +50,9 @@ def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokeniz
     if cfg.template == "r1_zero":
         text = R1_ZERO_TEMPLATE.format(problem=str(problem).strip())
         # The template ends "Assistant:"; a prefill such as "<think>" goes after one space.
-        return text + (" " + cfg.prefill if cfg.prefill else "")
+        return _bos(tokenizer) + text + (" " + cfg.prefill if cfg.prefill else "")
     if cfg.template == "plain":
-        return str(problem) + cfg.prefill
+        return _bos(tokenizer) + str(problem) + cfg.prefill
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("dataset.template=chat needs a tokenizer with a chat template; this model has none: "
                         "use dataset.template=r1_zero (base models) or plain")
@@ -60,6 +60,16 @@ def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokeniz
     if cfg.system_prompt:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cfg.prefill
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The BOS token's text for a tokenizer that starts every text with it (Llama, Mistral, Gemma), else "".
+    Prompts are tokenised with no special tokens added (the chat template writes its own), so a plain
+    or r1_zero prompt carries the BOS its model was trained to see at the start in its text."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if tokenizer is None or bos_id is None or not tokenizer.bos_token:
+        return ""
+    return tokenizer.bos_token if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos_id] else ""
 
 
 def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,

@@ -39,6 +39,26 @@ def test_plain_template() -> None:
     assert render_prompt("2+3 =", DatasetConfig(template="plain", prefill=" "), None) == "2+3 = "
 
 
+def test_plain_and_r1_zero_prompts_start_with_the_bos_a_tokenizer_adds(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A Llama-style tokenizer starts every text with BOS; the engines tokenise prompts without adding
+    special tokens, so the prompt text carries it, once. SmolLM2's tokenizer adds none: nothing changes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["<s>", "[UNK]", "2+3", "=", "User:", "Assistant:"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="[UNK]")
+    plain = DatasetConfig(template="plain", prefill=" ")
+    assert render_prompt("2+3 =", plain, llama_like) == "<s>2+3 = "
+    ids = llama_like(render_prompt("2+3 =", plain, llama_like), add_special_tokens=False)["input_ids"]
+    assert ids == [0, 2, 3]  # one BOS, as the tokenizer itself would have put it
+    assert render_prompt("2+3", DatasetConfig(template="r1_zero"), llama_like).startswith("<s>A conversation ")
+    smollm2 = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert render_prompt("2+3 =", plain, smollm2) == "2+3 = "
+
+
 def test_reasoning_gym_rows_are_seeded_and_eval_split_differs() -> None:
     rows = load_rows(GYM)
     assert len(rows) == 5
