@@ -34,7 +34,7 @@ from grpo_cli.logprobs import (
     set_logit_form,
 )
 from grpo_cli.loss import policy_loss
-from grpo_cli.models import load_model, torch_dtype
+from grpo_cli.models import disable_dropout, load_model, torch_dtype
 from grpo_cli.schema import Config, ModelConfig
 
 
@@ -73,6 +73,7 @@ class Learner:
         # `policy` is always the plain transformers model; with LoRA its linear layers carry adapters
         # (injected in place by peft, whose wrapper `peft` is kept for adapter switching and saving).
         self.policy = load_model(model_cfg, load_device)
+        disable_dropout(self.policy)  # before LoRA: model.lora_dropout is the user's own choice
         form = detect_logit_form(self.policy)  # before adapters, which start as a no-op anyway
         self.peft = _add_lora(self.policy, cfg.model) if cfg.model.lora_rank > 0 else None
         if cfg.model.gradient_checkpointing:

@@ -136,3 +136,26 @@ def _from_pretrained(cls, source: str, cfg: ModelConfig, **kwargs):  # noqa: ANN
             raise UserError(f"model.name_or_path={cfg.name_or_path}: cannot load {source}: {first_line(e)}") from None
         raise UserError(f"model.name_or_path={cfg.name_or_path}: not a local directory, a built-in model "
                         f"({', '.join(BUILTIN_MODELS)}) or a reachable Hugging Face Hub id ({first_line(e)})") from None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn off every dropout of a model the learner trains: dropout modules (GPT-2's, OPT's, Phi's) and
+    the attention dropout that attention functions read from a float attribute or the config (Llama's
+    family, Qwen's). The engine samples from the model without dropout; a learner that applied it would
+    compute the policy gradient and the importance ratios of a different, noisier policy. Kept in train
+    mode otherwise (gradient checkpointing runs only in train mode)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    if configs[0] is not None and hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    for config in filter(None, configs):
+        for name, value in list(vars(config).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+                setattr(config, name, 0.0)

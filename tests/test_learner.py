@@ -610,3 +610,35 @@ def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model_dir:
     # 1e-3 * (1 + cos(pi * 4 / 6)) / 2 = 2.5e-4
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-4, rel=1e-9)
     assert resumed.optimizer.param_groups[0]["lr"] == long.optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2 dropout modules", "llama attention_dropout"])
+def test_the_learner_trains_without_dropout(kind: str, tmp_path: Path) -> None:
+    """The engine samples without dropout, so the learner's train-mode forward must be the same function:
+    two forwards give the same logits, equal to eval mode's (with dropout 0.5 they would not)."""
+    import transformers as tf
+
+    from grpo_cli.config import compose
+
+    torch.manual_seed(0)
+    model = {
+        "gpt2 dropout modules": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.5, embd_pdrop=0.5,
+            attn_pdrop=0.5)),
+        "llama attention_dropout": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, attention_dropout=0.5, attn_implementation="eager")),
+    }[kind]()
+    model.save_pretrained(tmp_path)
+    learner = Learner(compose([f"model.name_or_path={tmp_path}", "loss.beta=0"]), CPU, pad_id=0)
+    assert learner.policy.training
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        first, second = (learner.policy(input_ids=ids).logits for _ in range(2))
+        learner.policy.eval()
+        evaluated = learner.policy(input_ids=ids).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, evaluated, rtol=0, atol=0)
+    model.train()  # the same model as loaded: its dropout does change the output, so the test can fail
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
