@@ -3,8 +3,11 @@
 One code path with training: prompts come from `data.load_prompts` (same templates), completions
 from the same rollout engine, and every completion is scored by the run's own reward set, with an
 `accuracy` and a `format` term added at weight 0 when the set lacks them. So "correct" means
-exactly what the `accuracy` reward means (final answer equal to the reference under math-verify)
-and the reported reward is the one training optimises.
+what the run's correctness reward means (`judge`): for a reasoning-gym task scored by the run's
+`reasoning_gym` term, a full score from the task's own scorer (countdown has many right answers,
+and a bare target number equals the one reference under math-verify); otherwise the `accuracy`
+reward (final answer equal to the reference under math-verify). The reported reward is the one
+training optimises.
 
 Metrics per dataset (each a mean over problems, or over all completions for the rates):
 
@@ -177,18 +180,41 @@ def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Eval
     return sets
 
 
-def eval_reward_set(cfg: Config) -> tuple[RewardSet, str, str]:
+class EvalRewards(NamedTuple):
+    """The reward set eval scores with, and the labels of the terms it reads correctness from."""
+
+    rewards: RewardSet
+    accuracy: str        # the `accuracy` term (math-verify against the reference)
+    format: str          # the `format` term
+    gym: str | None      # the run's `reasoning_gym` term, if it has one
+
+
+def eval_reward_set(cfg: Config) -> EvalRewards:
     """The run's rewards plus `accuracy` and `format` at weight 0 where missing (the total is
-    unchanged); returns the set and the labels of the accuracy and format terms."""
+    unchanged), with the labels `judge` and the format rate read."""
     terms: dict[str, dict[str, Any]] = {label: vars(term) for label, term in cfg.rewards.items()}
     labels = []
     for fn in ("accuracy", "format"):
-        label = next((lb for lb, t in cfg.rewards.items() if (t.fn or lb) == fn), None)
+        label = _label_of(cfg, fn)
         if label is None:
             label = fn if fn not in terms else f"{fn}_eval"
             terms[label] = {"fn": fn, "weight": 0.0, "args": {}}
         labels.append(label)
-    return build_reward_set(terms), labels[0], labels[1]
+    return EvalRewards(build_reward_set(terms), labels[0], labels[1], _label_of(cfg, "reasoning_gym"))
+
+
+def _label_of(cfg: Config, fn: str) -> str | None:
+    return next((label for label, t in cfg.rewards.items() if (t.fn or label) == fn), None)
+
+
+def judge(rewards: EvalRewards, dataset: DatasetConfig) -> str:
+    """The term whose score 1.0 means "correct" on `dataset`: the run's `reasoning_gym` term on a
+    reasoning-gym task (the task's own scorer, as trained), else `accuracy`. Math-verify against
+    the one reference cannot judge tasks with many right answers: on countdown it passes the bare
+    target number, which the task's scorer gives 0.05."""
+    if dataset.source == "reasoning_gym" and rewards.gym is not None:
+        return rewards.gym
+    return rewards.accuracy
 
 
 def sampling_settings(cfg: Config, seed: int) -> SamplingSettings:
@@ -223,16 +249,16 @@ def generate(engine: Engine, prompts: list[str], sampling: SamplingSettings,
     return samples
 
 
-def evaluate_set(cfg: Config, engine: Engine, rewards: tuple[RewardSet, str, str], eval_set: EvalSet,
+def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: EvalSet,
                  sampling: SamplingSettings, on_progress: Callable[[int], None] | None = None) -> SetResult:
     """Sample, score and summarize one dataset."""
-    reward_set, accuracy_label, format_label = rewards
     rows = eval_set.rows
     samples = generate(engine, [r["prompt"] for r in rows], sampling, on_progress)
-    completions, scores = reward_set.score_samples(samples, rows, eval_set.dataset.prefill)  # as in training
+    completions, scores = rewards.rewards.score_samples(samples, rows, eval_set.dataset.prefill)  # as in training
 
-    graded = [Graded(answer=extract_answer(text), correct=scores.per_reward[accuracy_label][i] == 1.0,
-                     formatted=scores.per_reward[format_label][i] == 1.0, tokens=len(s.completion_ids),
+    correct = scores.per_reward[judge(rewards, eval_set.dataset)]
+    graded = [Graded(answer=extract_answer(text), correct=correct[i] == 1.0,
+                     formatted=scores.per_reward[rewards.format][i] == 1.0, tokens=len(s.completion_ids),
                      truncated=s.truncated)
               for i, (text, s) in enumerate(zip(completions, samples, strict=True))]
     n = sampling.n

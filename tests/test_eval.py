@@ -19,13 +19,16 @@ from grpo_cli.evaluate import (
     dataset_label,
     eval_datasets,
     eval_reward_set,
+    evaluate_set,
     format_table,
     load_eval_sets,
     load_target,
     majority_vote,
     output_dir,
+    sampling_settings,
     summarize,
 )
+from grpo_cli.rollout import Sample, SamplingSettings
 
 METRICS_N2 = {"pass@1", "pass@2", "maj@1", "maj@2", "avg@2", "format_rate", "len_mean", "truncated_frac"}
 SAMPLE_KEYS = {"dataset", "problem", "sample", "prompt", "reference", "completion", "extracted", "correct", "format",
@@ -128,14 +131,49 @@ def test_offline_eval_set_is_fixed_and_apart_from_training() -> None:
 
 
 def test_reward_set_gains_accuracy_and_format_at_weight_zero() -> None:
-    rewards, accuracy, fmt = eval_reward_set(compose(["rewards=accuracy"]))
-    assert (accuracy, fmt) == ("accuracy", "format")
+    rewards, accuracy, fmt, gym = eval_reward_set(compose(["rewards=accuracy"]))
+    assert (accuracy, fmt, gym) == ("accuracy", "format", None)
     assert {t.label: t.weight for t in rewards.terms} == {"accuracy": 1.0, "format": 0.0}
-    rewards, accuracy, fmt = eval_reward_set(compose(["rewards=r1_zero"]))
+    rewards, accuracy, fmt, _ = eval_reward_set(compose(["rewards=r1_zero"]))
     assert {t.label: t.weight for t in rewards.terms} == {"accuracy": 1.0, "format": 0.5}
     scores = rewards.score(["<think>2+3</think> <answer>5</answer>", "<answer>6</answer>"], answer=["5", "5"])
     assert scores.per_reward[accuracy] == [1.0, 0.0] and scores.per_reward[fmt] == [1.0, 0.0]
     assert scores.total == [1.5, 0.0]
+
+
+class ScriptedEngine:
+    """An engine that answers every prompt with the same scripted completions, in order."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
+        assert sampling.n == len(self.texts)
+        return [Sample(p, [1], [2, 3], text, [0.0, 0.0], False) for p in range(len(prompts)) for text in self.texts]
+
+
+def test_countdown_is_judged_by_the_task_scorer_it_trained_on() -> None:
+    """recipe=countdown trains on reasoning-gym's scorer; the one reference expression under
+    math-verify would also pass the bare target number (the scorer gives it 0.05)."""
+    cfg = compose(["recipe=countdown", "dataset.size=4", "eval.limit=1", "eval.n=3", "eval.k=[1,3]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    row = eval_set.rows[0]
+    assert (row["answer"], row["metadata"]["target"]) == ("35*(59 - 45) - 4", 486)
+    texts = ["x</think> <answer>486</answer>", "x</think> <answer>4*(59 - 45) - 35</answer>",
+             "x</think> <answer>(59 - 45)*35 - 4</answer>"]  # prefill "<think>" goes in front
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert [r["correct"] for r in result.records] == [False, False, True]
+    assert [r["rewards"]["reasoning_gym"] for r in result.records] == [0.05, 0.05, 1.0]  # formatted but wrong: 0.05
+    assert result.metrics["avg@3"] == pytest.approx(1 / 3, abs=1e-12)
+
+
+def test_chain_sum_under_accuracy_rewards_keeps_math_verify() -> None:
+    cfg = compose(["recipe=quickstart", "dataset.template=plain", "eval.limit=1", "eval.n=2", "eval.k=[1]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    reference = eval_set.rows[0]["answer"]
+    texts = [f"The sum is {reference}.", f"<answer>{reference}.0</answer>"]  # both right to math-verify
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert [r["correct"] for r in result.records] == [True, True]
 
 
 # ----------------------------------------------------------------------------- errors
