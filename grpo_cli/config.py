@@ -311,6 +311,8 @@ def _validate_servers(r: RolloutConfig) -> None:
 
 def _validate_eval(cfg: Config) -> None:
     e = cfg.eval
+    if not e.k:  # else the results hold no pass@k or maj@k at all, and nothing says why
+        raise UserError(f"eval.k=[]: list at least one k, e.g. eval.k=[1] (each k between 1 and eval.n={e.n})")
     bad_k = [k for k in e.k if not 1 <= k <= e.n]
     if bad_k:
         raise UserError(f"eval.k={list(e.k)}: every k must be between 1 and eval.n={e.n}; raise eval.n or drop k={bad_k[0]}")

@@ -4,6 +4,7 @@ command (standalone and every few steps of `grpo train`) on the tiny random mode
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,12 +180,15 @@ def test_chain_sum_under_accuracy_rewards_keeps_math_verify() -> None:
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(("overrides", "message"), [
     (["eval.n=2", "eval.k=[1,4]"], "eval.k=[1, 4]: every k must be between 1 and eval.n=2"),
+    (["eval.n=4", "eval.k=[]"], "eval.k=[]: list at least one k, e.g. eval.k=[1] (each k between 1 and eval.n=4)"),
+    (["eval.k=[0]"], "eval.k=[0]: every k must be between 1 and eval.n=1; raise eval.n or drop k=0"),
+    (["eval.n=0"], "eval.n=0: must be at least 1"),
     (["eval.datasets=[math50]"], "unknown dataset option 'math50'"),
     (["eval.limit=0"], "eval.limit=0: must be at least 1"),
     (["trainer.eval_every=25", "logging.log_every=10"], "not a multiple of logging.log_every=10"),
 ])
 def test_bad_eval_config(overrides: list[str], message: str) -> None:
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         compose(overrides)
 
 
