@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -53,7 +55,7 @@ class Graded(NamedTuple):
     """One completion, scored."""
 
     answer: str | None  # the extracted final answer (extract.extract_answer); None when there is none
-    correct: bool       # the `accuracy` reward gave 1
+    correct: bool       # the judge (`judge`: accuracy, or a reasoning-gym task's scorer) gave 1
     formatted: bool     # the `format` reward gave 1
     tokens: int         # completion length in tokens
     truncated: bool     # stopped by max_new_tokens
@@ -61,18 +63,42 @@ class Graded(NamedTuple):
 
 _CORRECT = ("correct",)  # the vote of every correct answer: they all equal the reference, so each other
 
+_DECIMAL = r"(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)"  # 12, 1,000, 0.5, .5, 3.
+# A whole answer that is a number: a decimal, a/b, or \frac{a}{b} (\dfrac, \tfrac), signed.
+_NUMBER_RE = re.compile(rf"([+-]?)(?:({_DECIMAL})(?:/({_DECIMAL}))?|\\[dt]?frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}})")
+
+
+def number_value(answer: str) -> Fraction | None:
+    """The exact value of an answer that is one number ("0.5", "1/2", "\\frac{1}{2}", "$-3.0$",
+    "1,000"), or None for anything else (expressions, sets, text, a zero denominator)."""
+    m = _NUMBER_RE.fullmatch("".join(answer.split()).strip("$"))
+    if m is None:
+        return None
+    sign, decimal, over, frac_top, frac_bottom = m.groups()
+    top, bottom = (decimal, over or "1") if decimal is not None else (frac_top, frac_bottom)
+    denominator = Fraction(bottom.replace(",", ""))
+    if denominator == 0:
+        return None
+    value = Fraction(top.replace(",", "")) / denominator
+    return -value if sign == "-" else value
+
 
 def vote_key(g: Graded) -> tuple[str, ...] | None:
     """What a completion votes for in `majority_vote`; None abstains (no answer found).
 
-    Answers are compared as the accuracy reward compares them where that is known: every correct
-    answer is equal to the reference, so all of them are one vote ("1/2" and "0.5" alike). Wrong
-    answers are told apart by their text, whitespace-collapsed ("x = 3" and "x=3" differ).
+    Every correct answer equals the reference under the judge, so all of them are one vote ("1/2"
+    and "0.5" alike). Wrong answers must be pooled the same way, or maj@k is biased up: three
+    wrong "0.5", "1/2", "\\frac{1}{2}" would lose to two right "3". So a wrong answer that is one
+    number votes for its exact value (`number_value`); any other wrong answer for its text,
+    whitespace-collapsed ("x = 3" and "x=3" still differ, as do "(x+1)^2" and "x^2+2x+1").
     """
     if g.correct:
         return _CORRECT
     if g.answer is None:
         return None
+    value = number_value(g.answer)
+    if value is not None:
+        return ("number", f"{value.numerator}/{value.denominator}")
     return ("text", " ".join(g.answer.split()))
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from grpo_cli.evaluate import (
     load_eval_sets,
     load_target,
     majority_vote,
+    number_value,
     output_dir,
     sampling_settings,
     summarize,
@@ -56,6 +58,24 @@ def test_majority_vote_ties_go_to_the_answer_voted_first() -> None:
     assert majority_vote([g(None), g(None)]) is False  # nobody answered
     assert majority_vote([g("2"), g("4"), g("6", True)]) is False  # three-way tie: "2" came first
     assert majority_vote([g("2"), g("4"), g("6", True), g("6", True)]) is True
+
+
+def test_wrong_answers_in_different_forms_are_one_vote() -> None:
+    """Right answers are pooled by the judge; wrong ones must be pooled too, or maj@k is biased up."""
+    # Reference 3. The wrong value 1/2, written three ways, has 3 votes against 2 for 3.
+    assert majority_vote([g("0.5"), g("\\frac{1}{2}"), g("1/2"), g("3", True), g("3", True)]) is False
+    assert majority_vote([g("1,000"), g("3", True), g("$1000.0$"), g("3", True)]) is False  # 2-2: 1000 came first
+    assert majority_vote([g("0.5"), g("0.25"), g("3", True), g("3", True)]) is True  # other values stay apart
+    assert majority_vote([g("x=3"), g("y"), g("3", True), g("x = 3")]) is False  # text: whitespace-collapsed
+
+
+@pytest.mark.parametrize(("answer", "value"), [
+    ("0.5", Fraction(1, 2)), ("1/2", Fraction(1, 2)), ("\\dfrac{1}{2}", Fraction(1, 2)), (" - 0.50 ", Fraction(-1, 2)),
+    ("$-3.0$", Fraction(-3)), ("1,000", Fraction(1000)), ("12.5/2.5", Fraction(5)), (".25", Fraction(1, 4)),
+    ("1,00", None), ("2/0", None), ("x=3", None), ("1e3", None), ("\\frac12", None), ("--4", None), ("{1,2}", None),
+])
+def test_number_value(answer: str, value: Fraction | None) -> None:
+    assert number_value(answer) == value
 
 
 def test_summarize_by_hand() -> None:
