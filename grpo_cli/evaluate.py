@@ -12,7 +12,8 @@ training optimises.
 Metrics per dataset (each a mean over problems, or over all completions for the rates):
 
 - `pass@k`: the unbiased estimator `loss.pass_at_k(n, c, k)` from the c correct of n samples.
-- `maj@k`: majority vote over the extracted answers of the first k samples (see `majority_vote`).
+- `maj@k`: majority vote over the extracted answers of k samples, averaged over the n // k disjoint
+  blocks of k consecutive samples (`majority_at_k`), so maj@1 equals avg@n.
 - `avg@n`: the fraction of all completions that are correct.
 - `format_rate`, `len_mean` (completion tokens), `truncated_frac` (stopped by max_new_tokens).
 
@@ -120,6 +121,18 @@ def majority_vote(group: Sequence[Graded]) -> bool:
     return winner == _CORRECT
 
 
+def majority_at_k(group: Sequence[Graded], k: int) -> float:
+    """maj@k of one problem: `majority_vote` averaged over the len(group) // k disjoint blocks of k
+    consecutive samples (a remainder of fewer than k is left out).
+
+    Each block is k independent samples, so every block estimates maj@k; the first block alone would
+    too, with n // k times the variance: maj@1 would be one sample's correctness while pass@1, the
+    same quantity, averages all n.
+    """
+    blocks = len(group) // k
+    return sum(majority_vote(group[b * k:(b + 1) * k]) for b in range(blocks)) / blocks
+
+
 def summarize(groups: Sequence[Sequence[Graded]], ks: Sequence[int]) -> dict[str, float]:
     """The metrics of one dataset: `groups[p]` holds the n graded completions of problem p."""
     if not groups:
@@ -132,7 +145,7 @@ def summarize(groups: Sequence[Sequence[Graded]], ks: Sequence[int]) -> dict[str
     for k in ks:
         metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in group), k) for group in groups) / len(groups)
     for k in ks:
-        metrics[f"maj@{k}"] = sum(majority_vote(group[:k]) for group in groups) / len(groups)
+        metrics[f"maj@{k}"] = sum(majority_at_k(group, k) for group in groups) / len(groups)
     metrics[f"avg@{n}"] = sum(g.correct for g in flat) / len(flat)
     metrics["format_rate"] = sum(g.formatted for g in flat) / len(flat)
     metrics["len_mean"] = sum(g.tokens for g in flat) / len(flat)

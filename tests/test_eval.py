@@ -25,6 +25,7 @@ from grpo_cli.evaluate import (
     format_table,
     load_eval_sets,
     load_target,
+    majority_at_k,
     majority_vote,
     number_value,
     output_dir,
@@ -86,10 +87,11 @@ def test_summarize_by_hand() -> None:
         # 1 - C(4-c, 2) / C(4, 2): c=2 -> 1 - 1/6, c=1 -> 1 - 3/6, c=3 -> 1 (fewer than 2 wrong).
         "pass@2": (5 / 6 + 5 / 6 + 1 / 2 + 1) / 4,                               # 19/24
         "pass@4": 1.0,
-        # first sample only: G0 right; G1 "3"; G2 no answer; G3 "5".
-        "maj@1": 1 / 4,
-        # first two: G0 tie -> correct first; G1 tie -> "3" first; G2 no vote; G3 tie -> "5" first.
-        "maj@2": 1 / 4,
+        # one sample per block: each block is right or not, so maj@1 = avg@4.
+        "maj@1": 8 / 16,
+        # two blocks of two per problem. G0: both ties, correct first (1, 1); G1: both ties, "3" first
+        # (0, 0); G2: no vote, then "7" alone (0, 1); G3: tie with "5" first, then "6" twice (0, 1).
+        "maj@2": (2 / 2 + 0 / 2 + 1 / 2 + 1 / 2) / 4,                          # 0.5
         # all four: G0 right (tie), G1 wrong (tie), G2 right (sole vote), G3 right (3 to 1).
         "maj@4": 3 / 4,
         "avg@4": 8 / 16,
@@ -97,6 +99,15 @@ def test_summarize_by_hand() -> None:
         "len_mean": (12 * 10 + 4 * 20) / 16,                                     # 12.5
         "truncated_frac": 1 / 16,
     }, abs=1e-12)
+
+
+def test_maj_at_k_uses_every_block_of_k_and_drops_the_remainder() -> None:
+    right, wrong = g("1", True), g("2")
+    group = [wrong, right, right, right, wrong]  # blocks of 2: [w, r] tie -> "2" first, [r, r]; "w" left over
+    assert majority_at_k(group, 1) == pytest.approx(3 / 5, abs=1e-12)
+    assert majority_at_k(group, 2) == pytest.approx(1 / 2, abs=1e-12)
+    assert majority_at_k(group, 3) == pytest.approx(1.0, abs=1e-12)  # [w, r, r] -> right
+    assert majority_at_k(group, 5) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_summarize_single_sample_greedy() -> None:
