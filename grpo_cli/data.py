@@ -28,10 +28,13 @@ R1_ZERO_TEMPLATE = (
 )
 
 
-def load_rows(cfg: DatasetConfig, split: str | None = None) -> list[dict[str, Any]]:
-    """The dataset's rows with `problem` and `answer` columns added (no prompt yet)."""
-    loaders = {"reasoning_gym": _reasoning_gym, "hf": _hub, "jsonl": _jsonl}
-    rows = loaders[cfg.source](cfg, split or cfg.split)
+def load_rows(cfg: DatasetConfig, split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """The dataset's rows with `problem` and `answer` columns added (no prompt yet); with `limit`,
+    only the first `limit` (a reasoning-gym task generates no more than those)."""
+    if cfg.source == "reasoning_gym":
+        rows = _reasoning_gym(cfg, split or cfg.split, limit)
+    else:
+        rows = {"hf": _hub, "jsonl": _jsonl}[cfg.source](cfg, split or cfg.split)[:limit]
     if not rows:
         raise UserError(f"dataset {cfg.path or cfg.task}: no rows; check dataset.path / dataset.split / dataset.size")
     for column, role in ((cfg.problem_column, "problem_column"), (cfg.answer_column, "answer_column")):
@@ -73,8 +76,8 @@ def _bos(tokenizer: PreTrainedTokenizerBase | None) -> str:
 
 
 def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
-                 split: str | None = None) -> list[dict[str, Any]]:
-    rows = load_rows(cfg, split)
+                 split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = load_rows(cfg, split, limit)
     for row in rows:
         row["prompt"] = render_prompt(row["problem"], cfg, tokenizer)
     return rows
@@ -107,7 +110,7 @@ def check_task(task: str) -> None:
                         f"choose one of: {', '.join(sorted(DATASETS))}")
 
 
-def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
+def _reasoning_gym(cfg: DatasetConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     import reasoning_gym
 
     check_task(cfg.task)
@@ -119,7 +122,9 @@ def _reasoning_gym(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
         raise UserError(f"dataset.task_args for {cfg.task}: {e}") from None
     except (ValueError, AssertionError) as e:
         raise UserError(f"dataset.task_args for {cfg.task}: invalid ({e})") from None
-    return [dict(item) for item in items]
+    # Item i is generated from (seed, i) alone, so the first `limit` are those of the whole set, and
+    # `grpo eval --limit 50` on countdown does not first generate all 20,000 (minutes on a CPU).
+    return [dict(items[i]) for i in range(len(items) if limit is None else min(limit, len(items)))]
 
 
 def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:

@@ -212,10 +212,10 @@ def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Eval
     sets = []
     for label, ds in eval_datasets(cfg).items():
         try:
-            rows = load_prompts(ds, tokenizer, split=cfg.eval.split)
+            rows = load_prompts(ds, tokenizer, split=cfg.eval.split, limit=cfg.eval.limit)
         except UserError as e:
             raise UserError(f"eval dataset {label} (split {cfg.eval.split}): {e}") from None
-        sets.append(EvalSet(label, ds, rows[: cfg.eval.limit] if cfg.eval.limit else rows))
+        sets.append(EvalSet(label, ds, rows))
     return sets
 
 

@@ -162,6 +162,27 @@ def test_offline_eval_set_is_fixed_and_apart_from_training() -> None:
     assert [r["question"] for r in training.rows] != [r["question"] for r in first.rows]
 
 
+def test_limit_generates_only_the_problems_evaluated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipe=countdown's 20,000 problems took minutes to generate before --limit kept 50 of them."""
+    import reasoning_gym
+
+    made: list[int] = []
+
+    class Counting(list):
+        def __getitem__(self, i: int) -> dict:
+            made.append(i)
+            return super().__getitem__(i)
+
+        def __iter__(self):  # as reasoning-gym's datasets iterate: item by item through __getitem__
+            return (self[i] for i in range(len(self)))
+
+    real = reasoning_gym.create_dataset
+    monkeypatch.setattr(reasoning_gym, "create_dataset", lambda *a, **kw: Counting(real(*a, **kw)))
+    (eval_set,) = load_eval_sets(compose(["recipe=countdown", "dataset.size=50", "eval.limit=2"]), None)
+    assert made == [0, 1]
+    assert [r["answer"] for r in eval_set.rows] == ["35*(59 - 45) - 4", "49*11 - 52 - 4"]  # as without the limit
+
+
 def test_reward_set_gains_accuracy_and_format_at_weight_zero() -> None:
     rewards, accuracy, fmt, gym = eval_reward_set(compose(["rewards=accuracy"]))
     assert (accuracy, fmt, gym) == ("accuracy", "format", None)
