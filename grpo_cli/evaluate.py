@@ -426,7 +426,9 @@ def _checkpoint_in(run_dir: Path, checkpoint: str | None) -> Path:
     found = checkpoint_dirs(run_dir)
     if checkpoint is None:
         if not found:
-            raise UserError(f"run={run_dir} has no complete checkpoint yet (nothing in {run_dir / 'checkpoints'})")
+            raise UserError(f"run={run_dir} has no complete checkpoint yet (nothing in {run_dir / 'checkpoints'}); "
+                            "a run saves one every trainer.save_every steps and at its last step: evaluate it once "
+                            "one is saved")
         return found[-1]
     by_name = {p.name: p for p in found}
     name = f"step-{int(checkpoint):06d}" if checkpoint.isdigit() else Path(checkpoint).name

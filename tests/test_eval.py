@@ -329,8 +329,11 @@ def test_a_damaged_or_empty_checkpoint_fails_before_vllm_reads_it(tmp_path: Path
 
 def test_run_without_checkpoints(tmp_path: Path) -> None:
     run = _fake_run(tmp_path, [])
-    with pytest.raises(UserError, match="has no complete checkpoint yet"):
+    with pytest.raises(UserError) as caught:
         load_target([f"eval.run={run}"], None)
+    assert str(caught.value) == (f"run={run} has no complete checkpoint yet (nothing in {run / 'checkpoints'}); a run "
+                                 "saves one every trainer.save_every steps and at its last step: evaluate it once one "
+                                 "is saved")
 
 
 def test_cli_error_is_one_line_with_exit_code_2(grpo, tmp_path: Path) -> None:
