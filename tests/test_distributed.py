@@ -79,6 +79,8 @@ def test_sharded_checkpoint_is_a_plain_model_and_resumes_exactly(sharded: Path, 
     from transformers import AutoModelForCausalLM
 
     folder = sharded / "run" / "checkpoints" / "step-000001"
+    # The tensors one process saves: the tied output layer is not written a second time.
+    assert sorted(load_file(folder / "model.safetensors")) == sorted(load_file(tiny_model_dir / "model.safetensors"))
     saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     gathered = load_file(sharded / "resume.safetensors")
     for name, tensor in gathered.items():
