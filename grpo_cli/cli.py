@@ -72,22 +72,26 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
         cfg = resume_config(resume[-1], [o for o in overrides if not o.startswith("resume=")])
     else:
         cfg = compose(overrides, config_dir)
+    from grpo_cli.distributed import launched_rank
     from grpo_cli.learner import TrainingError  # torch and transformers: only once the config is good
     from grpo_cli.loop import finished_step
     from grpo_cli.loop import train as run_training
 
+    main = launched_rank() == 0  # under torchrun every rank runs this: rank 0 alone reports
     done = finished_step(cfg)
     if done is not None:  # not an error: say so without loading anything
-        typer.echo(f"nothing to train: {cfg.resume} already reached step {done} (trainer.max_steps="
-                   f"{cfg.trainer.max_steps}); to train further, raise it, e.g. grpo train resume={cfg.resume} "
-                   f"trainer.max_steps={2 * done}", err=True)
+        if main:
+            typer.echo(f"nothing to train: {cfg.resume} already reached step {done} (trainer.max_steps="
+                       f"{cfg.trainer.max_steps}); to train further, raise it, e.g. grpo train resume={cfg.resume} "
+                       f"trainer.max_steps={2 * done}", err=True)
         return
     try:
         run = run_training(cfg)
     except TrainingError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"done: {run}")
+    if main:
+        typer.echo(f"done: {run}")
 
 
 @app.command(name="eval", epilog="""

@@ -34,6 +34,11 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """RANK as torchrun set it (0 without torchrun); also before setup() and after teardown()."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup() -> torch.device:
     """Join the torchrun process group when there is one; returns this process's device.
 

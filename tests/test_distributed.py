@@ -136,6 +136,7 @@ def test_train_on_two_ranks_end_to_end(tiny_model_dir: Path, tmp_path: Path, eng
     run = tmp_path / "run"
     result = _torchrun(*_train_args(tiny_model_dir, run, engine))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("done: ") == 1  # rank 0 alone reports
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes
     for m in metrics:
