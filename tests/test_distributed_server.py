@@ -56,11 +56,16 @@ def _health(address: str) -> dict:
 def test_two_learners_and_a_server_sync_every_step(server, tiny_model_dir: Path, tmp_path: Path) -> None:
     _, address = server
     run = tmp_path / "run"
-    version = int(_health(address)["weights_version"])
+    before = _health(address)
+    version = int(before["weights_version"])
     result = subprocess.run(_torchrun(tiny_model_dir, run, address, "trainer.max_steps=2", "trainer.save_every=2",
                                       "rollout.server_timeout_s=120"),
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
+    after = _health(address)
+    # Each step both ranks sent their prompt; the server ran the two requests as one engine call.
+    assert after["generate_requests"] - before["generate_requests"] == 4
+    assert after["engine_generate_calls"] - before["engine_generate_calls"] == 2
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes
     for m in metrics:

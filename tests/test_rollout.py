@@ -268,6 +268,25 @@ def test_vllm_generate_contract_and_seeds(engine, tokenizer) -> None:
     assert len({tuple(s.completion_ids) for s in twice}) == 8
 
 
+def test_vllm_generate_many_is_each_generate_in_one_engine_call(engine, tokenizer, monkeypatch) -> None:
+    """Two ranks' requests as a rollout server runs them together: one vLLM call, and each rank gets the
+    samples it would have got alone (per-prompt seeds), with its own prompt indices."""
+    rank0 = (PROMPTS[:2], SAMPLING, 0)
+    rank1 = (PROMPTS[2:3], SamplingSettings(n=2, max_new_tokens=5, temperature=1.0, seed=11), 1)
+    alone = [engine.generate(*rank0), engine.generate(*rank1)]
+    calls = []
+    real = engine.llm.generate
+    monkeypatch.setattr(engine.llm, "generate", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    together = engine.generate_many([rank0, rank1, ([], SAMPLING, 0)])
+    assert calls == [3]  # 2 + 1 prompts in one call
+    check_contract(together[0], PROMPTS[:2], SAMPLING, tokenizer)
+    check_contract(together[1], PROMPTS[2:3], rank1[1], tokenizer)
+    assert together[2] == []
+    for got, expected in zip(together, alone, strict=False):
+        assert [s.completion_ids for s in got] == [s.completion_ids for s in expected]
+        torch.testing.assert_close([s.logprobs for s in got], [s.logprobs for s in expected], rtol=0, atol=1e-5)
+
+
 def check_stop_string_e(engine, tokenizer) -> list:
     """Sample with stop string "e": a stopped text ends right after its first "e", which the last
     token completed; a truncated one has no "e" and max_new_tokens tokens. Returns the samples."""

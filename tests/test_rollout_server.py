@@ -83,6 +83,49 @@ def test_split_evenly_keeps_order_and_balance() -> None:
     assert split_evenly(5, 1) == [(0, 5)]
 
 
+def test_coalescer_runs_the_requests_of_one_batch_together_and_a_late_one_alone() -> None:
+    from grpo_cli.rollout.server import Coalescer
+
+    runs: list[list[str]] = []
+
+    def run(jobs: list[str]) -> list[str]:
+        runs.append(list(jobs))
+        if "boom" in jobs:
+            raise RuntimeError("engine failed")
+        return [job.upper() for job in jobs]
+
+    batches = Coalescer(run, wait_s=30.0)
+    results: dict[str, object] = {}
+
+    def submit(key: str, of: int, job: str) -> None:
+        try:
+            results[job] = batches.submit(key, of, job)
+        except RuntimeError as e:
+            results[job] = e
+
+    threads = [threading.Thread(target=submit, args=("step-1", 3, job)) for job in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # arriving one after another, as ranks do
+    for t in threads:
+        t.join(10)
+    assert runs == [["a", "b", "c"]]  # one run, the jobs in arrival order
+    assert results == {"a": "A", "b": "B", "c": "C"}  # each its own result
+
+    start = time.monotonic()
+    late = Coalescer(run, wait_s=0.3)
+    assert late.submit("step-2", 2, "d") == "D"  # the other rank never comes: it runs alone, after wait_s
+    assert 0.3 <= time.monotonic() - start < 5 and runs[-1] == ["d"]
+
+    threads = [threading.Thread(target=submit, args=("step-3", 2, job)) for job in ("boom", "e")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert runs[-1] in (["boom", "e"], ["e", "boom"])
+    assert all(isinstance(results[j], RuntimeError) for j in ("boom", "e"))  # every submitter hears of it
+
+
 def test_weight_files_keep_layers_whole_and_leave_out_the_tied_head(tmp_path: Path) -> None:
     names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}" for i in range(3) for p in ("a", "b", "c")]
     names += ["model.norm.weight", "lm_head.weight"]

@@ -3,15 +3,20 @@
 The server hosts the same `VLLMEngine` as the in-process `vllm` engine (so samples and their
 log-probabilities mean exactly the same thing) and adds what a trainer in another process needs:
 weight updates. One request runs on the engine at a time (a lock); /health never waits for it.
+Several learner ranks (torchrun) each send their share of a step's prompts; requests that name the
+same `batch` are held until all `of` of them are in (at most GATHER_S seconds) and run as one engine
+call, so vLLM batches the ranks' sequences together instead of running R smaller calls in turn.
 
 Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400, 409, 500 or
 503 while the model is loading):
 
     GET  /health        status (loading | ready), model, weights_version, dtype, tied_embeddings,
                         max_model_len, world_size (GPUs of this server), cuda
-    POST /generate      {prompts: [str], sampling: SamplingSettings fields, prompt_offset: int}
+    POST /generate      {prompts: [str], sampling: SamplingSettings fields, prompt_offset: int,
+                         batch: {key: str, of: int} (optional)}
                         -> {samples: [Sample fields]}; prompt_offset seeds as if the prompts sat at
-                        that index of a larger batch (the client splits batches across servers)
+                        that index of a larger batch (the client splits batches across servers);
+                        requests with the same batch key run together once `of` have arrived
     POST /logprobs      {prompt_ids, completion_ids, temperature} -> {logprobs}: the completion
                         tokens' log-probs under the current weights (checks a weight sync)
     POST /load_weights  {path, version}: shared-filesystem sync; load the safetensors file(s) at
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("grpo.rollout_server")
 
+GATHER_S = 60.0  # longest a /generate waits for the other requests of its batch (learner ranks run in step)
+
 
 class RequestError(Exception):
     """A request the server refuses (bad body, wrong state): answered with its status and message."""
@@ -73,6 +80,8 @@ class RolloutServer:
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_version: int | str = 0
         self.updating = False  # between /start_weight_update and /finish_weight_update
+        self.batches = Coalescer(self._generate_together, GATHER_S)
+        self.counts = {"generate_requests": 0, "engine_generate_calls": 0}  # in /health: how well requests batch
         self.routes: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
             ("GET", "/health"): self.health,
             ("POST", "/generate"): self.generate,
@@ -106,7 +115,7 @@ class RolloutServer:
         engine = self.engine
         info: dict[str, Any] = {"status": "ready" if engine is not None else "loading",
                                 "model": self.cfg.model.name_or_path, "weights_version": self.weights_version,
-                                "updating": self.updating}
+                                "updating": self.updating, **self.counts}
         if engine is not None:
             hf_config = engine.llm.llm_engine.model_config.hf_text_config
             info.update(dtype=str(engine.dtype).removeprefix("torch."), max_model_len=engine.max_model_len,
@@ -130,10 +139,21 @@ class RolloutServer:
             sampling = SamplingSettings(**raw)
         except TypeError as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: {e}") from None
-        offset = int(body.get("prompt_offset", 0))
-        with self._engine() as engine:
-            samples = engine.generate([str(p) for p in prompts], sampling, prompt_offset=offset)
+        job = ([str(p) for p in prompts], sampling, int(body.get("prompt_offset", 0)))
+        batch = body.get("batch")
+        if batch is None:
+            samples = self._generate_together([job])[0]
+        else:
+            if not isinstance(batch, dict) or not isinstance(batch.get("key"), str) or not isinstance(batch.get("of"), int):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "'batch': expected {key: str, of: int}")
+            samples = self.batches.submit(batch["key"], batch["of"], job)
         return {"samples": [dataclasses.asdict(s) for s in samples], "weights_version": self.weights_version}
+
+    def _generate_together(self, jobs: list[tuple[list[str], Any, int]]) -> list[list[Any]]:
+        with self._engine() as engine:
+            self.counts["generate_requests"] += len(jobs)
+            self.counts["engine_generate_calls"] += 1
+            return engine.generate_many(jobs)
 
     def logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt_ids = [int(t) for t in _field(body, "prompt_ids", list)]
@@ -207,6 +227,58 @@ class RolloutServer:
             raise RequestError(HTTPStatus.BAD_REQUEST, "NCCL weight sync needs a server on CUDA GPUs; on CPU use "
                                "rollout.sync_method=file")
         return _EngineLease(self, during_update)
+
+
+class Coalescer:
+    """Jobs submitted under the same key from several threads, run together by one `run(jobs)` call
+    once `of` of them are in, or `wait_s` after the first arrived (a rank that never comes does not
+    hold up the others for longer). Each submitter gets its own job's result, or the call's error."""
+
+    class _Batch:
+        def __init__(self, of: int, deadline: float) -> None:
+            self.of, self.deadline = of, deadline
+            self.jobs: list[Any] = []
+            self.started = self.done = False
+            self.results: list[Any] = []
+            self.error: BaseException | None = None
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], wait_s: float) -> None:
+        self.run, self.wait_s = run, wait_s
+        self.cond = threading.Condition()
+        self.open: dict[str, Coalescer._Batch] = {}
+
+    def submit(self, key: str, of: int, job: Any) -> Any:
+        with self.cond:
+            batch = self.open.get(key)
+            if batch is None:
+                batch = self.open[key] = self._Batch(of, time.monotonic() + self.wait_s)
+            index = len(batch.jobs)
+            batch.jobs.append(job)
+            self.cond.notify_all()
+            while not batch.started and len(batch.jobs) < batch.of and time.monotonic() < batch.deadline:
+                self.cond.wait(timeout=max(batch.deadline - time.monotonic(), 0.0))
+            runs = not batch.started  # the first thread to see the batch complete (or late) runs it
+            if runs:
+                batch.started = True
+                del self.open[key]  # a later job with this key starts a new batch
+                if len(batch.jobs) < batch.of:
+                    log.warning("batch %s: running %d of its %d requests after %.0f s without the others",
+                                key, len(batch.jobs), batch.of, self.wait_s)
+        if runs:
+            try:
+                batch.results = self.run(batch.jobs)
+            except BaseException as e:  # every submitter hears of it
+                batch.error = e
+            with self.cond:
+                batch.done = True
+                self.cond.notify_all()
+        else:
+            with self.cond:
+                while not batch.done:
+                    self.cond.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results[index]
 
 
 class _EngineLease:

@@ -40,7 +40,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would d
 import contextlib
 import gc
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,41 +145,56 @@ class VLLMEngine:
     def generate(self, prompts: list[str], sampling: SamplingSettings, prompt_offset: int = 0) -> list[Sample]:
         """`prompt_offset`: the index of prompts[0] in a larger batch split across engines (rollout
         servers); seeds follow the index in the whole batch, so the split does not change the samples."""
+        return self.generate_many([(prompts, sampling, prompt_offset)])[0]
+
+    def generate_many(self, batches: Sequence[tuple[list[str], SamplingSettings, int]]) -> list[list[Sample]]:
+        """Several `generate(prompts, sampling, prompt_offset)` calls as one engine call, so that vLLM
+        batches all their sequences together (a rollout server answering several learner ranks at once).
+        Seeded prompts get the samples each call would get alone, up to the rounding a different batch
+        shape can change; the samples of each call come back in its own list."""
         from vllm.inputs import TokensPrompt
 
         if self.sleeping:
             raise RuntimeError("the vLLM engine is asleep: call wake() before generate()")
-        if not prompts:
-            return []
-        prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        check_prompt_lengths(prompts, prompt_ids, self.max_model_len, self.limit_source)
-        # vLLM refuses n > 1 at temperature 0 (greedy): then each prompt goes in n times, n=1 each.
-        copies = sampling.n if sampling.temperature == 0 else 1
-        params = [self._params(sampling, prompt_offset + i, sampling.n // copies)
-                  for i in range(len(prompts)) for _ in range(copies)]
-        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(copies)]
+        requests: list[Any] = []
+        params: list[Any] = []
+        spans: list[tuple[int, list[list[int]], int]] = []  # per call: first request, prompt ids, copies
+        for prompts, sampling, offset in batches:
+            prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+            check_prompt_lengths(prompts, prompt_ids, self.max_model_len, self.limit_source)
+            # vLLM refuses n > 1 at temperature 0 (greedy): then each prompt goes in n times, n=1 each.
+            copies = sampling.n if sampling.temperature == 0 else 1
+            spans.append((len(requests), prompt_ids, copies))
+            params += [self._params(sampling, offset + i, sampling.n // copies)
+                       for i in range(len(prompts)) for _ in range(copies)]
+            requests += [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(copies)]
+        if not requests:
+            return [[] for _ in batches]
         # Seeded requests sample with their own generators, yet a step still draws from the global
         # torch RNG: fork it, so that a seeded generate() leaves the learner's random state alone.
-        seeded = sampling.seed is not None
+        seeded = any(sampling.seed is not None for _, sampling, _ in batches)
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.cuda else []) if seeded \
             else contextlib.nullcontext()
         with rng:
             outputs = self.llm.generate(requests, params, use_tqdm=False)  # outputs come in request order
-        samples: list[Sample] = []
-        for i in range(len(prompts)):
-            group = outputs[i * copies:(i + 1) * copies]
-            engine_prompt = list(group[0].prompt_token_ids or prompt_ids[i])
-            completions = [c for out in group for c in sorted(out.outputs, key=lambda c: c.index)]
-            if len(completions) != sampling.n:
-                raise RuntimeError(f"vLLM returned {len(completions)} completions for prompt {i}, "
-                                   f"expected {sampling.n}")
-            for c in completions:
-                ids = list(c.token_ids)
-                samples.append(Sample(
-                    prompt_index=i, prompt_ids=list(engine_prompt), completion_ids=ids, text=c.text,
-                    logprobs=_sampled_logprobs(c.logprobs, ids), truncated=c.finish_reason == "length",
-                ))
-        return samples
+        results = []
+        for (prompts, sampling, _), (first, prompt_ids, copies) in zip(batches, spans, strict=True):
+            samples: list[Sample] = []
+            for i in range(len(prompts)):
+                group = outputs[first + i * copies:first + (i + 1) * copies]
+                engine_prompt = list(group[0].prompt_token_ids or prompt_ids[i])
+                completions = [c for out in group for c in sorted(out.outputs, key=lambda c: c.index)]
+                if len(completions) != sampling.n:
+                    raise RuntimeError(f"vLLM returned {len(completions)} completions for prompt {i}, "
+                                       f"expected {sampling.n}")
+                for c in completions:
+                    ids = list(c.token_ids)
+                    samples.append(Sample(
+                        prompt_index=i, prompt_ids=list(engine_prompt), completion_ids=ids, text=c.text,
+                        logprobs=_sampled_logprobs(c.logprobs, ids), truncated=c.finish_reason == "length",
+                    ))
+            results.append(samples)
+        return results
 
     def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> list[float]:
         """log_softmax(logits / temperature) of each completion token after prompt + the tokens before

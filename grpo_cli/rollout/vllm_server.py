@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -123,6 +124,13 @@ class VLLMServerEngine:
         self._temp_dir: Path | None = None
         self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine once the group is formed
         self._nccl_broken = False
+        # Under torchrun, each rank's share of a step's prompts goes to every server as one request
+        # tagged with the launch (its rendezvous address, the same on every rank and node) and the call's
+        # number: a server runs the ranks' requests with the same tag as one engine call.
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.batch_tag = (f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:"
+                          f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}" if self.world > 1 else None)
+        self.calls = 0
 
         self.info = self.wait_until_ready()
         first = self.info[0]
@@ -151,6 +159,10 @@ class VLLMServerEngine:
         chunks = split_evenly(len(prompts), len(self.servers))
         requests = [(self.servers[i], {"prompts": prompts[a:b], "sampling": settings, "prompt_offset": a})
                     for i, (a, b) in enumerate(chunks)]
+        self.calls += 1
+        if self.batch_tag is not None:  # every learner rank makes the same calls in the same order
+            for _, body in requests:
+                body["batch"] = {"key": f"{self.batch_tag}#{self.calls}", "of": self.world}
         replies = self._fan_out("/generate", requests)
         samples: list[Sample] = []
         for (start, end), reply in zip(chunks, replies, strict=True):
