@@ -177,6 +177,25 @@ def test_loss_clip_frac_low_high_stats():
     assert (stats["clip_frac_low"], stats["clip_frac_high"]) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize(
+    ("ratio", "adv", "kw", "low", "high"),
+    [
+        # Outside the range on the side the min() does not take: not clipped, in neither statistic.
+        (0.5, 1.0, {}, 0.0, 0.0),  # min(0.5, 0.8) = 0.5: the unclipped term
+        (1.5, -1.0, {}, 0.0, 0.0),  # min(-1.5, -1.2) = -1.5: the unclipped term
+        # Asymmetric ranges: each side reads its own bound.
+        (1.25, 1.0, {"clip_low": 0.3, "clip_high": 0.1}, 0.0, 1.0),  # 1.25 > 1 + 0.1
+        (1.25, 1.0, {"clip_low": 0.1, "clip_high": 0.3}, 0.0, 0.0),  # 1.25 < 1 + 0.3 (but > 1 + 0.1)
+        (0.85, -1.0, {"clip_low": 0.1, "clip_high": 0.3}, 1.0, 0.0),  # 0.85 < 1 - 0.1 (but > 1 - 0.3)
+        (0.85, -1.0, {"clip_low": 0.3, "clip_high": 0.1}, 0.0, 0.0),  # 0.85 > 1 - 0.3
+    ],
+)
+def test_loss_clip_frac_sides_follow_the_advantage_sign_and_own_bound(ratio, adv, kw, low, high):
+    _, stats = one_token(ratio, adv, **kw)
+    assert (stats["clip_frac_low"], stats["clip_frac_high"]) == (low, high)
+    assert stats["clip_frac"] == low + high  # one token: clipped on one side or not at all
+
+
 # ---------------------------------------------------------------- policy_loss: KL term
 
 
@@ -350,6 +369,35 @@ def test_loss_empty_sequence_no_nan():
     assert stats["clip_frac"] == 0.0 and not math.isnan(stats["ratio_mean"])
 
 
+# ---------------------------------------------------------------- off-policy gradient, with the KL term
+
+# 2 sequences of 2 tokens; ratios (1.5, 0.5) in both, A = (+1, -1), clip 0.2, token_mean (weight 1/4).
+# Per-token d(-min(r A, clip(r) A)) / d logp, where d r / d logp = r:
+#   seq 0, A = +1: r = 1.5 -> clipped term 1.2 is the min: 0;  r = 0.5 -> min(0.5, 0.8) unclipped: -0.5
+#   seq 1, A = -1: r = 1.5 -> min(-1.5, -1.2) unclipped: +1.5; r = 0.5 -> clipped term -0.8 is the min: 0
+# KL term: ref = logp + ln 0.5 on every token, so d = ref - logp = ln 0.5 and
+#   k3: d(e^d - d - 1)/d logp = 1 - e^d = 0.5;  k1: d(logp - ref)/d logp = 1;
+#   k2: d((logp - ref)^2 / 2)/d logp = logp - ref = ln 2 = 0.6931471805599453
+@pytest.mark.parametrize(("kl", "kl_grad"), [("k3", 0.5), ("k1", 1.0), ("k2", math.log(2))])
+def test_loss_off_policy_gradient_with_clipping_and_kl(kl, kl_grad):
+    old = t([[-1.0, -2.0], [-1.5, -0.5]])
+    logp = (old + t([[LN(1.5), LN(0.5)], [LN(1.5), LN(0.5)]])).requires_grad_(True)
+    ref = logp.detach() + LN(0.5)
+    loss, stats = policy_loss(logp, old, t([1.0, -1.0]), torch.ones(2, 2), ref_logp=ref, beta=0.1, kl=kl,
+                              agg="token_mean")
+    loss.backward()
+    pg_grad = t([[0.0, -0.5], [1.5, 0.0]])
+    # (pg + 0.1 * kl_grad) / 4, e.g. k3: [[0.0125, -0.1125], [0.3875, 0.0125]]
+    assert_close(logp.grad, (pg_grad + 0.1 * kl_grad) / 4, tol=1e-12)
+    # loss: pg (-1.2 - 0.5 + 1.5 + 0.8) / 4 = 0.15, plus 0.1 * the KL estimate (the same on all 4 tokens):
+    # k3 = 0.5 - ln 0.5 - 1 = 0.1931471805599454, k1 = -ln 0.5 = ln 2, k2 = (ln 2)^2 / 2 = 0.2402265069591007
+    kl_value = {"k3": 0.5 - LN(0.5) - 1, "k1": math.log(2), "k2": math.log(2) ** 2 / 2}[kl]
+    assert_close(stats["pg_loss"], 0.15, tol=1e-12)
+    assert_close(loss, 0.15 + 0.1 * kl_value, tol=1e-12)
+    assert_close(stats["kl"], kl_value, tol=1e-12)
+    assert_close(stats["clip_frac"], 0.5)
+
+
 # ---------------------------------------------------------------- GSPO
 
 
@@ -371,6 +419,8 @@ def test_loss_gspo_sequence_ratio():
     assert_close(stats["clip_frac"], 0.4)  # 2 of 5 tokens
     assert_close(stats["ratio_max"], 1.2214027581601699)
     assert_close(stats["ratio_min"], 0.8187307530779818)
+    # over the 5 completion tokens (padding excluded): (2 * e^0.2 + 3 * e^-0.2) / 5 = 0.979799555110857
+    assert_close(stats["ratio_mean"], 0.979799555110857)
     loss, _ = policy_loss(*gspo_inputs(), ratio_level="sequence", agg="token_mean")
     assert_close(loss, 0.011238451846789132)
 
@@ -384,6 +434,10 @@ def test_loss_gspo_differs_from_token_level():
     loss, stats = policy_loss(*gspo_inputs())
     assert_close(loss, -0.15569803433325502)
     assert_close(stats["clip_frac"], 0.4)  # e^0.3 with A > 0, e^-0.3 with A < 0
+    assert (stats["clip_frac_low"], stats["clip_frac_high"]) == (0.2, 0.2)
+    # (e^0.1 + e^0.3 + e^-0.1 + e^-0.2 + e^-0.3) / 5 = (1.1051709180756477 + 1.3498588075760032
+    # + 0.9048374180359595 + 0.8187307530779818 + 0.7408182206817179) / 5; padding (ratio 1) left out
+    assert_close(stats["ratio_mean"], 0.9838832234894621)
 
 
 # ---------------------------------------------------------------- policy_loss: validation
@@ -497,6 +551,8 @@ def test_loss_policy_loss_matches_loop(data, n, length):
         (3, 2, 2, 1.0),  # n - c = 1 < k: every 2-subset holds a correct one
         (10, 3, 5, 0.9166666666666666),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 11/12
         (4, 4, 4, 1.0),
+        (5, 2, 3, 0.9),  # n - c = k: 1 - C(3,3)/C(5,3) = 1 - 1/10, not yet 1
+        (4, 1, 3, 0.75),  # n - c = k: 1 - C(3,3)/C(4,3) = 1 - 1/4
         (1000, 1, 1, 0.001),  # 1 - 999/1000
         (1000, 10, 100, 0.653072285207994),  # 1 - C(990,100)/C(1000,100), exact fraction via math.comb
     ],
