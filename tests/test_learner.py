@@ -92,7 +92,7 @@ def test_update_matches_policy_loss_on_the_whole_batch(tiny_model_dir: Path) -> 
     learner = Learner(cfg, CPU, pad_id=0)
     batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
-    logp, _ = sequence_logprobs(learner.policy, batch, cfg.rollout.temperature)
+    logp, entropy = sequence_logprobs(learner.policy, batch, cfg.rollout.temperature)
     with torch.no_grad():
         ref, _ = sequence_logprobs(learner.reference, batch, cfg.rollout.temperature)
     expected, _ = policy_loss(logp, logp.detach(), advantages, batch.mask, ref_logp=ref, beta=0.1,
@@ -109,6 +109,8 @@ def test_update_matches_policy_loss_on_the_whole_batch(tiny_model_dir: Path) -> 
     assert stats["kl"] == pytest.approx(0.0, abs=1e-7) and stats["ratio_mean"] == pytest.approx(1.0)
     # The engine "saw" log-prob 0 for every token: the diff metric is the learner's |logp|.
     assert stats["rollout/logprob_diff_max"] == pytest.approx(-logp[batch.mask].min().item(), rel=1e-5)
+    # The entropy is a mean over the 10 completion tokens (not over the 4 rows).
+    assert stats["entropy"] == pytest.approx(entropy[batch.mask].mean().item(), rel=1e-5)
 
 
 def _perturbed_reference(learner: Learner) -> None:
@@ -562,26 +564,39 @@ def test_fp32_weights_have_no_master_copy(tiny_model_dir: Path) -> None:
     assert learner.masters is None
 
 
-def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("variant", ["defaults", "asymmetric clip, k1, token_mean, temperature 0.7",
+                                     "sequence ratio, k2, seq_sum_norm"])
+def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_model_dir: Path, variant: str) -> None:
     """num_iterations=2: the second optimizer step's gradient is that of policy_loss with the policy
     after the first step and the old log-probs of the policy before it (clipping active), computed
-    here on the whole batch."""
+    here on the whole batch, with the loss settings and sampling temperature of the config. On the
+    first step (ratio 1, policy = reference) clip bounds, GSPO's ratio, the KL estimator (but k1) and
+    a temperature of 1 look alike; the second tells each of them apart."""
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
     engine = [[0.0] * len(c) for c in COMPLETIONS]
+    overrides, kw, temperature = {
+        "defaults": ((), {}, 1.0),
+        "asymmetric clip, k1, token_mean, temperature 0.7": (
+            ("loss.clip_low=0.1", "loss.clip_high=0.3", "loss.kl=k1", "loss.agg=token_mean", "rollout.temperature=0.7"),
+            {"clip_low": 0.1, "clip_high": 0.3, "kl": "k1", "agg": "token_mean"}, 0.7),
+        "sequence ratio, k2, seq_sum_norm": (
+            ("loss.ratio_level=sequence", "loss.kl=k2", "loss.agg=seq_sum_norm"),
+            {"ratio_level": "sequence", "kl": "k2", "agg": "seq_sum_norm"}, 1.0),
+    }[variant]
     common = ("loss.beta=0.1", "trainer.micro_batch_size=2", "rollout.max_new_tokens=4", "trainer.lr=0.05",
-              "model.share_prompts=false", "trainer.max_grad_norm=1e9")
+              "model.share_prompts=false", "trainer.max_grad_norm=1e9", *overrides)
     twice = Learner(_config(tiny_model_dir, *common, "trainer.num_iterations=2"), CPU, pad_id=0)
     once = Learner(_config(tiny_model_dir, *common, "trainer.num_iterations=1", "trainer.max_steps=2"), CPU,
                    pad_id=0)  # max_steps=2: the same number of scheduler steps, so the same lr
     batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
     with torch.no_grad():
-        old, _ = sequence_logprobs(once.policy, batch, 1.0)
-        ref, _ = sequence_logprobs(once.reference, batch, 1.0)
+        old, _ = sequence_logprobs(once.policy, batch, temperature)
+        ref, _ = sequence_logprobs(once.reference, batch, temperature)
     twice.update(PROMPTS, COMPLETIONS, engine, advantages)
     once.update(PROMPTS, COMPLETIONS, engine, advantages)  # `once` now holds the weights of iteration 2
     once.policy.zero_grad(set_to_none=True)
-    logp, _ = sequence_logprobs(once.policy, batch, 1.0)
-    expected, stats = policy_loss(logp, old, advantages, batch.mask, ref_logp=ref, beta=0.1, max_tokens=4)
+    logp, _ = sequence_logprobs(once.policy, batch, temperature)
+    expected, stats = policy_loss(logp, old, advantages, batch.mask, ref_logp=ref, beta=0.1, max_tokens=4, **kw)
     assert stats["clip_frac"] > 0  # the clipped branch is exercised
     expected.backward()
     for (name, got), want in zip(twice.policy.named_parameters(), once.policy.parameters(), strict=True):
