@@ -81,3 +81,53 @@ def test_batch_scale_uses_the_std_of_every_ranks_rewards(monkeypatch) -> None:
     got = group_advantages(mine, 4, scale="batch", batch_std=std)
     torch.testing.assert_close(got, torch.tensor([b5, -b5, -b5, b5]))
     assert not torch.allclose(group_advantages(mine, 4, scale="batch"), got)  # its own half's std: 0.577
+
+
+class _FixedEngine:
+    """An engine whose G samples per prompt are fixed; the rewards below do not read them."""
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+
+    def wake(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def generate(self, prompts: list[str], sampling) -> list[Sample]:
+        return [Sample(prompt_index=p, prompt_ids=[1], completion_ids=[2], text=f"p{p}s{j}", logprobs=[0.0],
+                       truncated=False) for p in range(len(prompts)) for j in range(self.group_size)]
+
+
+class _FixedRewards:
+    """Totals [1, 0, 0, 1 | 0, 0, 0, 1] with row 6 flagged (its reference answer cannot be checked)."""
+
+    def score_samples(self, samples, rows, prefill=""):
+        from grpo_cli.rewards.base import RewardScores
+
+        total = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        invalid = [False] * 6 + [True, False]
+        return [s.text for s in samples], RewardScores(total=total, per_reward={"r": total}, errors={"r": 0},
+                                                       first_error={}, invalid=invalid)
+
+
+# Group 0 [1, 0, 0, 1]: mean 0.5, ddof=1 std sqrt(1/3) = 0.5773502691896257.
+# Group 1 [0, 0, 0, 1]: mean 0.25, ddof=1 std 0.5 (worked out in test_loss.py).
+# adv_eps 0.5: group 0: 0.5 / (0.5773502691896257 + 0.5) = 0.4641016151377546;
+#              group 1: -0.25 / (0.5 + 0.5) = -0.25, 0.75 / 1.0 = 0.75.
+# Row 6 (flagged invalid) gets 0 whatever its group gives it (-0.25 here).
+G0 = 0.4641016151377546
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (("loss.adv_scale=group", "loss.adv_eps=0.5"), [G0, -G0, -G0, G0, -0.25, -0.25, 0.0, 0.75]),
+    (("loss.adv_scale=none",), [0.5, -0.5, -0.5, 0.5, -0.25, -0.25, 0.0, 0.75]),
+])
+def test_collect_turns_rewards_into_advantages_as_configured(overrides: tuple[str, ...],
+                                                             expected: list[float]) -> None:
+    from grpo_cli import loop
+
+    cfg = compose(["rollout.group_size=4", *overrides])
+    r = loop.collect(cfg, _FixedEngine(4), _FixedRewards(), [{"prompt": "a"}, {"prompt": "b"}], seed=0,
+                     timer=loop._Timer())
+    torch.testing.assert_close(r.advantages, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert r.informative.tolist() == [True, True]
