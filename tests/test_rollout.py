@@ -157,6 +157,9 @@ def test_push_of_perturbed_weights_syncs_every_layer(fresh_engine, base_model, s
     """Every weight (fused q/k/v and gate/up included) changed: only a complete sync matches.
     named_parameters() lacks the tied lm_head.weight: push_weights must still update the output layer."""
     engine = fresh_engine
+    # Cache the prompts' prefix blocks under the old weights first: a push that left the prefix cache
+    # alone would then sample from their stale activations (logprobs off by ~0.14 here).
+    engine.generate(PROMPTS, SAMPLING)
     noisy = perturbed(base_model)
     pairs = noisy.state_dict().items() if source == "state_dict" else noisy.named_parameters()
     push_weights(engine, pairs)
