@@ -84,6 +84,27 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir: Path, agg: s
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_is_reported(tiny_model_dir: Path) -> None:
+    """With trainer.max_grad_norm a quarter of the gradient's norm, the optimizer steps on exactly a quarter
+    of the gradient (same direction), and `grad_norm` reports the norm before clipping."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+
+    def run(max_norm: float) -> tuple[torch.Tensor, float]:
+        cfg = _config(tiny_model_dir, "loss.beta=0.1", f"trainer.max_grad_norm={max_norm}",
+                      "rollout.max_new_tokens=4", "trainer.lr=0")  # lr 0: the weights stay, the grads are kept
+        learner = Learner(cfg, CPU, pad_id=0)
+        stats = learner.update(PROMPTS, COMPLETIONS, engine, advantages)
+        return torch.cat([p.grad.flatten() for p in learner.policy.parameters()]), stats["grad_norm"]
+
+    full, norm = run(1e9)
+    assert norm == pytest.approx(full.norm().item(), rel=1e-5) and norm > 1e-3
+    clipped, reported = run(norm / 4)
+    assert reported == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+    torch.testing.assert_close(clipped, full / 4, rtol=1e-4, atol=1e-8)
+    assert clipped.norm().item() == pytest.approx(norm / 4, rel=1e-4)
+
+
 def test_update_matches_policy_loss_on_the_whole_batch(tiny_model_dir: Path) -> None:
     # The full-sequence path, as the reference computes it (the shared-prompt path is checked against
     # this one in test_shared_prompts_give_the_same_gradient).
