@@ -143,7 +143,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
     the attention dropout that attention functions read from a float attribute or the config (Llama's
     family, Qwen's). The engine samples from the model without dropout; a learner that applied it would
     compute the policy gradient and the importance ratios of a different, noisier policy. Kept in train
-    mode otherwise (gradient checkpointing runs only in train mode)."""
+    mode otherwise (gradient checkpointing runs only in train mode). The config's dropout values are
+    zeroed too (some models read them at each forward), so checkpoints save them as 0."""
     import torch
 
     for module in model.modules():

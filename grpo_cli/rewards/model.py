@@ -4,7 +4,8 @@ model (e.g. a Bradley-Terry reward model with one output logit).
 With a chat template, the reward model's tokenizer renders a user/assistant pair: the user turn is
 the dataset's `problem` (the question itself, not the policy's rendered prompt, which already holds
 the policy's own template and special tokens), the assistant turn the completion. Without one, the
-text is the plain concatenation prompt + completion: what the policy saw, then what it wrote. The model is loaded lazily, once, on first use.
+text is the plain concatenation prompt + completion: what the policy saw, then what it wrote.
+The model is loaded lazily, once, on first use.
 Batches are right-padded: with left padding, models that number positions 0..n-1 regardless
 of the attention mask would score a padded sequence differently from the same one alone.
 Over-long inputs are truncated from the left so the scored final token is the completion's.
