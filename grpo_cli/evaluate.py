@@ -35,6 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from grpo_cli import distributed
 from grpo_cli.config import check_saved_config_overrides, compose, config_dir, resume_config, to_container
 from grpo_cli.data import load_prompts
 from grpo_cli.errors import UserError
@@ -276,16 +277,38 @@ class SetResult(NamedTuple):
 def generate(engine: Engine, prompts: list[str], sampling: SamplingSettings,
              on_progress: Callable[[int], None] | None = None) -> list[Sample]:
     """n samples per prompt, grouped by prompt in prompt order, generated PROMPTS_PER_CALL prompts at
-    a time; each call gets its own seed so that no two prompts share a random stream."""
-    samples: list[Sample] = []
-    for call, start in enumerate(range(0, len(prompts), PROMPTS_PER_CALL)):
+    a time; each call gets its own seed so that no two prompts share a random stream.
+
+    Under torchrun (evaluation during training) the calls are dealt over the ranks, call c to rank
+    c % R, and the samples gathered on every rank: R times faster than each rank generating them all.
+    A call's prompts and seed are those of one process, so the samples do not depend on R. Every rank
+    makes as many engine calls (`own_calls`): a sharded hf engine generates in step with the others,
+    and a rollout server batches the ranks' requests of one round."""
+    starts = list(range(0, len(prompts), PROMPTS_PER_CALL))
+    mine: dict[int, list[Sample]] = {}
+    for call in own_calls(len(starts), distributed.rank(), distributed.world()):
+        index = 0 if call is None else call
+        start = starts[index]
         chunk = prompts[start:start + PROMPTS_PER_CALL]
-        seed = None if sampling.seed is None else sampling.seed + call
-        samples += [dataclasses.replace(s, prompt_index=start + s.prompt_index)
-                    for s in engine.generate(chunk, dataclasses.replace(sampling, seed=seed))]
+        seed = None if sampling.seed is None else sampling.seed + index
+        got = engine.generate(chunk, dataclasses.replace(sampling, seed=seed))
+        if call is None:  # a repeat that keeps this rank in step: its samples are another rank's
+            continue
+        mine[call] = [dataclasses.replace(s, prompt_index=start + s.prompt_index) for s in got]
         if on_progress is not None:
             on_progress(len(chunk))
-    return samples
+    if distributed.world() > 1:
+        for part in distributed.all_gather_object(mine):
+            mine.update(part)
+    return [s for call in range(len(starts)) for s in mine[call]]
+
+
+def own_calls(calls: int, rank: int, world: int) -> list[int | None]:
+    """The calls rank `rank` of `world` makes when `calls` engine calls are dealt round-robin (call c
+    to rank c % world): one a round, and None, a repeat of call 0 whose samples are dropped, where
+    the last round has fewer calls than ranks."""
+    rounds = -(-calls // world)
+    return [c if c < calls else None for c in (r * world + rank for r in range(rounds))]
 
 
 def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: EvalSet,

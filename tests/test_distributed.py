@@ -125,7 +125,8 @@ def _train_args(tiny: Path, run: Path, engine: str) -> list[str]:
             "trainer.max_steps=2", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "trainer.save_every=2",
             "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12", "rollout.cpu_kv_cache_mib=64",
             f"rollout.engine={engine}", "loss.beta=0.04", "dataset.size=64", "+rewards.len.fn=cosine_length",
-            "+rewards.len.args.max_len=100"]
+            "+rewards.len.args.max_len=100", "trainer.eval_every=2", "eval.datasets=[chain_sum]", "eval.limit=3",
+            "eval.n=2", "eval.k=[1,2]", "eval.temperature=1.0"]
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
@@ -145,6 +146,11 @@ def test_train_on_two_ranks_end_to_end(tiny_model_dir: Path, tmp_path: Path, eng
         # Each engine sampled with the weights the learner holds (step 2: after the push).
         assert m["rollout/logprob_diff_max"] < 1e-3
     assert len((run / "samples" / "step-000002.jsonl").read_text().splitlines()) > 0
+    # The eval at step 2: its one engine call on rank 0, rank 1 repeating it to stay in step (the hf
+    # engine's sharded generate is collective); every problem's 2 samples once, scored by rank 0.
+    assert {"eval/chain_sum/pass@2", "eval/chain_sum/maj@2", "time/eval"} <= set(metrics[1])
+    evals = [json.loads(line) for line in (run / "samples" / "eval-step-000002.jsonl").read_text().splitlines()]
+    assert sorted((e["problem"], e["sample"]) for e in evals) == [(p, j) for p in range(3) for j in range(2)]
 
     from transformers import AutoModelForCausalLM
 

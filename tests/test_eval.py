@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from grpo_cli.evaluate import (
     majority_vote,
     number_value,
     output_dir,
+    own_calls,
     sampling_settings,
     summarize,
 )
@@ -203,6 +205,68 @@ class ScriptedEngine:
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
         assert sampling.n == len(self.texts)
         return [Sample(p, [1], [2, 3], text, [0.0, 0.0], False) for p in range(len(prompts)) for text in self.texts]
+
+
+def test_eval_calls_are_dealt_round_robin_with_repeats_keeping_ranks_in_step() -> None:
+    assert own_calls(5, 0, 2) == [0, 2, 4] and own_calls(5, 1, 2) == [1, 3, None]
+    assert own_calls(4, 0, 2) == [0, 2] and own_calls(4, 1, 2) == [1, 3]
+    assert [own_calls(1, r, 3) for r in range(3)] == [[0], [None], [None]]
+    assert own_calls(0, 1, 2) == [] and own_calls(3, 0, 1) == [0, 1, 2]
+
+
+class SeededEngine:
+    """Samples that depend only on the prompt and the call's seed; records each call's rank and seed."""
+
+    def __init__(self, rank_of: Callable[[], int]) -> None:
+        self.rank_of, self.calls = rank_of, []
+
+    def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
+        self.calls.append((self.rank_of(), sampling.seed, tuple(prompts)))
+        return [Sample(i, [1], [len(p), sampling.seed, j], f"{p}/{sampling.seed}/{j}", [0.0] * 3, False)
+                for i, p in enumerate(prompts) for j in range(sampling.n)]
+
+
+def test_eval_over_two_ranks_gives_one_process_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun each rank generates its calls and every rank gets all the samples, in the order
+    and with the seeds one process uses; both ranks make as many engine calls (rank 1 repeats call 0)."""
+    import threading
+
+    from grpo_cli import distributed, evaluate
+
+    monkeypatch.setattr(evaluate, "PROMPTS_PER_CALL", 2)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]  # calls [a, bb] (seed 7), [ccc, dddd] (8), [eeeee] (9)
+    sampling = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, seed=7)
+    alone = evaluate.generate(SeededEngine(lambda: 0), prompts, sampling)
+    assert [s.text for s in alone][:3] == ["a/7/0", "a/7/1", "bb/7/0"] and len(alone) == 10
+    assert [s.prompt_index for s in alone] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+    local = threading.local()
+    barrier, slots = threading.Barrier(2, timeout=10), [None, None]
+
+    def gather(obj: object) -> list[object]:
+        slots[local.rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: local.rank)
+    monkeypatch.setattr(distributed, "all_gather_object", gather)
+    engine, results = SeededEngine(lambda: local.rank), {}
+
+    def rank_main(rank: int) -> None:
+        local.rank = rank
+        results[rank] = evaluate.generate(engine, prompts, sampling)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert results[0] == alone and results[1] == alone
+    assert sorted(c for c in engine.calls if c[0] == 0) == [(0, 7, ("a", "bb")), (0, 9, ("eeeee",))]
+    assert sorted(c for c in engine.calls if c[0] == 1) == [(1, 7, ("a", "bb")), (1, 8, ("ccc", "dddd"))]
 
 
 def test_countdown_is_judged_by_the_task_scorer_it_trained_on() -> None:
