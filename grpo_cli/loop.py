@@ -143,7 +143,7 @@ def train(cfg: Config) -> Path:
                     push_weights(engine, learner.named_weights())
                     if check:
                         checks = check_sync(engine, learner, first.samples[0])
-                # Every rank evaluates (the same problems and seeds, in step), rank 0 writes.
+                # The ranks share the evaluation's engine calls and gather the samples; rank 0 writes.
                 eval_metrics = evaluation.run(engine, step, run / "samples" if distributed.is_main() else None,
                                               say=logger.message)
 
