@@ -423,3 +423,74 @@ def test_nccl_sync_broadcasts_into_a_gpu_server(tiny_model_dir: Path, base_model
         engine.close()
     finally:
         stop_server(process)
+
+
+# ----------------------------------------------------------------------------- batching the ranks' requests
+class _CountingEngine:
+    """What RolloutServer needs of a VLLMEngine to answer /health and /generate: each prompt's n
+    samples are its text, and every generate_many call is recorded."""
+
+    cuda, dtype, max_model_len = False, "float32", 1024
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.llm = SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(hf_text_config=None)))
+        self.calls: list[list[list[str]]] = []
+
+    def generate_many(self, jobs: list) -> list:
+        from grpo_cli.rollout import Sample
+
+        self.calls.append([list(prompts) for prompts, _, _ in jobs])
+        return [[Sample(i, [1], [2], p, [0.0], False) for i, p in enumerate(prompts) for _ in range(s.n)]
+                for prompts, s, _ in jobs]
+
+
+def _serve_fake(wait_s: float):
+    from http.server import ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    from grpo_cli.rollout.server import RolloutServer, _handler
+
+    cfg = SimpleNamespace(model=SimpleNamespace(name_or_path="m"), rollout=SimpleNamespace(tensor_parallel_size=1))
+    server = RolloutServer(cfg)
+    server.engine = _CountingEngine()
+    server.batches.wait_s = wait_s
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return server, httpd, f"127.0.0.1:{httpd.server_address[1]}"
+
+
+def test_ranks_with_fewer_prompts_than_servers_still_batch_on_every_server(monkeypatch) -> None:
+    """Evaluation's last call can hold fewer prompts than there are servers: that rank must still
+    send every server its (empty) request, or a server waits GATHER_S for it (60 s per evaluation)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    served = [_serve_fake(wait_s=20.0) for _ in range(2)]
+    try:
+        cfg = RolloutConfig(engine="vllm_server", servers=[a for _, _, a in served], max_new_tokens=8)
+        ranks = [VLLMServerEngine(cfg), VLLMServerEngine(cfg)]
+        sampling = SamplingSettings(n=2, max_new_tokens=8, temperature=1.0, seed=1)
+        got: dict[int, list[str]] = {}
+
+        def rank(r: int, prompts: list[str]) -> None:
+            got[r] = [s.text for s in ranks[r].generate(prompts, sampling)]
+
+        start = time.monotonic()
+        threads = [threading.Thread(target=rank, args=(0, ["a", "b", "c"])),
+                   threading.Thread(target=rank, args=(1, ["d"]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert time.monotonic() - start < 10  # not the 20 s a server waits for a request that never comes
+        assert got == {0: ["a", "a", "b", "b", "c", "c"], 1: ["d", "d"]}
+        # One engine call per server, with both ranks' requests (server 1's share of rank 1's call is empty).
+        assert [[sorted(jobs) for jobs in s.engine.calls] for s, _, _ in served] == [[[["a", "b"], ["d"]]], [[[], ["c"]]]]
+        assert [s.counts for s, _, _ in served] == [{"generate_requests": 2, "engine_generate_calls": 1}] * 2
+    finally:
+        for _, httpd, _ in served:
+            httpd.shutdown()
+            httpd.server_close()

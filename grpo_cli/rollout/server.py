@@ -152,7 +152,7 @@ class RolloutServer:
     def _generate_together(self, jobs: list[tuple[list[str], Any, int]]) -> list[list[Any]]:
         with self._engine() as engine:
             self.counts["generate_requests"] += len(jobs)
-            self.counts["engine_generate_calls"] += 1
+            self.counts["engine_generate_calls"] += any(prompts for prompts, _, _ in jobs)  # none: vLLM is not called
             return engine.generate_many(jobs)
 
     def logprobs(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -153,10 +153,14 @@ class VLLMServerEngine:
 
     # ------------------------------------------------------------------ Engine
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
-        if not prompts:
+        if not prompts and self.batch_tag is None:
             return []
         settings = {**dataclasses.asdict(sampling), "stop": list(sampling.stop)}
         chunks = split_evenly(len(prompts), len(self.servers))
+        if self.batch_tag is not None:
+            # Every server must hear from every rank, even with no prompts for it (a rank whose call has
+            # fewer prompts than there are servers): a server missing one waits GATHER_S for it.
+            chunks += [(len(prompts), len(prompts))] * (len(self.servers) - len(chunks))
         requests = [(self.servers[i], {"prompts": prompts[a:b], "sampling": settings, "prompt_offset": a})
                     for i, (a, b) in enumerate(chunks)]
         self.calls += 1
