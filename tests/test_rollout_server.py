@@ -494,3 +494,42 @@ def test_ranks_with_fewer_prompts_than_servers_still_batch_on_every_server(monke
         for _, httpd, _ in served:
             httpd.shutdown()
             httpd.server_close()
+
+
+def test_a_request_arriving_after_its_batch_ran_alone_does_not_wait_again() -> None:
+    from grpo_cli.rollout.server import Coalescer
+
+    batches = Coalescer(lambda jobs: [job.upper() for job in jobs], wait_s=1.0)
+    first = threading.Thread(target=batches.submit, args=("k#1", 2, "a"))
+    first.start()
+    first.join(10)  # ran alone after wait_s: the other rank was late
+    start = time.monotonic()
+    assert batches.submit("k#1", 2, "b") == "B"
+    assert time.monotonic() - start < 0.5  # not another wait_s for a batch that already ran
+    done: list[str] = []
+    threads = [threading.Thread(target=lambda j=j: done.append(batches.submit("k#2", 2, j))) for j in "cd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(done) == ["C", "D"]  # the next key batches as before
+
+
+def test_each_launch_tags_its_requests_with_an_id_rank_0_draws(monkeypatch) -> None:
+    """A resumed run reusing MASTER_PORT numbers its calls from 1 again: its tag must differ from
+    the run before's, and be the same on every rank (rank 0's id, broadcast)."""
+    from grpo_cli import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    fake = FakeServer()
+    try:
+        cfg = RolloutConfig(engine="vllm_server", servers=[fake.address], max_new_tokens=8)
+        monkeypatch.setattr(distributed, "broadcast_object", lambda obj: "rank0id")
+        assert VLLMServerEngine(cfg).batch_tag == VLLMServerEngine(cfg).batch_tag == "127.0.0.1:29500::rank0id"
+        monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)  # each launch: rank 0 draws anew
+        assert VLLMServerEngine(cfg).batch_tag != VLLMServerEngine(cfg).batch_tag
+    finally:
+        fake.close()

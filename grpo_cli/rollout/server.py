@@ -242,15 +242,22 @@ class Coalescer:
             self.results: list[Any] = []
             self.error: BaseException | None = None
 
+    CLOSED_KEYS = 4096  # keys of batches already run, remembered so that a late job does not wait again
+
     def __init__(self, run: Callable[[list[Any]], list[Any]], wait_s: float) -> None:
         self.run, self.wait_s = run, wait_s
         self.cond = threading.Condition()
         self.open: dict[str, Coalescer._Batch] = {}
+        self.closed: dict[str, None] = {}  # insertion-ordered: the oldest go first
 
     def submit(self, key: str, of: int, job: Any) -> Any:
         with self.cond:
             batch = self.open.get(key)
-            if batch is None:
+            if batch is None and key in self.closed:
+                # Its batch ran without it: the others will not come again, so it runs alone, now.
+                log.warning("batch %s: a request arrived after its batch ran; running it alone", key)
+                batch = self._Batch(1, time.monotonic())
+            elif batch is None:
                 batch = self.open[key] = self._Batch(of, time.monotonic() + self.wait_s)
             index = len(batch.jobs)
             batch.jobs.append(job)
@@ -260,7 +267,11 @@ class Coalescer:
             runs = not batch.started  # the first thread to see the batch complete (or late) runs it
             if runs:
                 batch.started = True
-                del self.open[key]  # a later job with this key starts a new batch
+                if self.open.get(key) is batch:
+                    del self.open[key]
+                    self.closed[key] = None
+                    if len(self.closed) > self.CLOSED_KEYS:
+                        del self.closed[next(iter(self.closed))]
                 if len(batch.jobs) < batch.of:
                     log.warning("batch %s: running %d of its %d requests after %.0f s without the others",
                                 key, len(batch.jobs), batch.of, self.wait_s)

@@ -28,6 +28,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,9 +128,16 @@ class VLLMServerEngine:
         # Under torchrun, each rank's share of a step's prompts goes to every server as one request
         # tagged with the launch (its rendezvous address, the same on every rank and node) and the call's
         # number: a server runs the ranks' requests with the same tag as one engine call.
+        # The tag ends with an id rank 0 draws for this launch: a resumed run (or torchrun's restart)
+        # reusing the same MASTER_PORT numbers its calls from 1 again, and must not meet its predecessor's.
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.batch_tag = (f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:"
-                          f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}" if self.world > 1 else None)
+        self.batch_tag = None
+        if self.world > 1:
+            from grpo_cli import distributed
+
+            launch = distributed.broadcast_object(uuid.uuid4().hex[:12]) if distributed.world() > 1 else ""
+            self.batch_tag = (f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}:"
+                              f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{launch}")
         self.calls = 0
 
         self.info = self.wait_until_ready()
