@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import tempfile
 import time
@@ -30,12 +31,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+# What fsync answers where a filesystem cannot flush that kind of file (a folder on some FUSE mounts,
+# SMB/CIFS, Windows): nothing to make durable there, so not an error. EIO, ENOSPC... still are.
+_CANNOT_SYNC = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES, errno.EPERM,
+                errno.EISDIR}
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a folder's entries (a file renamed into it, say) durable: without it a power cut can undo the
-    rename, leaving the old file or none, even though the new file's data was already on disk."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    rename, leaving the old file or none, even though the new file's data was already on disk. Best
+    effort where the filesystem cannot sync a folder (see _CANNOT_SYNC)."""
     try:
-        os.fsync(fd)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno in _CANNOT_SYNC:  # Windows cannot open a folder at all
+            return
+        raise
+    try:
+        _fsync(fd)
     finally:
         os.close(fd)
 
@@ -45,11 +58,22 @@ def fsync_tree(folder: Path) -> None:
     complete checkpoint needs before it is renamed into place, so the rename never names lost data."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if path.is_file() and not path.is_symlink():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes writable files only
+            try:
+                _fsync(fd)
+            finally:
+                os.close(fd)
         elif path.is_dir():
             fsync_dir(path)
     fsync_dir(folder)
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC:
+            raise
 
 
 def prepare_run_dir(cfg: Config) -> Path:

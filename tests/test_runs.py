@@ -227,3 +227,34 @@ def test_atomic_write_text_makes_the_rename_durable(tmp_path: Path, monkeypatch)
     assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
     assert synced[0].parent == tmp_path.resolve() and synced[0].name.startswith(".config.yaml.")  # the data
     assert synced[-1] == tmp_path.resolve()  # then the folder holding the new name
+
+
+def test_a_filesystem_that_cannot_sync_folders_still_takes_writes_and_checkpoint_trees(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Some filesystems (FUSE mounts, SMB) answer fsync of a folder with EINVAL: nothing to flush
+    there, not a failed write; a real write error (EIO) still stops the write."""
+    import errno
+    import stat
+
+    from grpo_cli.runs import fsync_tree
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
+    (tmp_path / "ckpt" / "adapter").mkdir(parents=True)
+    (tmp_path / "ckpt" / "adapter" / "w.safetensors").write_bytes(b"x")
+    fsync_tree(tmp_path / "ckpt")
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        fsync_tree(tmp_path / "ckpt")
