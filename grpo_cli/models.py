@@ -151,12 +151,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+            if _is_dropout(name) and isinstance(value, float) and value > 0:
                 setattr(module, name, 0.0)
     configs = [getattr(model, "config", None)]
     if configs[0] is not None and hasattr(configs[0], "get_text_config"):
         configs.append(configs[0].get_text_config())
     for config in filter(None, configs):
         for name, value in list(vars(config).items()):
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+            if _is_dropout(name) and isinstance(value, float) and value > 0:
                 setattr(config, name, 0.0)
+
+
+def _is_dropout(name: str) -> bool:
+    """A dropout probability by its name: GPT-2's *_pdrop, and LayerDrop (OPT, BioGPT: `layerdrop`
+    skips whole layers at random in train mode)."""
+    return "dropout" in name or "pdrop" in name or name == "layerdrop"

@@ -678,3 +678,21 @@ def test_the_learner_trains_without_dropout(kind: str, tmp_path: Path) -> None:
     model.train()  # the same model as loaded: its dropout does change the output, so the test can fail
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_disable_dropout_turns_off_layerdrop() -> None:
+    """OPT's LayerDrop skips whole decoder layers at random in train mode: a dropout by another name."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from grpo_cli.models import disable_dropout
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+                                     layerdrop=0.5))
+    disable_dropout(model)
+    model.train()
+    ids = torch.arange(8)[None]
+    first = model(ids).logits
+    assert all(torch.equal(first, model(ids).logits) for _ in range(8))
+    assert model.config.layerdrop == 0.0
