@@ -83,13 +83,18 @@ def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
     return rows
 
 
+def prompt_token_counts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Each prompt's length in tokens, as the engines tokenise it (no special tokens added)."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+
+
 def drop_long_prompts(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, limit: int,
                       what: str) -> tuple[list[dict[str, Any]], str | None]:
     """The rows whose prompt has at most `limit` tokens (as the engines tokenise it: no special tokens
     added), and a note on what was left out (None when nothing was). A longer prompt cannot be sampled
     from; a few of them in a large dataset should not end a run at whichever step first draws one.
     `what` names the setting behind the limit, for the note and the error when no prompt fits."""
-    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]]
+    lengths = prompt_token_counts([r["prompt"] for r in rows], tokenizer)
     kept = [row for row, n in zip(rows, lengths, strict=True) if n <= limit]
     if not kept:
         raise UserError(f"every prompt is longer than {limit} tokens ({what}; the shortest has {min(lengths)}): "

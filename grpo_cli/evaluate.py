@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from grpo_cli import distributed
 from grpo_cli.config import check_saved_config_overrides, compose, config_dir, resume_config, to_container
-from grpo_cli.data import load_prompts
+from grpo_cli.data import load_prompts, prompt_token_counts
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
 from grpo_cli.rewards import RewardSet, build_reward_set
@@ -359,6 +359,17 @@ class PeriodicEval:
         self.sets = load_eval_sets(cfg, tokenizer)
         self.rewards = eval_reward_set(cfg)
         self.sampling = sampling_settings(cfg, seed=cfg.seed)
+
+    def check_prompt_lengths(self, tokenizer: PreTrainedTokenizerBase, limit: int, what: str) -> None:
+        """Before training starts: an eval prompt longer than the engine takes would stop the run at
+        its first evaluation (under torchrun, on the one rank whose share holds it)."""
+        for eval_set in self.sets:
+            lengths = prompt_token_counts([r["prompt"] for r in eval_set.rows], tokenizer)
+            too_long = [n for n in lengths if n > limit]
+            if too_long:
+                raise UserError(f"eval dataset {eval_set.label}: {len(too_long)} of {len(lengths)} prompts have more "
+                                f"than {limit} tokens ({what}; the longest has {max(too_long)}): raise the limit, or "
+                                "leave the dataset out of eval.datasets")
 
     def due(self, step: int) -> bool:
         every = self.cfg.trainer.eval_every

@@ -75,7 +75,10 @@ def train(cfg: Config) -> Path:
     if cfg.resume and distributed.is_main():
         checkpoint.remove_unfinished(run)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
-    rows, left_out = drop_long_prompts(rows, tokenizer, *prompt_limit(cfg, learner.policy))
+    limit, limit_source = prompt_limit(cfg, learner.policy)
+    rows, left_out = drop_long_prompts(rows, tokenizer, limit, limit_source)
+    if evaluation is not None:
+        evaluation.check_prompt_lengths(tokenizer, limit, limit_source)
     start, position = 0, 0  # last finished step; prompts consumed so far
     latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
     if latest:

@@ -481,3 +481,21 @@ def test_grpo_eval_of_a_run_writes_results_samples_and_a_table(trained_run: Path
                 for step in (1, 2)]
     assert periodic[0] != periodic[1]  # the step changed the completions: the comparison below can fail
     assert [s["completion"] for s in samples] == periodic[1][:4]  # --limit 2: the first two problems
+
+
+def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_dir: Path) -> None:
+    """The 3 held-out chain sums have 50 tokens each under SmolLM2's chat template: a limit of 49
+    (rollout.max_prompt_tokens) refuses the eval set at the start, naming how many and the longest."""
+    from transformers import AutoTokenizer
+
+    from grpo_cli.evaluate import PeriodicEval
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = compose(["recipe=quickstart", "trainer.eval_every=1", "eval.datasets=[chain_sum]", "eval.limit=3"])
+    evaluation = PeriodicEval(cfg, tokenizer)
+    lengths = [len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in evaluation.sets[0].rows]
+    assert lengths == [50, 50, 50]
+    evaluation.check_prompt_lengths(tokenizer, 50, "rollout.max_prompt_tokens")  # all fit
+    with pytest.raises(UserError, match=r"^eval dataset chain_sum: 3 of 3 prompts have more than 49 tokens "
+                                        r"\(rollout.max_prompt_tokens; the longest has 50\): raise the limit"):
+        evaluation.check_prompt_lengths(tokenizer, 49, "rollout.max_prompt_tokens")
