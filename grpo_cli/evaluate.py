@@ -426,7 +426,8 @@ def load_target(overrides: list[str], config_dir_extra: str | Path | None) -> Ta
             return Target(cfg, None, None)
         folder = Path(checkpoint).expanduser()
         if not folder.is_dir():
-            raise UserError(f"checkpoint={checkpoint}: no such directory; pass a checkpoint folder "
+            what = "a file, not a folder" if folder.exists() else "no such directory"
+            raise UserError(f"checkpoint={checkpoint}: {what}; pass a checkpoint folder "
                             "(RUN/checkpoints/step-NNNNNN), a model folder, or run=RUN_DIR")
         return Target(_with_model(cfg, folder), None, folder)
 

@@ -353,6 +353,8 @@ def test_run_and_checkpoint_selection(tmp_path: Path, monkeypatch: pytest.Monkey
     (["eval.run={run}", "eval.checkpoint=3"], "checkpoint=3: no such checkpoint in {run} (available: step-000002, "
                                               "step-000004)"),
     (["eval.checkpoint={tmp}/no-model"], "checkpoint={tmp}/no-model: no such directory"),
+    (["eval.checkpoint={run}/config.yaml"], "checkpoint={run}/config.yaml: a file, not a folder; pass a checkpoint "
+                                            "folder"),
     (["eval.run={run}", "dataset=math500"], "'dataset=math500' is not one: choose other eval datasets with "
                                             "eval.datasets"),
 ])
