@@ -257,6 +257,14 @@ def judge(rewards: EvalRewards, dataset: DatasetConfig) -> str:
     return rewards.accuracy
 
 
+def greedy_note(sampling: SamplingSettings) -> str | None:
+    """What to tell a user who asked for several samples per problem at temperature 0."""
+    if sampling.n > 1 and sampling.temperature == 0:
+        return (f"note: eval.temperature=0 is greedy: the {sampling.n} samples of a problem are identical "
+                "(set eval.temperature, e.g. 0.6, for pass@k / maj@k)")
+    return None
+
+
 def sampling_settings(cfg: Config, seed: int) -> SamplingSettings:
     """Eval sampling: `eval.*`, with training's stop strings (the model learned to end there)."""
     return SamplingSettings(n=cfg.eval.n, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -522,9 +530,8 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
-    if sampling.n > 1 and sampling.temperature == 0:
-        say(f"note: eval.temperature=0 is greedy: the {sampling.n} samples of a problem are identical "
-            "(set eval.temperature, e.g. 0.6, for pass@k / maj@k)")
+    if greedy_note(sampling):
+        say(greedy_note(sampling))
     policy = None
     if cfg.rollout.engine == "hf":  # generates with a model this process holds
         policy = load_model(cfg.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -24,6 +24,7 @@ from grpo_cli.evaluate import (
     eval_reward_set,
     evaluate_set,
     format_table,
+    greedy_note,
     load_eval_sets,
     load_target,
     majority_at_k,
@@ -501,3 +502,11 @@ def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_di
     with pytest.raises(UserError, match=r"^eval dataset chain_sum: 3 of 3 prompts have more than 49 tokens "
                                         r"\(rollout.max_prompt_tokens; the longest has 50\): raise the limit"):
         evaluation.check_prompt_lengths(tokenizer, 49, "rollout.max_prompt_tokens")
+
+
+def test_several_greedy_samples_get_a_note() -> None:
+    greedy = SamplingSettings(n=4, max_new_tokens=8, temperature=0.0)
+    assert greedy_note(greedy) == ("note: eval.temperature=0 is greedy: the 4 samples of a problem are identical "
+                                   "(set eval.temperature, e.g. 0.6, for pass@k / maj@k)")
+    assert greedy_note(SamplingSettings(n=1, max_new_tokens=8, temperature=0.0)) is None
+    assert greedy_note(SamplingSettings(n=4, max_new_tokens=8, temperature=0.6)) is None
