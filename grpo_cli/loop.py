@@ -224,7 +224,6 @@ def finished_step(cfg: Config) -> int | None:
     return step if found and step >= cfg.trainer.max_steps else None
 
 
-# ----------------------------------------------------------------------------- several learners (torchrun)
 def prompt_limit(cfg: Config, policy: torch.nn.Module) -> tuple[int, str]:
     """The longest prompt training samples from, in tokens, and the setting it comes from:
     rollout.max_prompt_tokens, or less when the model's context leaves no room for a completion."""
@@ -234,6 +233,7 @@ def prompt_limit(cfg: Config, policy: torch.nn.Module) -> tuple[int, str]:
     return cfg.rollout.max_prompt_tokens, "rollout.max_prompt_tokens"
 
 
+# ----------------------------------------------------------------------------- several learners (torchrun)
 def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.prompts_per_step % world:
         raise UserError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} does not split over {world} learner "
