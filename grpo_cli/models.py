@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,7 +145,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
     family, Qwen's). The engine samples from the model without dropout; a learner that applied it would
     compute the policy gradient and the importance ratios of a different, noisier policy. Kept in train
     mode otherwise (gradient checkpointing runs only in train mode). The config's dropout values are
-    zeroed too (some models read them at each forward), so checkpoints save them as 0."""
+    zeroed too (some models read them at each forward), so checkpoints save them as 0.
+
+    Mixture-of-experts routers that are random in train mode (Mixtral's, DBRX's, MiniMax's jitter of the
+    router input; PhiMoE's Gumbel-sampled expert choice) are the same kind of noise, but PhiMoE reads its
+    `router_jitter_noise` as a routing threshold in eval mode too, so no value can be zeroed by name: those
+    modules stay in eval mode instead (`_route_as_in_eval`), their children following the model's mode."""
     import torch
 
     for module in model.modules():
@@ -153,6 +159,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if _is_dropout(name) and isinstance(value, float) and value > 0:
                 setattr(module, name, 0.0)
+        if any("jitter" in name for name in vars(module)):
+            module.train = types.MethodType(_route_as_in_eval, module)
+            module.train(model.training)
     configs = [getattr(model, "config", None)]
     if configs[0] is not None and hasattr(configs[0], "get_text_config"):
         configs.append(configs[0].get_text_config())
@@ -160,6 +169,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(config).items()):
             if _is_dropout(name) and isinstance(value, float) and value > 0:
                 setattr(config, name, 0.0)
+
+
+def _route_as_in_eval(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    """`train` of a module whose own forward is random in train mode: its children take `mode`, it stays in
+    eval mode. Bound to the instance, so `model.train()` reaches it through the usual recursion."""
+    import torch
+
+    torch.nn.Module.train(module, mode)
+    module.training = False
+    return module
 
 
 def _is_dropout(name: str) -> bool:

@@ -648,7 +648,8 @@ def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model_dir:
     assert resumed.optimizer.param_groups[0]["lr"] == long.optimizer.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2 dropout modules", "llama attention_dropout"])
+@pytest.mark.parametrize("kind", ["gpt2 dropout modules", "llama attention_dropout", "mixtral router jitter",
+                                  "phimoe sampled routing"])
 def test_the_learner_trains_without_dropout(kind: str, tmp_path: Path) -> None:
     """The engine samples without dropout, so the learner's train-mode forward must be the same function:
     two forwards give the same logits, equal to eval mode's (with dropout 0.5 they would not)."""
@@ -664,6 +665,13 @@ def test_the_learner_trains_without_dropout(kind: str, tmp_path: Path) -> None:
         "llama attention_dropout": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
             vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, attention_dropout=0.5, attn_implementation="eager")),
+        "mixtral router jitter": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5)),
+        "phimoe sampled routing": lambda: tf.PhimoeForCausalLM(tf.PhimoeConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+            original_max_position_embeddings=64, rope_scaling=None, router_jitter_noise=1.0)),
     }[kind]()
     model.save_pretrained(tmp_path)
     learner = Learner(compose([f"model.name_or_path={tmp_path}", "loss.beta=0"]), CPU, pad_id=0)
