@@ -42,10 +42,33 @@ def load_rows(cfg: DatasetConfig, split: str | None = None, limit: int | None = 
             existing = list(rows[0])
             raise UserError(f"dataset has no column '{column}' (dataset.{role}); its columns are: {', '.join(existing)}"
                             f"{did_you_mean(column, existing)}")
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        _check_row(row, number, cfg)
         row["problem"] = row[cfg.problem_column]
         row["answer"] = row[cfg.answer_column]
     return rows
+
+
+def _check_row(row: dict[str, Any], number: int, cfg: DatasetConfig) -> None:
+    """A row the first row's checks let through can still lack a column or hold null in it (a hub
+    dataset with gaps, a hand-written JSON-lines file): one line naming the row, not a KeyError
+    from the loader nor a reward that raises on every completion of that prompt, step after step.
+    A problem must be text: a list of chat messages would reach the model as its Python repr.
+    Some reasoning-gym tasks (rush_hour, graph_color, ...) have no single answer (null): their own
+    scorer checks a completion against the item's metadata."""
+    checked = [(cfg.problem_column, "problem_column")]
+    if cfg.source != "reasoning_gym":
+        checked.append((cfg.answer_column, "answer_column"))
+    for column, role in checked:
+        if row.get(column) is None:
+            what = "has no" if column not in row else "has null in"
+            raise UserError(f"dataset row {number} {what} column '{column}' (dataset.{role}); "
+                            "fill it in or remove that row")
+    problem = row[cfg.problem_column]
+    if isinstance(problem, (list, dict)):
+        raise UserError(f"dataset row {number}: column '{cfg.problem_column}' (dataset.problem_column) holds a "
+                        f"{type(problem).__name__}, not text; grpo needs the problem as a string (it applies the "
+                        "chat template itself): point dataset.problem_column at a text column")
 
 
 def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None) -> str:

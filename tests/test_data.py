@@ -98,6 +98,32 @@ def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
                                  "its columns are: question, solution")
 
 
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"question": "1+1", "answer": 2}, {"q": "2+2", "answer": 4}],
+     "dataset row 2 has no column 'question' (dataset.problem_column); fill it in or remove that row"),
+    ([{"question": "1+1", "answer": 2}, {"question": "2+2", "answer": None}],
+     "dataset row 2 has null in column 'answer' (dataset.answer_column); fill it in or remove that row"),
+    ([{"question": [{"role": "user", "content": "1+1"}], "answer": "2"}],
+     "dataset row 1: column 'question' (dataset.problem_column) holds a list, not text; grpo needs the problem as "
+     "a string (it applies the chat template itself): point dataset.problem_column at a text column"),
+])
+def test_a_bad_row_past_the_first_is_a_user_error_naming_it(tmp_path: Path, rows: list[dict], message: str) -> None:
+    """Only the first row's columns were checked: a later row without one raised KeyError, a null
+    answer made the accuracy reward raise on every completion of that prompt, and a list of chat
+    messages became its Python repr inside the prompt."""
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert str(caught.value) == message
+
+
+def test_numbers_as_answers_and_null_answers_of_reasoning_gym_tasks(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": 2}, {"question": "x/2=1", "answer": 2.0}])
+    assert [r["answer"] for r in load_rows(DatasetConfig(source="jsonl", path=str(data)))] == [2, 2.0]
+    rush_hour = load_rows(dataclasses.replace(GYM, task="rush_hour", task_args={}, size=1))
+    assert rush_hour[0]["answer"] is None  # scored by the task's own scorer from its metadata
+
+
 def test_jsonl_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         load_rows(DatasetConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")))
