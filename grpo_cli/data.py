@@ -85,7 +85,14 @@ def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokeniz
     messages = [{"role": "user", "content": str(problem)}]
     if cfg.system_prompt:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cfg.prefill
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cfg.prefill
+    except TemplateError as e:  # e.g. Gemma's template: "System role not supported"
+        hint = "; set dataset.system_prompt=null" if cfg.system_prompt else ""
+        raise UserError(f"dataset.template=chat: the model's chat template refused the prompt ({first_line(e)})"
+                        f"{hint}") from None
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase | None) -> str:

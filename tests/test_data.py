@@ -124,6 +124,20 @@ def test_numbers_as_answers_and_null_answers_of_reasoning_gym_tasks(tmp_path: Pa
     assert rush_hour[0]["answer"] is None  # scored by the task's own scorer from its metadata
 
 
+def test_a_chat_template_that_refuses_a_system_prompt_is_a_user_error(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # How Gemma's chat template opens.
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError) as caught:
+        render_prompt("1+1", DatasetConfig(template="chat", system_prompt="Be brief."), tokenizer)
+    assert str(caught.value) == ("dataset.template=chat: the model's chat template refused the prompt (System role "
+                                 "not supported); set dataset.system_prompt=null")
+    assert render_prompt("1+1", DatasetConfig(template="chat"), tokenizer) == "1+1"
+
+
 def test_jsonl_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         load_rows(DatasetConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")))
