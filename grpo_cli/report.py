@@ -123,7 +123,14 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         records.append(record)
     if not records:
         raise UserError(f"{path} holds no steps yet; run `grpo report` once the run has logged its first step")
-    return sorted(records, key=lambda r: r["step"]), notes
+    # A step logged twice (a file pieced together from two attempts at a run, or written before resumes
+    # cut metrics.jsonl back to the checkpoint) counts once, as last written: the steps, tokens and
+    # wall time would count it twice, and its line would double back on the charts.
+    by_step = {r["step"]: r for r in records}
+    if len(by_step) < len(records):
+        notes.append(f"{path} logs {len(records) - len(by_step)} step(s) more than once; the last record of each "
+                     "is used")
+    return sorted(by_step.values(), key=lambda r: r["step"]), notes
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from grpo_cli.charts import nice_ticks
 from grpo_cli.config import compose
 from grpo_cli.errors import UserError
 from grpo_cli.loop import Round, _completion_metrics, _sample_records, length_by_outcome, reflection_rate
-from grpo_cli.report import build_report, load_run
+from grpo_cli.report import build_report, load_run, summary
 from grpo_cli.rewards import RewardScores
 from grpo_cli.rollout import Sample
 from grpo_cli.schema import REFLECTION_WORDS
@@ -176,6 +176,23 @@ def test_a_truncated_last_line_is_left_out(tmp_path: Path) -> None:
     loaded = load_run(run)
     assert [r["step"] for r in loaded.records] == list(range(1, 11))
     assert "incomplete" in loaded.notes[0]
+
+
+def test_a_step_logged_twice_counts_once_as_last_written(tmp_path: Path) -> None:
+    """A metrics.jsonl pieced together from two attempts at steps 2-3: the summary counted 5 steps
+    and 500 tokens, and the reward line doubled back from step 3 to step 2."""
+    run = tmp_path / "twice"
+    run.mkdir()
+    steps = [(1, 0.1), (2, 0.2), (3, 0.3), (2, 0.25), (3, 0.35)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": r, "tokens/generated": 100.0,
+                                                           "time/step": 2.0}) + "\n" for s, r in steps))
+    loaded = load_run(run)
+    assert [(r["step"], r["reward/mean"]) for r in loaded.records] == [(1, 0.1), (2, 0.25), (3, 0.35)]
+    assert loaded.notes == [f"{run / 'metrics.jsonl'} logs 2 step(s) more than once; the last record of each is used"]
+    facts = summary(loaded)
+    assert facts["steps"] == "3 (1 to 3)" and facts["tokens"] == "300 generated" and facts["wall time"] == "6.0s"
+    page = build_report([run])[0].read_text()
+    assert _polyline_lengths(_figure(page, "reward")) == [3]
 
 
 # ----------------------------------------------------------------------------- the command
