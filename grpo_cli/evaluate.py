@@ -265,6 +265,16 @@ def greedy_note(sampling: SamplingSettings) -> str | None:
     return None
 
 
+def training_file_note(cfg: Config) -> str | None:
+    """What to tell a user whose evaluation of a training run reads the training data: a JSON-lines
+    file has no splits, so eval.split cannot keep its problems apart from training's."""
+    if cfg.eval.datasets or cfg.dataset.source != "jsonl":
+        return None
+    return (f"note: dataset.source=jsonl has no splits: the evaluation reads the training file {cfg.dataset.path} "
+            f"itself (eval.split={cfg.eval.split} does not apply); for held-out problems put train.jsonl and "
+            "test.jsonl in one folder and use dataset=hf dataset.path=FOLDER")
+
+
 def sampling_settings(cfg: Config, seed: int) -> SamplingSettings:
     """Eval sampling: `eval.*`, with training's stop strings (the model learned to end there)."""
     return SamplingSettings(n=cfg.eval.n, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -530,8 +540,9 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
-    if greedy_note(sampling):
-        say(greedy_note(sampling))
+    for note in (greedy_note(sampling), target.run and training_file_note(cfg)):
+        if note:
+            say(note)
     policy = None
     if cfg.rollout.engine == "hf":  # generates with a model this process holds
         policy = load_model(cfg.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

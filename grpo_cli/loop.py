@@ -44,7 +44,7 @@ from torch import Tensor
 from grpo_cli import checkpoint, distributed
 from grpo_cli.data import drop_long_prompts, load_prompts
 from grpo_cli.errors import UserError, first_line
-from grpo_cli.evaluate import PeriodicEval, greedy_note
+from grpo_cli.evaluate import PeriodicEval, greedy_note, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger
 from grpo_cli.logprobs import pack
@@ -93,7 +93,7 @@ def train(cfg: Config) -> Path:
         push_weights(engine, learner.named_weights())
     logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
-    for note in (left_out, evaluation and greedy_note(evaluation.sampling)):
+    for note in (left_out, evaluation and greedy_note(evaluation.sampling), evaluation and training_file_note(cfg)):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position

@@ -34,6 +34,7 @@ from grpo_cli.evaluate import (
     own_calls,
     sampling_settings,
     summarize,
+    training_file_note,
 )
 from grpo_cli.rollout import Sample, SamplingSettings
 
@@ -510,3 +511,19 @@ def test_several_greedy_samples_get_a_note() -> None:
                                    "(set eval.temperature, e.g. 0.6, for pass@k / maj@k)")
     assert greedy_note(SamplingSettings(n=1, max_new_tokens=8, temperature=0.0)) is None
     assert greedy_note(SamplingSettings(n=4, max_new_tokens=8, temperature=0.6)) is None
+
+
+def test_evaluating_a_jsonl_run_on_its_training_file_gets_a_note(tmp_path: Path) -> None:
+    """A JSON-lines file has no splits: trainer.eval_every (and grpo eval run=) silently scored the
+    training problems as if they were eval.split=test."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "trainer.eval_every=5"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    assert [r["problem"] for r in eval_set.rows] == ["1+1", "2+2"]  # the training problems themselves
+    assert training_file_note(cfg) == (
+        f"note: dataset.source=jsonl has no splits: the evaluation reads the training file {data} itself "
+        "(eval.split=test does not apply); for held-out problems put train.jsonl and test.jsonl in one folder "
+        "and use dataset=hf dataset.path=FOLDER")
+    assert training_file_note(compose(["recipe=quickstart"])) is None  # reasoning-gym: another seed per split
+    assert training_file_note(compose(["dataset=jsonl", f"dataset.path={data}", "eval.datasets=[chain_sum]"])) is None
