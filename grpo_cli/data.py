@@ -181,6 +181,8 @@ def _jsonl(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
         raise UserError(f"dataset.path={cfg.path}: no such file; pass a .jsonl file with one JSON object per line")
     rows = []
     for number, line in utf8_lines(path, "save the file as UTF-8"):
+        if number == 1:  # editors on Windows start UTF-8 files with a byte-order mark, which json refuses
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:

@@ -152,6 +152,14 @@ def test_jsonl_errors(tmp_path: Path) -> None:
     assert str(caught.value) == f"{latin1} line 2 is not UTF-8 text (byte 0xe9 at column 18); save the file as UTF-8"
 
 
+def test_jsonl_with_a_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> None:
+    """Notepad's "UTF-8 with BOM": the first line was refused as not valid JSON."""
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf{"question": "caf\xc3\xa9 1+1", "answer": 2}\r\n{"question": "2+2", "answer": 4}\r\n')
+    rows = load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert [(r["problem"], r["answer"]) for r in rows] == [("caf\u00e9 1+1", 2), ("2+2", 4)]
+
+
 def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:
     _jsonl(tmp_path / "train.jsonl", [{"q": "1+2", "a": "3"}])
     _jsonl(tmp_path / "test.jsonl", [{"q": "2+2", "a": "4"}])
