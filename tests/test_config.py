@@ -62,6 +62,17 @@ def test_overrides_reach_the_config() -> None:
     assert "lr: 3.0e-06" in to_yaml(cfg)
 
 
+def test_r1_zero_math_evaluates_on_math500_during_training() -> None:
+    """Its eval_every=50 evaluated the whole MATH test split, 5,000 problems x 4 samples: about 78
+    training steps' worth of generation at each of its 10 evaluations."""
+    from grpo_cli.evaluate import eval_datasets
+
+    cfg = compose(["recipe=r1_zero_math"])
+    assert cfg.trainer.eval_every == 50
+    (math500,) = eval_datasets(cfg).values()
+    assert (math500.path, math500.template, math500.prefill) == ("HuggingFaceH4/MATH-500", "r1_zero", "<think>")
+
+
 def test_recipe_overrides_groups_and_command_line_overrides_recipe() -> None:
     base = compose([])
     quick = compose(["recipe=quickstart"])
