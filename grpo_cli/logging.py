@@ -2,7 +2,8 @@
 figures, sample completions under samples/, and Weights & Biases when asked for.
 
 metrics.jsonl is appended a whole line at a time and flushed to disk each step; on resume, lines
-past the checkpoint being resumed are dropped so the file always tells one consistent history.
+past the checkpoint being resumed are dropped, and so are the samples of those steps, so the run always
+tells one consistent history.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class RunLogger:
         self.run, self.cfg = run, cfg
         self.metrics_path = run / "metrics.jsonl"
         _truncate_after(self.metrics_path, start_step)
+        _drop_samples_after(run / "samples", start_step)
         self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -92,6 +94,16 @@ def _truncate_after(path: Path, step: int) -> None:
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+def _drop_samples_after(folder: Path, step: int) -> None:
+    """Delete the samples (training and eval) of steps past `step`: they are the abandoned attempt's,
+    from weights the resumed run threw away, and a resumed run stopped before it reaches them again
+    would leave them to be shown next to its own history."""
+    for file in folder.glob("*step-*.jsonl"):
+        prefix, _, number = file.stem.rpartition("step-")
+        if prefix in ("", "eval-") and number.isdigit() and int(number) > step:
+            file.unlink()
 
 
 def _start_wandb(run: Path, cfg: Config) -> Any:

@@ -155,6 +155,22 @@ def test_metrics_cut_short_by_a_kill_are_dropped_on_resume(tmp_path: Path) -> No
     assert metrics.read_text() == '{"step": 1, "loss": 0.5}\n'
 
 
+def test_samples_past_the_resumed_checkpoint_are_dropped(tmp_path: Path) -> None:
+    """A run killed at step 7 and resumed from step 5 kept samples/step-000006.jsonl and 7: a resume
+    stopped before reaching them again left the report showing the abandoned attempt's completions."""
+    from grpo_cli.logging import RunLogger
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    names = [f"step-{s:06d}.jsonl" for s in range(4, 8)] + ["eval-step-000005.jsonl", "eval-step-000006.jsonl"]
+    for name in [*names, "notes.jsonl"]:
+        (samples / name).write_text("{}\n")
+    cfg = dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path))
+    RunLogger(tmp_path, cfg, 5).close()
+    assert sorted(p.name for p in samples.iterdir()) == ["eval-step-000005.jsonl", "notes.jsonl",
+                                                          "step-000004.jsonl", "step-000005.jsonl"]
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
     import torch
