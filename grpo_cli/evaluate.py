@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from grpo_cli import distributed
 from grpo_cli.config import check_saved_config_overrides, compose, config_dir, resume_config, to_container
-from grpo_cli.data import load_prompts, prompt_token_counts
+from grpo_cli.data import load_prompts, load_rows, prompt_token_counts
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
 from grpo_cli.rewards import RewardSet, build_reward_set
@@ -220,6 +220,30 @@ def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Eval
     return sets
 
 
+def hold_out(sets: list[EvalSet], training: list[dict[str, Any]]) -> tuple[list[EvalSet], list[str]]:
+    """The eval sets without the problems that are also training problems, and a note for each set
+    that lost some. A seed or split of its own keeps two draws apart only where the task has far more
+    problems than are drawn: one-digit chain sums repeat, and the quickstart's 2,000 training problems
+    hold over half of the 200 of the chain_sum eval set. An evaluation of a training run then scores
+    answers the model may have been rewarded for."""
+    seen = {_problem_key(row) for row in training}
+    kept, notes = [], []
+    for eval_set in sets:
+        rows = [row for row in eval_set.rows if _problem_key(row) not in seen]
+        if not rows:
+            raise UserError(f"eval dataset {eval_set.label}: all {len(eval_set.rows)} problems are also training "
+                            "problems; evaluate on other data (eval.datasets=[...]) or hold problems out of training")
+        if len(rows) < len(eval_set.rows):
+            notes.append(f"eval dataset {eval_set.label}: left out {len(eval_set.rows) - len(rows)} of "
+                         f"{len(eval_set.rows)} problems that are also training problems; {len(rows)} remain")
+        kept.append(eval_set._replace(rows=rows))
+    return kept, notes
+
+
+def _problem_key(row: dict[str, Any]) -> str:
+    return " ".join(str(row["problem"]).split())
+
+
 class EvalRewards(NamedTuple):
     """The reward set eval scores with, and the labels of the terms it reads correctness from."""
 
@@ -372,9 +396,13 @@ class PeriodicEval:
     differ only by the weights. Completions go to samples/eval-step-NNNNNN.jsonl in the run.
     """
 
-    def __init__(self, cfg: Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, cfg: Config, tokenizer: PreTrainedTokenizerBase, training: list[dict[str, Any]]) -> None:
+        """`training`: the run's training rows, whose problems are left out of the evaluation
+        (`hold_out`; `notes` says how many) unless the evaluation reads the training file itself."""
         self.cfg = cfg
-        self.sets = load_eval_sets(cfg, tokenizer)
+        self.sets, self.notes = load_eval_sets(cfg, tokenizer), []
+        if not training_file_note(cfg):
+            self.sets, self.notes = hold_out(self.sets, training)
         self.rewards = eval_reward_set(cfg)
         self.sampling = sampling_settings(cfg, seed=cfg.seed)
 
@@ -535,12 +563,14 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     if target.checkpoint is not None:
         _check_checkpoint(target)
     tokenizer = load_tokenizer(cfg.model)
-    sets = load_eval_sets(cfg, tokenizer)
+    sets, held_out = load_eval_sets(cfg, tokenizer), []
+    if target.run and not training_file_note(cfg):  # a run's own training problems are no test of it
+        sets, held_out = hold_out(sets, load_rows(cfg.dataset))
     rewards = eval_reward_set(cfg)
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
-    for note in (greedy_note(sampling), target.run and training_file_note(cfg)):
+    for note in (greedy_note(sampling), target.run and training_file_note(cfg), *held_out):
         if note:
             say(note)
     policy = None

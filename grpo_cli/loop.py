@@ -69,7 +69,7 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_prompts(cfg.dataset, tokenizer)
-    evaluation = PeriodicEval(cfg, tokenizer) if cfg.trainer.eval_every else None
+    evaluation = PeriodicEval(cfg, tokenizer, rows) if cfg.trainer.eval_every else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
     run = _prepare_run(cfg)
     if cfg.resume and distributed.is_main():
@@ -93,7 +93,8 @@ def train(cfg: Config) -> Path:
         push_weights(engine, learner.named_weights())
     logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
-    for note in (left_out, evaluation and greedy_note(evaluation.sampling), evaluation and training_file_note(cfg)):
+    notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
+    for note in (left_out, *notes):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position

@@ -496,13 +496,48 @@ def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_di
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = compose(["recipe=quickstart", "trainer.eval_every=1", "eval.datasets=[chain_sum]", "eval.limit=3"])
-    evaluation = PeriodicEval(cfg, tokenizer)
+    evaluation = PeriodicEval(cfg, tokenizer, training=[])
     lengths = [len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in evaluation.sets[0].rows]
     assert lengths == [50, 50, 50]
     evaluation.check_prompt_lengths(tokenizer, 50, "rollout.max_prompt_tokens")  # all fit
     with pytest.raises(UserError, match=r"^eval dataset chain_sum: 3 of 3 prompts have more than 49 tokens "
                                         r"\(rollout.max_prompt_tokens; the longest has 50\): raise the limit"):
         evaluation.check_prompt_lengths(tokenizer, 49, "rollout.max_prompt_tokens")
+
+
+def test_training_problems_are_held_out_of_the_evaluation() -> None:
+    """Problems equal to training ones (up to spacing) leave the eval set, with a note per set."""
+    from grpo_cli.evaluate import EvalSet, hold_out
+
+    ds = compose([]).dataset
+    sets = [EvalSet("a", ds, [{"problem": p} for p in ("1 + 2", " 3  -  1 ", "4 + 4")]),
+            EvalSet("b", ds, [{"problem": "5 + 5"}])]
+    kept, notes = hold_out(sets, [{"problem": "1 + 2"}, {"problem": "3 - 1"}, {"problem": "9 - 9"}])
+    assert [[r["problem"] for r in s.rows] for s in kept] == [["4 + 4"], ["5 + 5"]]
+    assert notes == ["eval dataset a: left out 2 of 3 problems that are also training problems; 1 remain"]
+    with pytest.raises(UserError, match=r"^eval dataset b: all 1 problems are also training problems; "):
+        hold_out(sets[1:], [{"problem": "5 + 5"}])
+
+
+def test_the_quickstart_eval_set_is_held_out_of_its_training_problems(tiny_model_dir: Path) -> None:
+    """One-digit chain sums repeat: the chain_sum eval set (seed 0 + 1000003) shares problems with the
+    quickstart's 2,000 training ones, which a periodic evaluation leaves out."""
+    from transformers import AutoTokenizer
+
+    from grpo_cli.data import load_prompts
+    from grpo_cli.evaluate import PeriodicEval, load_eval_sets
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = compose(["recipe=quickstart", "trainer.eval_every=1", "eval.datasets=[chain_sum]"])
+    training = load_prompts(cfg.dataset, tokenizer)
+    full = load_eval_sets(cfg, tokenizer)[0].rows
+    problems = {r["problem"] for r in training}
+    shared = [r for r in full if r["problem"] in problems]
+    assert 0 < len(shared) < len(full)  # both cases occur, so the comparison below can fail
+    evaluation = PeriodicEval(cfg, tokenizer, training)
+    assert evaluation.sets[0].rows == [r for r in full if r["problem"] not in problems]
+    assert evaluation.notes == [f"eval dataset chain_sum: left out {len(shared)} of {len(full)} problems that are "
+                                f"also training problems; {len(full) - len(shared)} remain"]
 
 
 def test_several_greedy_samples_get_a_note() -> None:
