@@ -319,7 +319,9 @@ class SetResult(NamedTuple):
 def generate(engine: Engine, prompts: list[str], sampling: SamplingSettings,
              on_progress: Callable[[int], None] | None = None) -> list[Sample]:
     """n samples per prompt, grouped by prompt in prompt order, generated PROMPTS_PER_CALL prompts at
-    a time; each call gets its own seed so that no two prompts share a random stream.
+    a time; call c gets the seed `seed + c`. An engine seeds each prompt by its index in the call, never
+    by the call's other prompts (grpo_cli/rollout), so problem i's samples follow from i alone: the
+    same whatever eval.limit leaves after it, and no two problems share a random stream.
 
     Under torchrun (evaluation during training) the calls are dealt over the ranks, call c to rank
     c % R, and the samples gathered on every rank: R times faster than each rank generating them all.

@@ -271,6 +271,29 @@ def test_eval_over_two_ranks_gives_one_process_samples(monkeypatch: pytest.Monke
     assert sorted(c for c in engine.calls if c[0] == 1) == [(1, 7, ("a", "bb")), (1, 8, ("ccc", "dddd"))]
 
 
+def test_hf_eval_samples_of_a_problem_do_not_depend_on_eval_limit(tiny_model_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """rollout=hf: problem i gets the same samples with eval.limit=2 as with eval.limit=5, though its
+    engine call holds 2 problems in one case and 5 in the other; so too with 2 problems a call, where
+    problem 2 shares its call with problem 3 or with none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_cli import evaluate
+    from grpo_cli.rollout.hf import HFEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    problems = [f"What is {a} + {a + 3}? Answer:" for a in range(5)]
+    sampling = SamplingSettings(n=2, max_new_tokens=6, temperature=1.0, seed=3)
+
+    def completions(limit: int) -> list[list[int]]:
+        return [s.completion_ids for s in evaluate.generate(engine, problems[:limit], sampling)]
+
+    assert completions(2) == completions(5)[:4]
+    monkeypatch.setattr(evaluate, "PROMPTS_PER_CALL", 2)
+    assert completions(3) == completions(4)[:6]
+
+
 def test_countdown_is_judged_by_the_task_scorer_it_trained_on() -> None:
     """recipe=countdown trains on reasoning-gym's scorer; the one reference expression under
     math-verify would also pass the bare target number (the scorer gives it 0.05)."""

@@ -17,6 +17,12 @@ log_softmax(logits / temperature), in fp32, which is what the learner recomputes
 top-p truncation on, the two engines differ: the hf engine still returns that untruncated value,
 the vllm engine returns the log-probability under the truncated, renormalised distribution it
 sampled from (see grpo_cli/rollout/vllm.py).
+
+Seeds: with `SamplingSettings.seed` set, the samples of `prompts[i]` depend only on the seed, on i (the
+prompt's index in the call), on the prompt and on the other sampling settings, never on the call's
+other prompts (up to the float rounding a different batch shape can change in the model's forward).
+Each engine draws prompt i's samples from its own random stream, seeded with `prompt_seed(seed, i, n)`;
+the engines' samplers differ, so one seed gives different samples on vllm and on hf.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
 __all__ = ["Engine", "Sample", "SamplingSettings", "check_prompt_lengths", "context_length", "make_engine",
-           "sampling_from_config"]
+           "prompt_seed", "sampling_from_config"]
+
+_SEED_STRIDE = 0x9E3779B1  # spreads per-prompt seeds so that seed s and s + 1 share no streams
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0         # 0 = off
     stop: tuple[str, ...] = ()   # stop strings, KEPT in the output text (include_stop_str_in_output)
-    seed: int | None = None      # same seed + same weights + same prompts -> same samples
+    seed: int | None = None      # same seed + same weights + same prompt at the same index -> same samples
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,14 @@ class Engine(Protocol):
     def close(self) -> None:
         """Free the engine's memory; the engine cannot be used afterwards."""
         ...
+
+
+def prompt_seed(seed: int, index: int, n: int) -> int:
+    """The seed of the random stream of the prompt at `index` in a call, with n samples per prompt.
+
+    Spaced n apart because vLLM gives the j-th of a request's n samples the seed `base + j`: prompts
+    of one call never share a stream, even identical ones."""
+    return (seed * _SEED_STRIDE + index * n) % (1 << 63)
 
 
 def sampling_from_config(rollout: RolloutConfig, seed: int | None = None) -> SamplingSettings:

@@ -14,20 +14,25 @@ What a `Sample` holds, exactly:
 - `text`: the completion decoded without special tokens, cut right after the first stop string.
 - `truncated`: no EOS and no stop string within max_new_tokens (or the context).
 
-Sampling is exactly temperature / top-k / top-p: the model's own generation_config.json defaults
-(repetition penalty, top-k 50, min-p...) are not applied, as in the vllm engine; only its EOS ids are.
-With a seed, sampling runs on a forked RNG, so the global torch random state is left untouched.
+Sampling is exactly temperature / top-k / top-p (transformers' own warpers, in that order, as in
+vLLM): the model's own generation_config.json defaults (repetition penalty, top-k 50, min-p...) are
+not applied, as in the vllm engine; only its EOS ids are.
+
+Seeds (the contract of grpo_cli/rollout/__init__.py): `generate` runs greedy, and the last logits
+processor (`_Sampler`) draws every row's token itself, with one torch.Generator per prompt seeded
+with `prompt_seed(seed, i, n)`. So a prompt's samples do not depend on its batch mates, while the
+call stays one batched `generate`. Unseeded (seed=None), that seed is drawn from the global torch
+RNG; seeded, the global random state is left untouched.
 The model is put in eval mode for generation and its previous train/eval mode restored.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
-from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length
+from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length, prompt_seed
 
 
 class _LogprobRecorder:
@@ -55,6 +60,31 @@ class _LogprobRecorder:
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
         self._gather(last_tokens)
         return torch.stack(self.values, dim=1) if self.values else torch.zeros(len(last_tokens), 0)
+
+
+class _Sampler:
+    """The last logits processor: draws each row's next token, every prompt's n rows from that
+    prompt's own generator, and returns scores that make greedy decoding pick exactly that token.
+
+    The draw is the exponential race: with E_v ~ Exp(1) independent, argmax_v p_v / E_v is token v
+    with probability p_v (the smallest of E_v / p_v, exponentials of rate p_v). Every step draws
+    (n, vocab) values from each generator whatever the probabilities are, so a prompt's stream, and
+    with it its samples, are the same whichever prompts share the batch."""
+
+    def __init__(self, generators: list[torch.Generator], n: int) -> None:
+        self.generators = generators
+        self.n = n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)  # (rows, vocab); 0 where top-k/top-p removed a token
+        race = torch.empty_like(probs)
+        for i, generator in enumerate(self.generators):  # rows [i*n, (i+1)*n) are prompt i's
+            race[i * self.n:(i + 1) * self.n].exponential_(generator=generator)
+        # A zero-probability token must never win, even against a draw of exactly 0 (0/0 is NaN).
+        keys = torch.where(probs > 0, probs / race, -1.0)
+        tokens = keys.argmax(dim=-1)
+        picked = torch.full_like(scores, -float("inf"))
+        return picked.scatter_(1, tokens[:, None], 0.0)
 
 
 class _StopStrings:
@@ -126,16 +156,19 @@ class HFEngine:
         attention_mask = attention_mask.repeat_interleave(sampling.n, dim=0)
         recorder = _LogprobRecorder(1.0 if greedy else sampling.temperature)
         stopper = _StopStrings(self.tokenizer, sampling.stop, width, rows) if sampling.stop else None
-        sampler = (dict(do_sample=False) if greedy else
-                   dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
+        processors = [recorder]
+        if not greedy:
+            processors += _warpers(sampling)
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(1 << 62, ()))
+            generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i, sampling.n))
+                          for i in range(len(prompts))]
+            processors.append(_Sampler(generators, sampling.n))
         max_new = sampling.max_new_tokens
         if self.context is not None:  # no step past what even the shortest prompt can keep
             max_new = min(max_new, self.context - min(len(ids) for ids in prompt_ids))
-        config = GenerationConfig(**sampler, max_new_tokens=max_new, num_return_sequences=1,
+        # do_sample=False: generate() takes the argmax of what the processors leave, which `_Sampler` drew.
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new, num_return_sequences=1,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
-        seeded = sampling.seed is not None
-        rng_devices = [device] if device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=rng_devices) if seeded else contextlib.nullcontext()
         was_training = self.model.training
         model_config = getattr(self.model, "generation_config", None)
         try:
@@ -143,12 +176,10 @@ class HFEngine:
             # generate() fills every unset option from the model's generation_config (repetition
             # penalty, min-p...): a blank one keeps sampling to exactly what `config` says.
             self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-            with rng, torch.no_grad():
-                if seeded:
-                    torch.manual_seed(sampling.seed)
+            with torch.no_grad():
                 sequences = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-                    logits_processor=LogitsProcessorList([recorder]),
+                    logits_processor=LogitsProcessorList(processors),
                     stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
                     # A model sharded over several processes (FSDP) gathers its weights in every forward: all
                     # ranks must run as many steps, so one that is done keeps stepping until all are.
@@ -195,6 +226,20 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+
+def _warpers(sampling: SamplingSettings) -> list[Any]:
+    """Temperature, then top-k, then top-p, those that are on: the order of transformers' and vLLM's samplers."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers: list[Any] = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
 
 
 def _sharded(model: torch.nn.Module) -> bool:

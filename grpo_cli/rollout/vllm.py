@@ -47,12 +47,10 @@ import torch
 
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.models import torch_dtype
-from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length
+from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length, prompt_seed
 
 if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
-
-_SEED_STRIDE = 0x9E3779B1  # spreads per-prompt seeds so that seed s and s + 1 share no streams
 
 
 def _model_max_len(model_path: str, model_cfg: ModelConfig) -> int | None:
@@ -273,11 +271,7 @@ class VLLMEngine:
     def _params(self, sampling: SamplingSettings, prompt_index: int, n: int) -> Any:
         from vllm import SamplingParams
 
-        seed = None
-        if sampling.seed is not None:
-            # vLLM gives child j of a request the seed `seed + j`: a distinct base per prompt keeps
-            # identical prompts in one batch from drawing identical samples.
-            seed = (sampling.seed * _SEED_STRIDE + prompt_index * sampling.n) % (1 << 63)
+        seed = None if sampling.seed is None else prompt_seed(sampling.seed, prompt_index, sampling.n)
         return SamplingParams(
             n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else 0,  # vLLM: 0 = off
