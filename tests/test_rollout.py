@@ -71,17 +71,23 @@ def fresh_engine(engine, base_model):
     push_weights(engine, base_model.state_dict().items())
 
 
-def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
-    """What the learner computes: log_softmax(logits / T) at the completion positions, fp32."""
+def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float,
+                     top_k: int = 0) -> torch.Tensor:
+    """What the learner computes: log_softmax(logits / T) at the completion positions, fp32; with
+    top_k, over the k largest logits only (what an engine sampling with top-k draws from)."""
     ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float().cpu() / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
     return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
 
 
-def max_logprob_error(samples, model, temperature: float) -> float:
+def max_logprob_error(samples, model, temperature: float, top_k: int = 0) -> float:
     return max(
-        (torch.tensor(s.logprobs) - forward_logprobs(model, s.prompt_ids, s.completion_ids, temperature)).abs().max().item()
+        (torch.tensor(s.logprobs) - forward_logprobs(model, s.prompt_ids, s.completion_ids, temperature, top_k))
+        .abs().max().item()
         for s in samples
     )
 
@@ -320,6 +326,13 @@ def test_vllm_logprobs_are_temperature_scaled(engine, base_model, temperature: f
     assert max_logprob_error(samples, base_model, 1.0) > 1e-2  # temperature 1 would not match
 
 
+def test_vllm_logprobs_under_top_k_are_those_of_the_truncated_distribution(engine, base_model) -> None:
+    """As the hf engine's (test_hf_temperature_top_k_and_model_defaults): the distribution sampled from."""
+    samples = engine.generate(PROMPTS, SamplingSettings(n=2, max_new_tokens=8, temperature=0.7, top_k=20, seed=6))
+    assert max_logprob_error(samples, base_model, 0.7, top_k=20) < ATOL
+    assert max_logprob_error(samples, base_model, 0.7) > 1e-2  # the untruncated values would not match
+
+
 def test_vllm_eos_is_kept_and_ends_the_completion(fresh_engine, base_model, tokenizer) -> None:
     engine = fresh_engine
     prompts = ["stop here", "keep going"]
@@ -458,8 +471,9 @@ def test_hf_temperature_top_k_and_model_defaults(hf_engine) -> None:
     sampling = SamplingSettings(n=3, max_new_tokens=6, temperature=0.7, top_k=20, seed=7)
     samples = hf_engine.generate(PROMPTS, sampling)
     assert model.generation_config is saved and model.generation_config.repetition_penalty == 5.0
-    # untruncated temperature-scaled log-probs, even with top-k on
-    assert max_logprob_error(samples, model, 0.7) < 1e-5
+    # log-probs under the distribution sampled from: temperature-scaled, top-20, renormalised (as vLLM's)
+    assert max_logprob_error(samples, model, 0.7, top_k=20) < 1e-5
+    assert max_logprob_error(samples, model, 0.7) > 1e-2  # the untruncated values would not match
     # every sampled token is among the 20 most likely at its position
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.completion_ids])
@@ -467,6 +481,34 @@ def test_hf_temperature_top_k_and_model_defaults(hf_engine) -> None:
             logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1: -1]
         top = logits.topk(20, dim=-1).indices
         assert all(tok in top[j] for j, tok in enumerate(s.completion_ids))
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    # softmax of [2, 1, 0]: e^2, e, 1 over their sum 11.107: log-probs -0.407606, -1.407606, -2.407606
+    (dict(temperature=1.0), [-0.407606, -1.407606, -2.407606]),
+    # top-k 2 keeps e^2 and e: log(e^2 / (e^2 + e)) = -log(1 + 1/e) = -0.313262, one nat less for the second
+    (dict(temperature=1.0, top_k=2), [-0.313262, -1.313262, -math.inf]),
+    # temperature 2 first: [1, 0.5, 0]; top-2: -log(1 + e^-0.5) = -0.474077, and 0.5 less
+    (dict(temperature=2.0, top_k=2), [-0.474077, -0.974077, -math.inf]),
+    # top-p 0.7: probabilities 0.665, 0.245, 0.090; the two largest hold 0.910 >= 0.7, the largest alone
+    # 0.665 < 0.7: the same two tokens as top-k 2
+    (dict(temperature=1.0, top_p=0.7), [-0.313262, -1.313262, -math.inf]),
+    # top-p 0.6: the largest alone holds 0.665 >= 0.6: it is all that is left, with probability 1
+    (dict(temperature=1.0, top_p=0.6), [0.0, -math.inf, -math.inf]),
+])
+def test_hf_logprobs_are_those_of_the_truncated_distribution_by_hand(settings: dict, expected: list[float]) -> None:
+    """The log-prob the hf engine records for each token of a 3-token vocabulary with logits [2, 1, 0]:
+    after temperature, top-k and top-p, renormalised over the tokens kept (what vLLM's
+    processed_logprobs are)."""
+    from grpo_cli.rollout.hf import _LogprobRecorder, _warpers
+
+    scores = torch.tensor([[2.0, 1.0, 0.0]]).repeat(3, 1)  # one row per token whose log-prob we read
+    for warper in _warpers(SamplingSettings(n=1, max_new_tokens=1, **settings)):
+        scores = warper(torch.zeros(3, 1, dtype=torch.long), scores)
+    recorder = _LogprobRecorder()
+    recorder(torch.zeros(3, 1, dtype=torch.long), scores)
+    got = recorder.finish(torch.tensor([0, 1, 2]))[:, 0]  # token j's log-prob in row j
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
 
 
 def test_hf_stop_strings_and_eos(base_model, tokenizer) -> None:

@@ -12,11 +12,14 @@ Three engines share one interface (`Engine`):
 Prompts come fully rendered (chat template applied, prefill appended) and are tokenised without
 adding special tokens again, so `Sample.prompt_ids` is exactly what the model saw.
 
-Log-probabilities (`Sample.logprobs`) are those of the sampled tokens under
-log_softmax(logits / temperature), in fp32, which is what the learner recomputes. With top-k or
-top-p truncation on, the two engines differ: the hf engine still returns that untruncated value,
-the vllm engine returns the log-probability under the truncated, renormalised distribution it
-sampled from (see grpo_cli/rollout/vllm.py).
+Log-probabilities (`Sample.logprobs`), the same quantity on every engine: each sampled token's
+log-probability under the distribution it was drawn from, i.e. log_softmax of the logits after
+temperature scaling and after top-k/top-p truncation (renormalised over the tokens kept), in fp32;
+at temperature 0 (greedy), log_softmax(logits). That is the behaviour policy that truncated
+importance sampling (loss.tis_cap) divides by. Without truncation (top_k=0, top_p=1, the default)
+it is exactly log_softmax(logits / temperature), what the learner recomputes; with truncation on it
+is higher by -log(probability mass kept) at each step, so `rollout/logprob_diff_max` then measures
+the truncation as well as any engine/learner mismatch.
 
 Seeds: with `SamplingSettings.seed` set, the samples of `prompts[i]` depend only on the seed, on i (the
 prompt's index in the call), on the prompt and on the other sampling settings, never on the call's

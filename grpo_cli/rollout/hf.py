@@ -8,9 +8,11 @@ What a `Sample` holds, exactly:
   that completed a stop string, or max_new_tokens of them, or as many as the model's context
   (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
   `generate` puts after a finished row is dropped. A prompt that fills the context is refused.
-- `logprobs`: log_softmax(logits / temperature)[sampled token], in fp32, from the logits `generate`
-  computed while sampling (taken before top-k/top-p truncation, i.e. exactly what the learner
-  computes from a forward pass of the same weights). At temperature 0 (greedy): log_softmax(logits).
+- `logprobs`: the sampled token's log-probability under the distribution it was drawn from: log_softmax
+  of the logits `generate` computed, after temperature scaling and top-k/top-p truncation, in fp32,
+  as the vllm engine reports (see grpo_cli/rollout/__init__.py). Without truncation that is exactly
+  log_softmax(logits / temperature), what the learner computes from a forward pass of the same
+  weights. At temperature 0 (greedy): log_softmax(logits).
 - `text`: the completion decoded without special tokens, cut right after the first stop string.
 - `truncated`: no EOS and no stop string within max_new_tokens (or the context).
 
@@ -36,20 +38,20 @@ from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, con
 
 
 class _LogprobRecorder:
-    """A logits processor that records log_softmax(logits / T) of each sampled token.
+    """A logits processor that records log_softmax(scores) of each sampled token.
 
-    It runs before the temperature/top-k/top-p warpers, so it sees the model's raw logits. The token
-    sampled at step t is only known at step t + 1 (the last column of input_ids), so one step of
-    log-probabilities is kept and gathered then; `finish` gathers the last step."""
+    It runs after the temperature/top-k/top-p warpers and before `_Sampler`, so it sees the
+    distribution the token is drawn from (the raw logits when greedy). The token sampled at step t
+    is only known at step t + 1 (the last column of input_ids), so one step of log-probabilities is
+    kept and gathered then; `finish` gathers the last step."""
 
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
+    def __init__(self) -> None:
         self.pending: torch.Tensor | None = None
         self.values: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._gather(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
         return scores
 
     def _gather(self, tokens: torch.Tensor) -> None:
@@ -154,11 +156,11 @@ class HFEngine:
         rows = len(prompts) * sampling.n  # each prompt n times in a row: [p0 x n, p1 x n, ...]
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
         attention_mask = attention_mask.repeat_interleave(sampling.n, dim=0)
-        recorder = _LogprobRecorder(1.0 if greedy else sampling.temperature)
+        recorder = _LogprobRecorder()
         stopper = _StopStrings(self.tokenizer, sampling.stop, width, rows) if sampling.stop else None
-        processors = [recorder]
+        processors = [] if greedy else _warpers(sampling)
+        processors.append(recorder)
         if not greedy:
-            processors += _warpers(sampling)
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(1 << 62, ()))
             generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i, sampling.n))
                           for i in range(len(prompts))]

@@ -11,8 +11,9 @@ What a `Sample` holds, exactly:
   temperature scaling and after top-k/top-p truncation, in fp32. With top_k=0 and top_p=1 (no
   truncation) that is exactly log_softmax(logits / temperature), what the learner computes. With
   truncation on, it is the log-probability under the truncated, renormalised distribution the token
-  was sampled from (never below the untruncated value); vLLM offers no temperature-scaled,
-  untruncated mode. At temperature 0 (greedy, e.g. for evaluation) it is log_softmax(logits).
+  was sampled from (never below the untruncated value), the behaviour policy truncated importance
+  sampling needs; the hf engine reports the same. At temperature 0 (greedy, e.g. for evaluation) it
+  is log_softmax(logits).
 - `truncated`: vLLM's finish_reason == "length" (max_new_tokens, or the engine's max_model_len).
 
 Engine settings: fp32 on CPU and bfloat16 on CUDA for `model.dtype=auto`; on CPU the KV cache is
@@ -108,7 +109,7 @@ class VLLMEngine:
         kwargs: dict[str, Any] = dict(
             model=model_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
             dtype=self.dtype, seed=seed, enforce_eager=rollout_cfg.enforce_eager, max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs",  # temperature applied: what the learner computes
+            logprobs_mode="processed_logprobs",  # after temperature and top-k/top-p: what the token was drawn from
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
         )
         if self.cuda:
