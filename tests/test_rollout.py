@@ -427,6 +427,9 @@ def test_hf_generate_contract_logprobs_seeds_rng_and_mode(hf_engine, tokenizer) 
     other = hf_engine.generate(PROMPTS, SamplingSettings(n=4, max_new_tokens=8, temperature=1.0, seed=4))
     assert [s.completion_ids for s in other] != [s.completion_ids for s in samples]
     assert len({tuple(s.completion_ids) for s in samples}) == len(samples)
+    unseeded = SamplingSettings(n=4, max_new_tokens=8, temperature=1.0)  # seeds drawn from the global RNG
+    assert ([s.completion_ids for s in hf_engine.generate(PROMPTS, unseeded)]
+            != [s.completion_ids for s in hf_engine.generate(PROMPTS, unseeded)])
 
 
 def test_hf_seeded_samples_of_a_prompt_do_not_depend_on_its_batch_mates(hf_engine) -> None:
