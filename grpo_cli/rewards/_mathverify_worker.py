@@ -39,6 +39,7 @@ _WORD_RE = re.compile(r"[A-Za-z]{3,}")
 # Text answers are short ("Devon", "\text{(A), (C)}"); read as a box, a long run of prose costs
 # seconds of sympy per completion (20 KB of words: about 4 s) and is never an answer anyway.
 _MAX_BOX_FALLBACK = 100
+_MAX_CACHED_PRED = 200  # characters: longer predictions are parsed afresh every time
 
 
 class _SoftTimeout(BaseException):
@@ -96,6 +97,15 @@ def main():
     def parse_gold(text, boxed):
         return tuple(_parse(text, parse, boxed))
 
+    @functools.lru_cache(maxsize=4096)
+    def parse_short(text, boxed):
+        return tuple(_parse(text, parse, boxed))
+
+    def parse_pred(text, boxed):
+        # A short answer may recur: maj@k compares each wrong answer with several others (parsing
+        # is two thirds of a comparison's cost). Long ones are not kept: they would fill memory.
+        return list(parse_short(text, boxed)) if len(text) <= _MAX_CACHED_PRED else _parse(text, parse, boxed)
+
     signal.signal(signal.SIGALRM, _on_alarm)
     out = sys.stdout
     out.write("ready\n")
@@ -113,7 +123,7 @@ def main():
                     if not gold_parsed:
                         code = "g"
                     else:
-                        pred_parsed = _parse(pred, parse, bool(pred_boxed))
+                        pred_parsed = parse_pred(pred, bool(pred_boxed))
                         ok = bool(pred_parsed) and verify(list(gold_parsed), pred_parsed, timeout_seconds=None)
                         code = "1" if ok else "0"
                 finally:
