@@ -13,7 +13,11 @@ Metrics per dataset (each a mean over problems, or over all completions for the 
 
 - `pass@k`: the unbiased estimator `loss.pass_at_k(n, c, k)` from the c correct of n samples.
 - `maj@k`: majority vote over the extracted answers of k samples, averaged over the n // k disjoint
-  blocks of k consecutive samples (`majority_at_k`), so maj@1 equals avg@n.
+  blocks of k consecutive samples (`majority_at_k`), so maj@1 equals avg@n. Right answers are one
+  vote; so are wrong answers that are equal: of the same numeric value, or, under the `accuracy`
+  judge, equal under math-verify ("(x+1)^2" and "x^2+2x+1"; `merge_votes`, at most VOTE_BUDGET_S
+  of comparisons per dataset). A task's own scorer says only whether an answer is right, so under
+  it other wrong answers vote by their text.
 - `avg@n`: the fraction of all completions that are correct.
 - `format_rate`, `len_mean` (completion tokens), `truncated_frac` (stopped by max_new_tokens).
 
@@ -42,6 +46,7 @@ from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
 from grpo_cli.rewards import RewardSet, build_reward_set
 from grpo_cli.rewards.extract import extract_answer
+from grpo_cli.rewards.mathcheck import CORRECT, default_checker
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
 from grpo_cli.runs import atomic_write_text, check_output_dir, fresh_dir
 from grpo_cli.schema import Config, DatasetConfig
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PROMPTS_PER_CALL = 64  # prompts per engine.generate call: bounds the hf engine's batch, paces progress
+VOTE_BUDGET_S = 300.0  # seconds of math-verify per dataset for joining equal wrong answers in maj@k
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -85,14 +91,20 @@ def number_value(answer: str) -> Fraction | None:
     return -value if sign == "-" else value
 
 
-def vote_key(g: Graded) -> tuple[str, ...] | None:
-    """What a completion votes for in `majority_vote`; None abstains (no answer found).
+Vote = tuple[str, ...]
+SameAnswers = Callable[[Sequence[tuple[str, str]]], list[bool]]
+"""For each pair of (wrong) answers, whether they are the same answer: the vote-merging judge."""
+
+
+def vote_key(g: Graded) -> Vote | None:
+    """What a completion votes for before `merge_votes`; None abstains (no answer found).
 
     Every correct answer equals the reference under the judge, so all of them are one vote ("1/2"
     and "0.5" alike). Wrong answers must be pooled the same way, or maj@k is biased up: three
     wrong "0.5", "1/2", "\\frac{1}{2}" would lose to two right "3". So a wrong answer that is one
     number votes for its exact value (`number_value`); any other wrong answer for its text,
-    whitespace-collapsed ("x = 3" and "x=3" still differ, as do "(x+1)^2" and "x^2+2x+1").
+    whitespace-collapsed, until `merge_votes` joins texts the judge finds equal ("(x+1)^2" and
+    "x^2+2x+1").
     """
     if g.correct:
         return _CORRECT
@@ -104,25 +116,125 @@ def vote_key(g: Graded) -> tuple[str, ...] | None:
     return ("text", " ".join(g.answer.split()))
 
 
-def majority_vote(group: Sequence[Graded]) -> bool:
+def merge_votes(groups: Sequence[Sequence[Graded]], ks: Sequence[int],
+                same: SameAnswers | None) -> list[list[Vote | None]]:
+    """What each completion votes for (`groups[p][i]`: problem p, sample i): `vote_key`, with the
+    wrong text answers of a problem that `same` finds equal to each other, or to a wrong number of
+    the problem, joined into one vote. `same=None` keeps `vote_key` (text equality).
+
+    Per problem, the distinct wrong texts are taken in order of first appearance and each is compared
+    with one representative per vote so far (the first answer of each; numbers first): it joins the
+    first it equals, else starts a vote of its own. That is up to d * m + d * (d - 1) / 2 comparisons
+    for d distinct texts and m distinct numbers (2,016 for 64 distinct texts), so only problems where
+    joining votes can change a block's winner are merged (`_contested`). All problems advance together, one text per round,
+    so each round is one batch for `same` (which may run them in parallel).
+    """
+    votes = [[vote_key(g) for g in group] for group in groups]
+    if same is None:
+        return votes
+    reps: dict[int, list[tuple[str, Vote]]] = {}  # problem -> (representative answer, its vote)
+    queue: dict[int, list[str]] = {}              # problem -> wrong texts still to place, in order
+    for p, (group, keys) in enumerate(zip(groups, votes, strict=True)):
+        if not any(_contested(keys[b * k:(b + 1) * k]) for k in ks for b in range(len(keys) // k)):
+            continue
+        firsts: dict[Vote, str] = {}  # each wrong vote's first answer, in order of first appearance
+        for g, key in zip(group, keys, strict=True):
+            if key is not None and key != _CORRECT and g.answer is not None:
+                firsts.setdefault(key, g.answer)
+        reps[p] = [(answer, key) for key, answer in firsts.items() if key[0] == "number"]
+        queue[p] = [key[1] for key in firsts if key[0] == "text"][::-1]  # popped from the end
+    joined: dict[tuple[int, str], Vote] = {}
+    while queue:
+        asked: list[tuple[int, str, int]] = []  # (problem, text, index of its first pair)
+        pairs: list[tuple[str, str]] = []
+        for p in list(queue):
+            text = queue[p].pop()
+            if not queue[p]:
+                del queue[p]
+            if reps[p]:
+                asked.append((p, text, len(pairs)))
+                pairs += [(rep, text) for rep, _ in reps[p]]
+            else:
+                reps[p].append((text, ("text", text)))
+        answers = same(pairs) if pairs else []
+        for p, text, start in asked:
+            found = answers[start:start + len(reps[p])]
+            hit = next((key for (_, key), equal in zip(reps[p], found, strict=True) if equal), None)
+            if hit is None:
+                reps[p].append((text, ("text", text)))
+            else:
+                joined[p, text] = hit
+    return [[joined.get((p, key[1]), key) if key is not None and key[0] == "text" else key for key in keys]
+            for p, keys in enumerate(votes)]
+
+
+class MathVerifySame:
+    """`SameAnswers` under math-verify, the `accuracy` judge: the first answer read as the reference,
+    the second as the completion's, both as whole answers (an <answer> or \\boxed{} content), in the
+    checker's worker processes (`mathcheck`: each comparison bounded by `timeout` seconds).
+
+    Once comparisons have taken `budget` seconds in all, later pairs are answered "not the same"
+    unasked and `skipped` counts them: a pathological dataset costs minutes, not hours. Measured on
+    2 CPU cores: ~9 ms a comparison; 500 problems x 64 samples with many symbolic wrong answers
+    needed 21,000 comparisons (190 s), with 16 samples 2,500 (20 s).
+    """
+
+    def __init__(self, budget: float = 300.0, timeout: float = 5.0, chunk: int = 256) -> None:
+        self.budget, self.timeout, self.chunk = budget, timeout, chunk
+        self.seconds = 0.0  # spent comparing so far
+        self.compared = 0
+        self.skipped = 0
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        same: list[bool] = []
+        for start in range(0, len(pairs), self.chunk):
+            part = pairs[start:start + self.chunk]
+            if self.seconds >= self.budget:
+                self.skipped += len(part)
+                same += [False] * len(part)
+                continue
+            began = time.perf_counter()
+            codes = default_checker().check([(a, b, True, True) for a, b in part], timeout=self.timeout)
+            self.seconds += time.perf_counter() - began
+            self.compared += len(part)
+            same += [code == CORRECT for code in codes]
+        return same
+
+
+def _contested(block: Sequence[Vote | None]) -> bool:
+    """Whether joining equal wrong votes could turn this block's majority from right to wrong: the
+    right answer wins as votes stand, at least two wrong votes, one of them text, could join, and
+    all the wrong votes together would reach the right answer's count."""
+    counts = [key for key in block if key is not None]
+    right = counts.count(_CORRECT)
+    wrong = [key for key in counts if key != _CORRECT]
+    return (0 < right <= len(wrong) and len(set(wrong)) > 1 and any(key[0] == "text" for key in wrong)
+            and _winner(counts) == _CORRECT)
+
+
+def _winner(votes: Sequence[Vote | None]) -> Vote | None:
+    """The most voted of `votes` (ties: the one voted for first); None when nobody voted."""
+    counts: dict[Vote, int] = {}  # insertion order = order of first vote
+    for key in votes:
+        if key is not None:
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    most = max(counts.values())
+    return next(key for key, count in counts.items() if count == most)
+
+
+def majority_vote(group: Sequence[Graded], votes: Sequence[Vote | None] | None = None) -> bool:
     """Whether the majority answer of `group` is correct; False when no completion has an answer.
+    `votes`: what each completion votes for (`merge_votes`), by default its `vote_key`.
 
     Ties go to the answer voted for first (lowest sample index): samples are drawn independently,
     so this is as fair as a coin flip, yet deterministic and reproducible from samples.jsonl.
     """
-    votes: dict[tuple[str, ...], int] = {}  # insertion order = order of first vote
-    for g in group:
-        key = vote_key(g)
-        if key is not None:
-            votes[key] = votes.get(key, 0) + 1
-    if not votes:
-        return False
-    most = max(votes.values())
-    winner = next(key for key, count in votes.items() if count == most)  # the earliest of the tied
-    return winner == _CORRECT
+    return _winner([vote_key(g) for g in group] if votes is None else votes) == _CORRECT
 
 
-def majority_at_k(group: Sequence[Graded], k: int) -> float:
+def majority_at_k(group: Sequence[Graded], k: int, votes: Sequence[Vote | None] | None = None) -> float:
     """maj@k of one problem: `majority_vote` averaged over the len(group) // k disjoint blocks of k
     consecutive samples (a remainder of fewer than k is left out).
 
@@ -130,12 +242,15 @@ def majority_at_k(group: Sequence[Graded], k: int) -> float:
     too, with n // k times the variance: maj@1 would be one sample's correctness while pass@1, the
     same quantity, averages all n.
     """
+    votes = [vote_key(g) for g in group] if votes is None else votes
     blocks = len(group) // k
-    return sum(majority_vote(group[b * k:(b + 1) * k]) for b in range(blocks)) / blocks
+    return sum(majority_vote(group[b * k:(b + 1) * k], votes[b * k:(b + 1) * k]) for b in range(blocks)) / blocks
 
 
-def summarize(groups: Sequence[Sequence[Graded]], ks: Sequence[int]) -> dict[str, float]:
-    """The metrics of one dataset: `groups[p]` holds the n graded completions of problem p."""
+def summarize(groups: Sequence[Sequence[Graded]], ks: Sequence[int],
+              same: SameAnswers | None = None) -> dict[str, float]:
+    """The metrics of one dataset: `groups[p]` holds the n graded completions of problem p. `same`
+    judges which wrong answers vote together in maj@k (`merge_votes`); None: equal text or number."""
     if not groups:
         raise ValueError("no problems to summarize")
     n = len(groups[0])
@@ -145,8 +260,9 @@ def summarize(groups: Sequence[Sequence[Graded]], ks: Sequence[int]) -> dict[str
     metrics: dict[str, float] = {}
     for k in ks:
         metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in group), k) for group in groups) / len(groups)
+    votes = merge_votes(groups, ks, same)
     for k in ks:
-        metrics[f"maj@{k}"] = sum(majority_at_k(group, k) for group in groups) / len(groups)
+        metrics[f"maj@{k}"] = sum(majority_at_k(group, k, v) for group, v in zip(groups, votes, strict=True)) / len(groups)
     metrics[f"avg@{n}"] = sum(g.correct for g in flat) / len(flat)
     metrics["format_rate"] = sum(g.formatted for g in flat) / len(flat)
     metrics["len_mean"] = sum(g.tokens for g in flat) / len(flat)
@@ -368,7 +484,10 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
                      truncated=s.truncated)
               for i, (text, s) in enumerate(zip(completions, samples, strict=True))]
     n = sampling.n
-    metrics = summarize([graded[p * n:(p + 1) * n] for p in range(len(rows))], cfg.eval.k)
+    # Wrong answers vote together when the judge finds them equal; a task's own scorer judges only
+    # against its reference, so there they vote by equal number or text alone.
+    same = MathVerifySame(VOTE_BUDGET_S) if judge(rewards, eval_set.dataset) == rewards.accuracy else None
+    metrics = summarize([graded[p * n:(p + 1) * n] for p in range(len(rows))], cfg.eval.k, same)
 
     configured = set(cfg.rewards)
     records = []
@@ -383,6 +502,10 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
         })
     warnings = [f"{eval_set.label}: reward {label} raised on {scores.errors[label]} completion(s): {message}"
                 for label, message in scores.first_error.items()]
+    if same is not None and same.skipped:
+        warnings.append(f"{eval_set.label}: maj@k: {same.skipped} of {same.skipped + same.compared} comparisons of "
+                        f"wrong answers were left out after {same.seconds:.0f} s of math-verify; those answers voted "
+                        "by their text (maj@k may be slightly high)")
     invalid = sum(scores.invalid)
     if invalid:
         warnings.append(f"{eval_set.label}: {invalid} of {len(samples)} completions could not be scored (e.g. a "

@@ -18,6 +18,7 @@ from grpo_cli.config import compose, to_yaml
 from grpo_cli.errors import UserError
 from grpo_cli.evaluate import (
     Graded,
+    MathVerifySame,
     _check_checkpoint,
     dataset_label,
     eval_datasets,
@@ -29,6 +30,7 @@ from grpo_cli.evaluate import (
     load_target,
     majority_at_k,
     majority_vote,
+    merge_votes,
     number_value,
     output_dir,
     own_calls,
@@ -72,6 +74,65 @@ def test_wrong_answers_in_different_forms_are_one_vote() -> None:
     assert majority_vote([g("1,000"), g("3", True), g("$1000.0$"), g("3", True)]) is False  # 2-2: 1000 came first
     assert majority_vote([g("0.5"), g("0.25"), g("3", True), g("3", True)]) is True  # other values stay apart
     assert majority_vote([g("x=3"), g("y"), g("3", True), g("x = 3")]) is False  # text: whitespace-collapsed
+
+
+# Four problems, four samples each, whose wrong answers are equal in other forms (references 2x, 5, 9, 1).
+EXPR = [g("(x+1)^2"), g("2x", True), g("x^2+2x+1"), g("2x", True)]    # one wrong expression, two ways
+ROOT = [g("\\sqrt{4}"), g("5", True), g("2"), g("5", True)]          # a wrong root and the number it is
+LOST = [g("a+b"), g("b+a"), g("c"), g("c")]                             # nothing right: no vote can change
+WON = [g("1", True), g("1", True), g("1", True), g("x")]                 # 3 right of 4: no vote can change
+EQUAL = {"(x+1)^2": "A", "x^2+2x+1": "A", "\\sqrt{4}": "2", "2": "2", "a+b": "B", "b+a": "B"}
+
+
+def test_wrong_answers_equal_under_the_judge_are_one_vote() -> None:
+    """maj@4 with wrong answers merged by the judge: EXPR ties 2-2 and "(x+1)^2" came first (wrong);
+    ROOT ties 2-2 and \\sqrt{4} (= 2) came first (wrong); LOST has no right answer; WON is right."""
+    asked: list[list[tuple[str, str]]] = []
+
+    def same(pairs: list[tuple[str, str]]) -> list[bool]:
+        asked.append(list(pairs))
+        return [EQUAL.get(a, a) == EQUAL.get(b, b) for a, b in pairs]
+
+    metrics = summarize([EXPR, ROOT, LOST, WON], ks=[1, 2, 4], same=same)
+    assert metrics["maj@4"] == pytest.approx(1 / 4, abs=1e-12)
+    # maj@2: EXPR [w, r] [w, r] ties, wrong first: 0, 0; ROOT likewise; LOST 0, 0; WON [r, r] [r, w]: 1, 1.
+    assert metrics["maj@2"] == pytest.approx(2 / 8, abs=1e-12)
+    assert metrics["maj@1"] == pytest.approx(7 / 16, abs=1e-12)
+    # One text per problem and round, compared with each vote so far (numbers first); LOST and WON
+    # cannot change, so they are never compared; EXPR's first text has nothing to compare with.
+    assert asked == [[("2", "\\sqrt{4}")], [("(x+1)^2", "x^2+2x+1")]]
+    # Text equality alone (the old rule, kept for judges other than math-verify) splits them: 3/4.
+    assert summarize([EXPR, ROOT, LOST, WON], ks=[4])["maj@4"] == pytest.approx(3 / 4, abs=1e-12)
+
+
+def test_merged_votes_take_the_first_equal_vote() -> None:
+    """Texts are placed in order of first appearance; each joins the first earlier vote it equals."""
+    group = [g("p"), g("1", True), g("q"), g("r"), g("1", True), g("s"), g("t"), g("1", True)]
+    equal = {"q": "p", "s": "r", "t": "p"}
+
+    def same(pairs: list[tuple[str, str]]) -> list[bool]:
+        return [equal.get(b) == a for a, b in pairs]
+
+    votes = merge_votes([group], [8], same)[0]
+    p, r = ("text", "p"), ("text", "r")
+    assert votes == [p, ("correct",), p, r, ("correct",), r, p, ("correct",)]
+    assert majority_vote(group, votes) is False  # p: 3 votes, the right answer 3, and p came first
+    assert majority_vote(group) is True          # as texts: the right answer's 3 beat 1 each
+
+
+def test_math_verify_merges_equal_wrong_answers_and_keeps_others_apart() -> None:
+    same = MathVerifySame()
+    pairs = [("(x+1)^2", "x^2+2x+1"), ("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt{2}}"), ("2", "\\sqrt{4}"),
+             ("(x+1)^2", "(x-1)^2"), ("\\text{Devon}", "Devon"), ("\\{1,2\\}", "\\{2,1\\}"), ("3", "x")]
+    assert same(pairs) == [True, True, True, False, True, True, False]
+    assert (same.compared, same.skipped) == (7, 0)
+    assert summarize([EXPR, ROOT, LOST, WON], ks=[4], same=same)["maj@4"] == pytest.approx(1 / 4, abs=1e-12)
+
+
+def test_math_verify_comparisons_stop_at_their_budget() -> None:
+    same = MathVerifySame(budget=0.0)
+    assert same([("(x+1)^2", "x^2+2x+1"), ("1", "1")]) == [False, False]  # unasked: "not the same"
+    assert (same.compared, same.skipped) == (0, 2)
 
 
 @pytest.mark.parametrize(("answer", "value"), [
@@ -318,6 +379,50 @@ def test_chain_sum_under_accuracy_rewards_keeps_math_verify() -> None:
     assert [r["correct"] for r in result.records] == [True, True]
 
 
+def test_eval_under_accuracy_merges_wrong_answers_math_verify_finds_equal(tmp_path: Path) -> None:
+    """Two right "2x" against one wrong answer written two ways: a 2-2 tie that the wrong answer,
+    voted first, wins. Voting by text gave 2 to 1 and 1, so maj@4 = 1."""
+    data = tmp_path / "algebra.jsonl"
+    data.write_text(json.dumps({"question": "d/dx x^2?", "answer": "2x"}) + "\n")
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rewards=accuracy",
+                   "eval.n=4", "eval.k=[1,4]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    texts = ["<answer>(x+1)^2</answer>", "<answer>2x</answer>", "\\boxed{x^2+2x+1}", "<answer>2 x</answer>"]
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert [r["correct"] for r in result.records] == [False, True, False, True]
+    assert result.metrics["maj@4"] == 0.0 and result.metrics["maj@1"] == pytest.approx(0.5, abs=1e-12)
+    assert result.warnings == []
+
+
+def test_eval_says_when_comparing_wrong_answers_ran_out_of_time(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "algebra.jsonl"
+    data.write_text(json.dumps({"question": "d/dx x^2?", "answer": "2x"}) + "\n")
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rewards=accuracy",
+                   "eval.n=4", "eval.k=[4]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    from grpo_cli import evaluate
+
+    monkeypatch.setattr(evaluate, "VOTE_BUDGET_S", 0.0)
+    texts = ["<answer>(x+1)^2</answer>", "<answer>2x</answer>", "\\boxed{x^2+2x+1}", "<answer>2 x</answer>"]
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert result.metrics["maj@4"] == 1.0  # the two forms were never compared: they voted apart
+    assert result.warnings == ["algebra: maj@k: 1 of 1 comparisons of wrong answers were left out after 0 s of "
+                               "math-verify; those answers voted by their text (maj@k may be slightly high)"]
+
+
+def test_eval_under_a_task_scorer_votes_wrong_answers_by_text() -> None:
+    """countdown is judged by its scorer, which knows no equality of two wrong expressions: they vote
+    apart even where math-verify would find them equal (both are 21), and the right one, first, wins."""
+    cfg = compose(["recipe=countdown", "dataset.size=4", "eval.limit=1", "eval.n=3", "eval.k=[3]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    texts = ["x</think> <answer>(59 - 45)*35 - 4</answer>", "x</think> <answer>4*(59 - 45) - 35</answer>",
+             "x</think> <answer>(59 - 45)*4 - 35</answer>"]
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert [r["correct"] for r in result.records] == [True, False, False]
+    assert result.metrics["maj@3"] == 1.0
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(("overrides", "message"), [
     (["eval.n=2", "eval.k=[1,4]"], "eval.k=[1, 4]: every k must be between 1 and eval.n=2"),
@@ -451,7 +556,7 @@ def _check_against_samples(metrics: dict[str, float], samples: list[dict], n: in
                                                           s["truncated"]))
     assert all(len(group) == n for group in groups.values())
     ks = sorted(int(name[len("pass@"):]) for name in metrics if name.startswith("pass@"))
-    assert summarize(list(groups.values()), ks) == metrics
+    assert summarize(list(groups.values()), ks, MathVerifySame()) == metrics
 
 
 @pytest.fixture(scope="module")
