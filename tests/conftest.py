@@ -13,6 +13,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _isolate_cache() -> None:
+    """Tests (and the `grpo` commands they start) cache datasets in a temporary folder, never in the
+    user's ~/.cache/grpo; its models/ is the real cache's, so SmolLM2 is converted once per machine."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from grpo_cli.models import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="grpo-test-cache-"))
+    (folder / "models").symlink_to(models, target_is_directory=True)
+    os.environ["GRPO_CACHE"] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # removes the link, not what it points to
+
+
+_isolate_cache()
+
 REPO = Path(__file__).resolve().parents[1]
 
 
