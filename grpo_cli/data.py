@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpo_cli import datacache
 from grpo_cli.errors import UserError, did_you_mean, first_line, utf8_lines
+from grpo_cli.models import cache_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -146,12 +148,17 @@ def check_task(task: str) -> None:
 
 
 def _reasoning_gym(cfg: DatasetConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The task's rows, read from the dataset cache (`datacache`) when they were generated before."""
     import reasoning_gym
 
     check_task(cfg.task)
     # The eval split draws with a seed of its own. Where a task has few distinct problems (one-digit
     # chain sums) the two draws still share some: an evaluation of a run leaves those out (evaluate.hold_out).
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
+    cache = datacache.RowCache(cache_dir(), cfg.task, cfg.size, seed, cfg.task_args)
+    rows = cache.read()
+    if rows is not None:
+        return rows[:limit]
     try:
         items = reasoning_gym.create_dataset(cfg.task, size=cfg.size, seed=seed, **cfg.task_args)
     except TypeError as e:
@@ -159,8 +166,12 @@ def _reasoning_gym(cfg: DatasetConfig, split: str, limit: int | None = None) -> 
     except (ValueError, AssertionError) as e:
         raise UserError(f"dataset.task_args for {cfg.task}: invalid ({e})") from None
     # Item i is generated from (seed, i) alone, so the first `limit` are those of the whole set, and
-    # `grpo eval --limit 50` on countdown does not first generate all 20,000 (minutes on a CPU).
-    return [dict(items[i]) for i in range(len(items) if limit is None else min(limit, len(items)))]
+    # `grpo eval --limit 50` on countdown does not first generate all 20,000 (a minute on a CPU).
+    count = len(items) if limit is None else min(limit, len(items))
+    rows = [dict(items[i]) for i in range(count)]
+    if count == len(items):
+        cache.write(rows)
+    return rows
 
 
 def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:

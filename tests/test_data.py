@@ -77,6 +77,126 @@ def test_reasoning_gym_errors() -> None:
         load_rows(dataclasses.replace(GYM, task_args={"bogus": 1}))
 
 
+# ----------------------------------------------------------------------------- reasoning-gym row cache
+COUNTDOWN = DatasetConfig(source="reasoning_gym", task="countdown", size=6, seed=3,
+                          task_args={"min_numbers": 3, "max_numbers": 4})
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty GRPO_CACHE."""
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _fresh(cfg: DatasetConfig, seed: int) -> list[dict]:
+    import reasoning_gym
+
+    items = reasoning_gym.create_dataset(cfg.task, size=cfg.size, seed=seed, **cfg.task_args)
+    return [dict(items[i]) for i in range(len(items))]
+
+
+def _generation_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import reasoning_gym
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generated, not read from the cache")
+
+    monkeypatch.setattr(reasoning_gym, "create_dataset", fail)
+
+
+def test_reasoning_gym_rows_read_back_from_the_cache_exactly(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """countdown's metadata holds tuples (difficulty ranges), which plain JSON would make lists."""
+    import reasoning_gym
+
+    first, fresh = load_rows(COUNTDOWN), _fresh(COUNTDOWN, 3)
+    (file,) = (cache / "reasoning_gym").iterdir()  # and no temporary file left beside it
+    assert file.name.startswith("countdown-")
+    _generation_fails(monkeypatch)
+    again = load_rows(COUNTDOWN)
+    assert repr(again) == repr(first)  # repr tells a tuple from a list, 1 from 1.0 and True
+    assert repr([{k: r[k] for k in fresh[0]} for r in again]) == repr(fresh)
+    assert type(again[0]["metadata"]["difficulty"]["numbers"]) is tuple
+    score = reasoning_gym.get_score_answer_fn("countdown")
+    assert [score(r["answer"], r) for r in again] == [1.0] * 6  # the task's scorer reads the cached metadata
+    assert load_rows(COUNTDOWN, limit=2) == again[:2]  # a limit reads the first rows of the cached set
+
+
+def test_a_limit_below_the_size_generates_only_those_rows_and_caches_nothing(cache: Path) -> None:
+    assert load_rows(COUNTDOWN, limit=2) == load_rows(dataclasses.replace(COUNTDOWN, size=2))[:2]
+    (file,) = (cache / "reasoning_gym").iterdir()  # the size=2 set only
+    assert len(file.read_text().splitlines()) == 1 + 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "empty"])
+def test_a_damaged_cache_file_is_generated_again(cache: Path, damage: str) -> None:
+    first = load_rows(COUNTDOWN)
+    (file,) = (cache / "reasoning_gym").iterdir()
+    data = file.read_bytes()
+    file.write_bytes({"truncate": data[:-40], "garbage": b"\x00not json", "empty": b"",
+                      "flip": data[:-10] + bytes([data[-10] ^ 1]) + data[-9:]}[damage])  # one bit of the last row
+    assert repr(load_rows(COUNTDOWN)) == repr(first)
+    assert file.read_bytes() == data  # written whole again
+
+
+def test_the_cache_file_depends_on_all_that_makes_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpo_cli import datacache
+
+    def path(cfg: DatasetConfig, seed: int = 3) -> Path | None:
+        return datacache.RowCache(Path("/c"), cfg.task, cfg.size, seed, cfg.task_args).path
+
+    base = path(COUNTDOWN)
+    assert base == path(dataclasses.replace(COUNTDOWN, task_args={"max_numbers": 4, "min_numbers": 3}))
+    others = [path(COUNTDOWN, seed=4), path(dataclasses.replace(COUNTDOWN, size=7)),
+              path(dataclasses.replace(COUNTDOWN, task_args={"min_numbers": 3, "max_numbers": 5})),
+              path(dataclasses.replace(COUNTDOWN, task_args={})), path(dataclasses.replace(COUNTDOWN, task="chain_sum"))]
+    real = datacache._version
+    monkeypatch.setattr(datacache, "_version", lambda name: "0.0.1" if name == "reasoning_gym" else real(name))
+    others.append(path(COUNTDOWN))
+    monkeypatch.setattr(datacache, "_version", lambda name: "0.0.1" if name == "sympy" else real(name))
+    others.append(path(COUNTDOWN))
+    assert len({base, *others}) == 1 + len(others)
+
+
+def test_train_and_eval_splits_have_their_own_cache_files(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, test = load_rows(COUNTDOWN), load_rows(COUNTDOWN, split="test")
+    assert len(list((cache / "reasoning_gym").iterdir())) == 2
+    _generation_fails(monkeypatch)
+    assert (load_rows(COUNTDOWN), load_rows(COUNTDOWN, split="test")) == (train, test)
+    assert train != test
+
+
+def test_encoding_keeps_every_type() -> None:
+    from grpo_cli.datacache import Uncacheable, decode, encode
+
+    value = {"t": (1, (2.5, [3, None]), "x"), 7: "int key", (1, 2): True, "~tuple": [1], "~dict": {}, "nan": -0.0,
+             "big": 2**80, "s": "é\ud800\n", "l": [(), {}], "f": float("inf")}
+    back = decode(json.loads(json.dumps(encode(value))))
+    assert repr(back) == repr(value)
+    for bad in ({1, 2}, {"a": frozenset()}, [b"x"]):
+        with pytest.raises(Uncacheable):
+            encode(bad)
+
+
+def test_rows_the_cache_cannot_hold_are_generated_every_time(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reasoning_gym
+
+    real = reasoning_gym.create_dataset
+
+    def with_a_set(*args: object, **kwargs: object) -> list[dict]:
+        return [{**item, "metadata": {**item["metadata"], "seen": {1, 2}}} for item in real(*args, **kwargs)]
+
+    monkeypatch.setattr(reasoning_gym, "create_dataset", with_a_set)
+    assert load_rows(COUNTDOWN)[0]["metadata"]["seen"] == {1, 2}
+    assert not (cache / "reasoning_gym").exists()
+
+
+def test_an_unwritable_cache_costs_only_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path / "file"))  # a file where the cache folder should be
+    assert repr(load_rows(COUNTDOWN)) == repr(load_rows(COUNTDOWN))
+
+
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -227,9 +227,12 @@ def test_offline_eval_set_is_fixed_and_apart_from_training() -> None:
     assert [r["question"] for r in training.rows] != [r["question"] for r in first.rows]
 
 
-def test_limit_generates_only_the_problems_evaluated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """recipe=countdown's 20,000 problems took minutes to generate before --limit kept 50 of them."""
+def test_limit_generates_only_the_problems_evaluated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recipe=countdown's 20,000 problems took minutes to generate before --limit kept 50 of them
+    (when they are not in the dataset cache: here it is empty)."""
     import reasoning_gym
+
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
 
     made: list[int] = []
 
