@@ -515,7 +515,8 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
 
 # ----------------------------------------------------------------------------- during training
 class PeriodicEval:
-    """`trainer.eval_every`: evaluate the training engine every N steps and at the last step.
+    """`trainer.eval_every`: evaluate the training engine every N steps and at the last step (and, with
+    `trainer.eval_before_train`, the starting weights as step 0).
 
     The problems are loaded once; every evaluation uses the same seed, so successive evaluations
     differ only by the weights. Completions go to samples/eval-step-NNNNNN.jsonl in the run.

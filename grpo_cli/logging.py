@@ -57,7 +57,8 @@ class RunLogger:
                 self.wandb.log(metrics, step=step)
         figures = "  ".join(f"{short} {metrics[key]:.3g}" for key, short in CONSOLE_KEYS.items() if key in metrics)
         self.progress.update(self.task, completed=step, description=figures)
-        self.progress.console.print(f"step {step:>5}  {figures}", highlight=False, soft_wrap=True)
+        if figures:  # step 0 (trainer.eval_before_train) holds only the evaluation, which says its own lines
+            self.progress.console.print(f"step {step:>5}  {figures}", highlight=False, soft_wrap=True)
 
     def samples(self, step: int, records: list[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

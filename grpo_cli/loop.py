@@ -69,7 +69,8 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_prompts(cfg.dataset, tokenizer)
-    evaluation = PeriodicEval(cfg, tokenizer, rows) if cfg.trainer.eval_every else None
+    evaluates = cfg.trainer.eval_every or cfg.trainer.eval_before_train
+    evaluation = PeriodicEval(cfg, tokenizer, rows) if evaluates else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
     run = _prepare_run(cfg)
     if cfg.resume and distributed.is_main():
@@ -101,6 +102,10 @@ def train(cfg: Config) -> Path:
     logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
     try:
+        if evaluation is not None and cfg.trainer.eval_before_train and start == 0:
+            # The starting weights' scores, as step 0: the baseline the run's evaluations compare with.
+            logger.log(0, evaluation.run(engine, 0, run / "samples" if distributed.is_main() else None,
+                                         say=logger.message))
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             timer = _Timer()
 

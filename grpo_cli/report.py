@@ -224,8 +224,9 @@ def headline_metric(metrics: Sequence[str]) -> str | None:
 
 def summary(run: Run) -> dict[str, str]:
     """The figures the command prints and the page's run table shows, as text."""
-    steps = [r["step"] for r in run.records]
-    out = {"steps": f"{len(steps)} ({steps[0]} to {steps[-1]})" if len(steps) > 1 else f"1 (step {steps[0]})"}
+    steps = [r["step"] for r in run.records if r["step"] > 0]  # step 0: the evaluation before training
+    out = {"steps": (f"{len(steps)} ({steps[0]} to {steps[-1]})" if len(steps) > 1 else
+                     f"1 (step {steps[0]})" if steps else "0")}
     reward = [v for _, v in series(run.records, "reward/mean")]
     if reward:
         first, last = reward[:EDGE_STEPS], reward[-EDGE_STEPS:]

@@ -99,6 +99,7 @@ class TrainerConfig:
     save_every: int = 50
     keep_last: int = 2
     eval_every: int = 0
+    eval_before_train: bool = False
     mask_truncated: bool = False
     dynamic_sampling: bool = False
     max_resample: int = 3

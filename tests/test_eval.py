@@ -562,31 +562,48 @@ def _check_against_samples(metrics: dict[str, float], samples: list[dict], n: in
     assert summarize(list(groups.values()), ks, MathVerifySame()) == metrics
 
 
+_TRAIN_ARGS = ("train", "recipe=quickstart", "trainer.max_steps=2", "trainer.prompts_per_step=2",
+               "trainer.micro_batch_size=4", "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12",
+               "rollout.cpu_kv_cache_mib=64", "dataset.size=64", "+rewards.len.fn=cosine_length",
+               "+rewards.len.args.max_len=100")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 steps of `grpo train` with an eval on 3 held-out chain sums after each step (seeded sampling:
-    the random model's greedy output is the same newline whatever the step)."""
+    """2 steps of `grpo train` with an eval on 3 held-out chain sums before training and after each
+    step (seeded sampling: the random model's greedy output is the same newline whatever the step)."""
     run = tmp_path_factory.mktemp("periodic") / "run"
-    result = _grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
-                   "trainer.max_steps=2", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
-                   "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12",
-                   "rollout.cpu_kv_cache_mib=64", "dataset.size=64", "+rewards.len.fn=cosine_length",
-                   "+rewards.len.args.max_len=100", "trainer.eval_every=1", "eval.datasets=[chain_sum]",
+    result = _grpo(*_TRAIN_ARGS, f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
+                   "trainer.eval_every=1", "trainer.eval_before_train=true", "eval.datasets=[chain_sum]",
                    "eval.limit=3", "eval.n=2", "eval.k=[1,2]", "eval.temperature=1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
 
 def test_periodic_eval_logs_eval_metrics(trained_run: Path) -> None:
+    """trainer.eval_before_train: step 0 holds the starting weights' evaluation and nothing else."""
     metrics = _lines(trained_run / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]
-    for m in metrics:
-        assert {f"eval/chain_sum/{name}" for name in METRICS_N2} | {"time/eval"} <= set(m)
-    for step in (1, 2):
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    eval_keys = {f"eval/chain_sum/{name}" for name in METRICS_N2} | {"time/eval"}
+    assert set(metrics[0]) == {"step"} | eval_keys
+    for m in metrics[1:]:
+        assert eval_keys <= set(m) and "reward/mean" in m
+    for step in (0, 1, 2):
         samples = _lines(trained_run / "samples" / f"eval-step-{step:06d}.jsonl")
         assert len(samples) == 3 * 2
-        _check_against_samples({k.split("/")[-1]: v for k, v in metrics[step - 1].items()
+        _check_against_samples({k.split("/")[-1]: v for k, v in metrics[step].items()
                                 if k.startswith("eval/chain_sum/")}, samples, n=2)
+
+
+def test_evaluations_leave_training_as_it_was(trained_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The evaluations (before training and after each step) draw from random streams of their own: the
+    same run without them trains on the same completions to the same loss."""
+    run = tmp_path / "plain"
+    result = _grpo(*_TRAIN_ARGS, f"model.name_or_path={tiny_model_dir}", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with_eval, plain = _lines(trained_run / "metrics.jsonl")[1:], _lines(run / "metrics.jsonl")
+    for key in ("reward/mean", "loss", "completion/len_mean", "grad_norm"):
+        assert [m[key] for m in with_eval] == [m[key] for m in plain], key
 
 
 def test_grpo_eval_of_a_run_writes_results_samples_and_a_table(trained_run: Path) -> None:
