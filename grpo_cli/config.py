@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -114,7 +115,7 @@ def compose(overrides: list[str], config_dir_extra: str | Path | None = None) ->
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards))
     validate(cfg)
-    return cfg
+    return _absolute_eval_files(cfg)
 
 
 def resume_config(run_dir: str, overrides: list[str]) -> Config:
@@ -137,7 +138,7 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
     validate(cfg)
-    return cfg
+    return _absolute_eval_files(cfg)
 
 
 def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:
@@ -188,6 +189,26 @@ def user_config_dir(path: str | Path | None) -> Path | None:
     if not p.is_dir():
         raise UserError(f"--config-dir {path}: no such directory; pass a folder holding your recipes/ and config groups")
     return p
+
+
+# ----------------------------------------------------------------------------- eval files
+def is_eval_file(entry: str) -> bool:
+    """Whether an `eval.datasets` entry is a JSON-lines file of problems, not an option of conf/dataset/."""
+    return entry.lower().endswith(".jsonl")
+
+
+def eval_label(entry: str) -> str:
+    """The name an `eval.datasets` entry has in metrics (eval/<label>/<metric>): an option's own name,
+    a file's stem in lower case (data/Test.jsonl -> test), as `dataset=jsonl` itself is labelled."""
+    return Path(entry).stem.lower() if is_eval_file(entry) else entry
+
+
+def _absolute_eval_files(cfg: Config) -> Config:
+    """Eval files as absolute paths. A relative one is read from the directory grpo is run in (Hydra's
+    compose API leaves the working directory alone, as for dataset.path); the run's config.yaml then
+    names the file itself, and `grpo eval run=RUN` finds it from any directory."""
+    datasets = [os.path.abspath(Path(d).expanduser()) if is_eval_file(d) else d for d in cfg.eval.datasets]
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, datasets=datasets))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -330,11 +351,25 @@ def _validate_eval(cfg: Config) -> None:
                         f"{cfg.logging.log_every}: metrics.jsonl would miss the eval figures")
     options = sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
     for name in e.datasets:
-        if name not in options:
+        if is_eval_file(name):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                what = "not a file" if path.exists() else "no such file"
+                where = "" if path.is_absolute() else f" in {Path.cwd()}"
+                raise UserError(f"eval.datasets: {name}: {what}{where}; fix the path (a .jsonl file, one JSON "
+                                "object per line) or drop it from eval.datasets")
+        elif name not in options:
             raise UserError(f"eval.datasets: unknown dataset option '{name}'; available: {', '.join(options)}"
-                            f"{did_you_mean(name, options)}")
+                            f"{did_you_mean(name, options)}, or the path of a .jsonl file")
     if len(set(e.datasets)) != len(e.datasets):
         raise UserError(f"eval.datasets={list(e.datasets)}: a dataset is listed twice")
+    labelled: dict[str, str] = {}
+    for name in e.datasets:
+        label = eval_label(name)
+        other = labelled.setdefault(label, name)
+        if other != name:
+            fix = "rename one of the files" if is_eval_file(other) and is_eval_file(name) else "rename the file"
+            raise UserError(f"eval.datasets: {other} and {name} would both be reported as eval/{label}/...; {fix}")
 
 
 def _check_choices(node: Any, prefix: str) -> None:

@@ -21,9 +21,11 @@ Metrics per dataset (each a mean over problems, or over all completions for the 
 - `avg@n`: the fraction of all completions that are correct.
 - `format_rate`, `len_mean` (completion tokens), `truncated_frac` (stopped by max_new_tokens).
 
-What is evaluated: `eval.datasets` (options of conf/dataset/, e.g. [math500, aime24]), each asked in
-the prompt format of `dataset` (template, system prompt, prefill), i.e. the format the model was
-trained in; when the list is empty, `dataset` itself. Always on split `eval.split`.
+What is evaluated: `eval.datasets`, options of conf/dataset/ (math500, aime24, ...) on split
+`eval.split`, or JSON-lines files of held-out problems (data/test.jsonl, labelled by the file's stem)
+read with the training dataset's columns; each asked in the prompt format of `dataset` (template,
+system prompt, prefill), i.e. the format the model was trained in. When the list is empty, `dataset`
+itself on split `eval.split`.
 
 Left out on purpose: an LLM judge, and partial credit (a completion is correct or it is not).
 """
@@ -40,7 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from grpo_cli import distributed
-from grpo_cli.config import check_saved_config_overrides, compose, config_dir, resume_config, to_container
+from grpo_cli.config import (
+    check_saved_config_overrides,
+    compose,
+    config_dir,
+    eval_label,
+    is_eval_file,
+    resume_config,
+    to_container,
+)
 from grpo_cli.data import load_prompts, load_rows, prompt_token_counts
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
@@ -311,18 +321,29 @@ def dataset_option(name: str) -> DatasetConfig:
     path = config_dir() / "dataset" / f"{name}.yaml"
     ds: DatasetConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(path)))
     if ds.source in ("hf", "jsonl") and not ds.path:
-        raise UserError(f"eval.datasets: '{name}' is a template for your own data (it has no dataset.path); "
-                        f"evaluate such data as `dataset` instead: grpo eval dataset={name} dataset.path=...")
+        fix = ("list the file itself, e.g. eval.datasets=[data/test.jsonl]" if ds.source == "jsonl" else
+               f"evaluate such data as `dataset` instead: grpo eval dataset={name} dataset.path=...")
+        raise UserError(f"eval.datasets: '{name}' is a template for your own data (it has no dataset.path); {fix}")
     return ds
 
 
+def eval_file(path: str, training: DatasetConfig) -> DatasetConfig:
+    """An `eval.datasets` entry that is a JSON-lines file, read with the training dataset's columns: a
+    held-out file is most often split off the training data. A reasoning-gym run's columns are
+    question / answer, the defaults of a `dataset=jsonl` file."""
+    return DatasetConfig(source="jsonl", path=path, problem_column=training.problem_column,
+                         answer_column=training.answer_column)
+
+
 def eval_datasets(cfg: Config) -> dict[str, DatasetConfig]:
-    """label -> dataset to evaluate: the `eval.datasets` options in the prompt format of `dataset`,
-    or `dataset` itself when that list is empty."""
+    """label -> dataset to evaluate: the `eval.datasets` options and files in the prompt format of
+    `dataset`, or `dataset` itself when that list is empty. Labels are unique (config.validate)."""
     if not cfg.eval.datasets:
         return {dataset_label(cfg.dataset): cfg.dataset}
     fmt = {"template": cfg.dataset.template, "system_prompt": cfg.dataset.system_prompt, "prefill": cfg.dataset.prefill}
-    return {name: dataclasses.replace(dataset_option(name), **fmt) for name in cfg.eval.datasets}
+    return {eval_label(entry): dataclasses.replace(eval_file(entry, cfg.dataset) if is_eval_file(entry)
+                                                   else dataset_option(entry), **fmt)
+            for entry in cfg.eval.datasets}
 
 
 def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[EvalSet]:
@@ -330,8 +351,9 @@ def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Eval
     for label, ds in eval_datasets(cfg).items():
         try:
             rows = load_prompts(ds, tokenizer, split=cfg.eval.split, limit=cfg.eval.limit)
-        except UserError as e:
-            raise UserError(f"eval dataset {label} (split {cfg.eval.split}): {e}") from None
+        except UserError as e:  # a JSON-lines file has no splits: name the file
+            where = ds.path if ds.source == "jsonl" else f"split {cfg.eval.split}"
+            raise UserError(f"eval dataset {label} ({where}): {e}") from None
         sets.append(EvalSet(label, ds, rows))
     return sets
 
@@ -407,12 +429,13 @@ def greedy_note(sampling: SamplingSettings) -> str | None:
 
 def training_file_note(cfg: Config) -> str | None:
     """What to tell a user whose evaluation of a training run reads the training data: a JSON-lines
-    file has no splits, so eval.split cannot keep its problems apart from training's."""
+    file has no splits, so eval.split cannot keep its problems apart from training's. None once
+    `eval.datasets` names what to evaluate (a held-out file, say)."""
     if cfg.eval.datasets or cfg.dataset.source != "jsonl":
         return None
     return (f"note: dataset.source=jsonl has no splits: the evaluation reads the training file {cfg.dataset.path} "
-            f"itself (eval.split={cfg.eval.split} does not apply); for held-out problems put train.jsonl and "
-            "test.jsonl in one folder and use dataset=hf dataset.path=FOLDER")
+            f"itself (eval.split={cfg.eval.split} does not apply); for held-out problems list a file of other "
+            "problems: eval.datasets=[data/test.jsonl]")
 
 
 def sampling_settings(cfg: Config, seed: int) -> SamplingSettings:

@@ -205,3 +205,54 @@ def test_a_model_folder_without_a_model_is_named(tmp_path: Path) -> None:
 def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--config-dir"):
         compose([], tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- eval files
+def test_eval_datasets_take_jsonl_files_saved_as_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative eval file is read from the directory grpo runs in; config.yaml keeps its absolute
+    path, so `grpo eval run=RUN` finds it from anywhere. Options stay names."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["eval.datasets=[data/test.jsonl,math500]"])
+    assert cfg.eval.datasets == [str(tmp_path / "data" / "test.jsonl"), "math500"]
+    assert f"- {tmp_path / 'data' / 'test.jsonl'}" in to_yaml(cfg)
+    absolute = compose([f"eval.datasets=[{tmp_path / 'data' / 'test.jsonl'}]"])
+    assert absolute.eval.datasets == [str(tmp_path / "data" / "test.jsonl")]
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("[data/test.jsonl,math500]", "eval.datasets: data/test.jsonl: no such file in {tmp}; fix the path (a .jsonl "
+                                  "file, one JSON object per line) or drop it from eval.datasets"),
+    ("[{tmp}/test.jsonl]", "eval.datasets: {tmp}/test.jsonl: no such file; fix the path (a .jsonl file, one JSON "
+                           "object per line) or drop it from eval.datasets"),
+    ("[dir.jsonl]", "eval.datasets: dir.jsonl: not a file in {tmp}; fix the path (a .jsonl file, one JSON object "
+                    "per line) or drop it from eval.datasets"),
+    ("[a/test.jsonl,b/Test.jsonl]", "eval.datasets: a/test.jsonl and b/Test.jsonl would both be reported as "
+                                    "eval/test/...; rename one of the files"),
+    ("[chain_sum,a/chain_sum.jsonl]", "eval.datasets: chain_sum and a/chain_sum.jsonl would both be reported as "
+                                      "eval/chain_sum/...; rename the file"),
+    ("[a/test.jsonl,a/test.jsonl]", "eval.datasets=['a/test.jsonl', 'a/test.jsonl']: a dataset is listed twice"),
+    ("[data/test.json]", "eval.datasets: unknown dataset option 'data/test.json'; available: aime24, amc23, chain_sum, "
+                         "countdown, gsm8k, hf, jsonl, math, math500, reasoning_gym, or the path of a .jsonl file"),
+])
+def test_bad_eval_files_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entries: str,
+                                            message: str) -> None:
+    for folder in ("a", "b", "dir.jsonl"):
+        (tmp_path / folder).mkdir()
+    for file in ("a/test.jsonl", "b/Test.jsonl", "a/chain_sum.jsonl"):
+        (tmp_path / file).write_text('{"question": "1+1", "answer": "2"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        compose([f"eval.datasets={entries.format(tmp=tmp_path)}"])
+    assert str(caught.value) == message.format(tmp=tmp_path)
+
+
+def test_a_missing_eval_file_stops_train_before_anything_loads(grpo, tmp_path: Path) -> None:
+    for command in ("config", "train"):
+        result = grpo(command, "recipe=quickstart", "eval.datasets=[held/test.jsonl]", f"output_dir={tmp_path / 'run'}",
+                      cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (f"error: eval.datasets: held/test.jsonl: no such file in {tmp_path}; fix the "
+                                         "path (a .jsonl file, one JSON object per line) or drop it from eval.datasets")
+        assert not (tmp_path / "run").exists()

