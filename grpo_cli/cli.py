@@ -99,6 +99,7 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
 
     grpo eval model.name_or_path=smollm2-135m-instruct dataset=chain_sum eval.n=4 eval.k=[1,4] eval.temperature=1.0
     grpo eval run=runs/quickstart/20261122-101500 eval.datasets=[chain_sum]
+    grpo eval run=runs/default/20261122-101500 eval.datasets=[data/test.jsonl]
     grpo eval run=runs/quickstart/20261122-101500 checkpoint=20 --limit 50
     grpo eval model.name_or_path=Qwen/Qwen2.5-Math-1.5B dataset=math500 eval.n=16 eval.k=[1,4,16] eval.temperature=0.6
     grpo eval recipe=r1_zero_math checkpoint=./my-model eval.datasets=[math500,aime24,amc23]

@@ -145,7 +145,8 @@ class EvalConfig:
     max_new_tokens: int | None = None
     limit: int | None = None
     split: str = "test"
-    datasets: list[str] = field(default_factory=list)  # options of conf/dataset/; [] = `dataset` itself
+    # options of conf/dataset/ or .jsonl files (read with dataset.*_column, saved absolute); [] = `dataset` itself
+    datasets: list[str] = field(default_factory=list)
     run: str | None = None  # grpo eval: a run directory (its latest checkpoint unless `checkpoint` says)
     checkpoint: str | None = None  # grpo eval: a step number, a step-NNNNNN name or a folder
 
