@@ -115,7 +115,7 @@ def compose(overrides: list[str], config_dir_extra: str | Path | None = None) ->
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards))
     validate(cfg)
-    return _absolute_eval_files(cfg)
+    return _absolute_paths(cfg)
 
 
 def resume_config(run_dir: str, overrides: list[str]) -> Config:
@@ -138,7 +138,7 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
     validate(cfg)
-    return _absolute_eval_files(cfg)
+    return _absolute_paths(cfg)
 
 
 def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:
@@ -191,7 +191,7 @@ def user_config_dir(path: str | Path | None) -> Path | None:
     return p
 
 
-# ----------------------------------------------------------------------------- eval files
+# ----------------------------------------------------------------------------- local files
 def is_eval_file(entry: str) -> bool:
     """Whether an `eval.datasets` entry is a JSON-lines file of problems, not an option of conf/dataset/."""
     return entry.lower().endswith(".jsonl")
@@ -203,12 +203,16 @@ def eval_label(entry: str) -> str:
     return Path(entry).stem.lower() if is_eval_file(entry) else entry
 
 
-def _absolute_eval_files(cfg: Config) -> Config:
-    """Eval files as absolute paths. A relative one is read from the directory grpo is run in (Hydra's
-    compose API leaves the working directory alone, as for dataset.path); the run's config.yaml then
-    names the file itself, and `grpo eval run=RUN` finds it from any directory."""
+def _absolute_paths(cfg: Config) -> Config:
+    """Local files as absolute paths: eval files and a `dataset=jsonl` training file. A relative one is
+    read from the directory grpo is run in (Hydra's compose API leaves the working directory alone);
+    the run's config.yaml then names the file itself, so `grpo eval run=RUN` (which also reads the
+    training file, to leave its problems out) and `resume=` find them from any directory."""
     datasets = [os.path.abspath(Path(d).expanduser()) if is_eval_file(d) else d for d in cfg.eval.datasets]
-    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, datasets=datasets))
+    dataset = cfg.dataset
+    if dataset.source == "jsonl" and dataset.path:
+        dataset = dataclasses.replace(dataset, path=os.path.abspath(Path(dataset.path).expanduser()))
+    return dataclasses.replace(cfg, dataset=dataset, eval=dataclasses.replace(cfg.eval, datasets=datasets))
 
 
 # ----------------------------------------------------------------------------- validation

@@ -33,7 +33,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     source: str = _choice("reasoning_gym", "hf", "jsonl")
-    path: str | None = None  # hf: dataset id or local dir; jsonl: file
+    path: str | None = None  # hf: dataset id or local dir; jsonl: file (saved as an absolute path)
     name: str | None = None  # hf: configuration name
     split: str = "train"
     task: str = "chain_sum"  # reasoning_gym task

@@ -208,9 +208,9 @@ def test_missing_config_dir_is_a_user_error(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- eval files
-def test_eval_datasets_take_jsonl_files_saved_as_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A relative eval file is read from the directory grpo runs in; config.yaml keeps its absolute
-    path, so `grpo eval run=RUN` finds it from anywhere. Options stay names."""
+def test_eval_and_training_files_are_saved_as_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative eval or training file is read from the directory grpo runs in; config.yaml keeps its
+    absolute path, so `grpo eval run=RUN` finds it from anywhere. Options stay names."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "test.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
     monkeypatch.chdir(tmp_path)
@@ -219,6 +219,9 @@ def test_eval_datasets_take_jsonl_files_saved_as_absolute_paths(tmp_path: Path, 
     assert f"- {tmp_path / 'data' / 'test.jsonl'}" in to_yaml(cfg)
     absolute = compose([f"eval.datasets=[{tmp_path / 'data' / 'test.jsonl'}]"])
     assert absolute.eval.datasets == [str(tmp_path / "data" / "test.jsonl")]
+    # the training file too (grpo eval run= reads it to leave its problems out); a hub id stays as it is
+    assert compose(["dataset=jsonl", "dataset.path=data/train.jsonl"]).dataset.path == str(tmp_path / "data" / "train.jsonl")
+    assert compose(["dataset=hf", "dataset.path=openai/gsm8k"]).dataset.path == "openai/gsm8k"
 
 
 @pytest.mark.parametrize(("entries", "message"), [

@@ -664,19 +664,27 @@ def test_grpo_eval_of_a_run_on_a_held_out_file(trained_run: Path, tiny_model_dir
     _check_against_samples(summary["metrics"]["test"], samples, n=2)
 
 
-def test_a_runs_eval_file_is_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """config.yaml keeps an eval file's absolute path: `grpo eval run=RUN` reads it from anywhere."""
+def test_a_runs_files_are_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml keeps the absolute paths of the eval file and of the jsonl training file (which
+    `grpo eval run=` reads too, to leave its problems out): the run evaluates from any directory."""
+    from grpo_cli.data import load_rows
+    from grpo_cli.evaluate import hold_out
+
     (tmp_path / "project" / "data").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
-    held = tmp_path / "project" / "data" / "test.jsonl"
-    held.write_text('{"question": "1+1", "answer": "2"}\n')
+    train, held = tmp_path / "project" / "data" / "train.jsonl", tmp_path / "project" / "data" / "test.jsonl"
+    train.write_text('{"question": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
+    held.write_text('{"question": "1+1", "answer": "2"}\n{"question": "3+3", "answer": "6"}\n')
     run = _fake_run(tmp_path, [2])
     monkeypatch.chdir(tmp_path / "project")
-    (run / "config.yaml").write_text(to_yaml(compose(["recipe=quickstart", "eval.datasets=[data/test.jsonl]"])))
+    (run / "config.yaml").write_text(to_yaml(compose(["recipe=quickstart", "dataset=jsonl", "dataset.template=plain",
+                                                      "dataset.path=data/train.jsonl",
+                                                      "eval.datasets=[data/test.jsonl]"])))
     monkeypatch.chdir(tmp_path / "elsewhere")
-    target = load_target([f"eval.run={run}"], None)
-    assert target.cfg.eval.datasets == [str(held)]
-    assert eval_datasets(target.cfg)["test"].path == str(held)
+    cfg = load_target([f"eval.run={run}"], None).cfg
+    assert (cfg.dataset.path, cfg.eval.datasets) == (str(train), [str(held)])
+    (kept,), notes = hold_out(load_eval_sets(cfg, None), load_rows(cfg.dataset))  # as run_eval does
+    assert [r["problem"] for r in kept.rows] == ["3+3"] and len(notes) == 1
 
 
 def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_dir: Path) -> None:
