@@ -195,6 +195,22 @@ def test_a_step_logged_twice_counts_once_as_last_written(tmp_path: Path) -> None
     assert _polyline_lengths(_figure(page, "reward")) == [3]
 
 
+def test_the_evaluation_before_training_is_no_training_step(tmp_path: Path) -> None:
+    """trainer.eval_before_train logs step 0 with eval figures only: it is charted, not counted."""
+    run = tmp_path / "baseline"
+    run.mkdir()
+    records = [{"step": 0, "eval/chain_sum/pass@1": 0.1, "time/eval": 3.0},
+               {"step": 1, "reward/mean": 0.2, "tokens/generated": 100.0, "time/step": 2.0},
+               {"step": 2, "reward/mean": 0.4, "tokens/generated": 100.0, "time/step": 2.0,
+                "eval/chain_sum/pass@1": 0.3, "time/eval": 3.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    facts = summary(load_run(run))
+    assert facts["steps"] == "2 (1 to 2)" and facts["reward"] == "0.300 -> 0.300"  # both means over steps 1-2
+    assert facts["best eval"] == "chain_sum pass@1 0.300 at step 2" and facts["wall time"] == "10.0s"
+    (run / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")  # stopped in its first step
+    assert summary(load_run(run))["steps"] == "0"
+
+
 # ----------------------------------------------------------------------------- the command
 def test_grpo_report_prints_a_summary_per_run(grpo, runs: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "compare.html"
