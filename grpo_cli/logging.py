@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from grpo_cli.config import to_container
 from grpo_cli.runs import atomic_write_text
 from grpo_cli.schema import Config
 
+WANDB_STEP = "train/step"  # the x-axis of every W&B chart: the run's step (not W&B's own count of log calls)
 CONSOLE_KEYS = {"reward/mean": "reward", "accuracy": "acc", "kl": "kl", "completion/len_mean": "len",
                 "time/step": "s/step"}
 
@@ -54,7 +57,7 @@ class RunLogger:
             self.metrics_file.flush()
             os.fsync(self.metrics_file.fileno())
             if self.wandb is not None:
-                self.wandb.log(metrics, step=step)
+                self.wandb.log({**metrics, WANDB_STEP: step})
         figures = "  ".join(f"{short} {metrics[key]:.3g}" for key, short in CONSOLE_KEYS.items() if key in metrics)
         self.progress.update(self.task, completed=step, description=figures)
         if figures:  # step 0 (trainer.eval_before_train) holds only the evaluation, which says its own lines
@@ -111,7 +114,16 @@ def _start_wandb(run: Path, cfg: Config) -> Any:
     import wandb
 
     id_file = run / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    # The W&B run id, kept in the run so that a resume continues the same W&B run. Drawn here: wandb has
+    # moved its own generator between versions (wandb.util.generate_id is gone in 0.31).
+    run_id = id_file.read_text().strip() if id_file.exists() else "".join(
+        secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     atomic_write_text(id_file, run_id)
-    return wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, mode=cfg.logging.wandb_mode,
-                      id=run_id, resume="allow", name=run.name, dir=str(run), config=to_container(cfg))
+    session = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, mode=cfg.logging.wandb_mode,
+                         id=run_id, resume="allow", name=run.name, dir=str(run), config=to_container(cfg))
+    # W&B writes only at its own current or next step. A resumed run redoes the steps after its checkpoint,
+    # which W&B's step has passed: given as W&B's step they would be dropped. So W&B counts its own steps
+    # and every chart plots against the run's step, logged as WANDB_STEP.
+    session.define_metric(WANDB_STEP)
+    session.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
+    return session

@@ -274,3 +274,54 @@ def test_a_filesystem_that_cannot_sync_folders_still_takes_writes_and_checkpoint
     monkeypatch.setattr(os, "fsync", broken)
     with pytest.raises(OSError, match="Input/output"):
         fsync_tree(tmp_path / "ckpt")
+
+
+def test_wandb_charts_plot_against_the_run_step_so_a_resume_is_not_dropped(tmp_path: Path, monkeypatch) -> None:
+    """W&B writes only at its current or next step: a run killed at step 7 and resumed from step 5 logged
+    steps 6 and 7 again as W&B steps W&B had passed, and W&B dropped them. The run's step is now a metric
+    that every chart uses as its x-axis, and W&B counts its own steps."""
+    import sys
+    import types
+
+    from grpo_cli.logging import RunLogger
+
+    calls: list[tuple[str, tuple, dict]] = []
+
+    class Session:
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", (), kwargs)) or Session()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(tmp_path))
+    logger = RunLogger(tmp_path, cfg, 5)
+    logger.log(6, {"loss": 0.5})
+    logger.close()
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert re.fullmatch(r"[a-z0-9]{8}", run_id)
+    assert calls[0][0] == "init" and calls[0][2]["id"] == run_id and calls[0][2]["resume"] == "allow"
+    assert calls[1:] == [("define_metric", ("train/step",), {}),
+                         ("define_metric", ("*",), {"step_metric": "train/step", "step_sync": True}),
+                         ("log", ({"loss": 0.5, "train/step": 6},), {}),
+                         ("finish", (), {})]
+
+
+def test_the_installed_wandb_takes_the_logger_s_calls(tmp_path: Path, monkeypatch) -> None:
+    """The same calls on the real wandb, offline (no network): its API takes them as made (logging=wandb
+    failed at the start of every new run: wandb 0.31 has no wandb.util.generate_id). A resumed run keeps
+    its W&B id."""
+    from grpo_cli.logging import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb", "logging.wandb_mode=offline"]),
+                              output_dir=str(tmp_path))
+    logger = RunLogger(tmp_path, cfg, 0)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    run_id = (tmp_path / "wandb_id").read_text()
+    RunLogger(tmp_path, cfg, 1).close()
+    assert (tmp_path / "wandb_id").read_text() == run_id
+    assert all(p.name.endswith(f"-{run_id}") for p in (tmp_path / "wandb").glob("offline-run-*"))
