@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from grpo_cli.config import to_container
+from grpo_cli.errors import UserError, first_line
 from grpo_cli.runs import atomic_write_text
 from grpo_cli.schema import Config
 
@@ -119,8 +120,13 @@ def _start_wandb(run: Path, cfg: Config) -> Any:
     run_id = id_file.read_text().strip() if id_file.exists() else "".join(
         secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     atomic_write_text(id_file, run_id)
-    session = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity, mode=cfg.logging.wandb_mode,
-                         id=run_id, resume="allow", name=run.name, dir=str(run), config=to_container(cfg))
+    try:
+        session = wandb.init(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+                             mode=cfg.logging.wandb_mode, id=run_id, resume="allow", name=run.name, dir=str(run),
+                             config=to_container(cfg))
+    except wandb.errors.Error as e:  # most often no API key, or no network in online mode
+        raise UserError(f"logging=wandb: Weights & Biases did not start ({first_line(e)}); log in with `wandb login`, "
+                        "or set logging.wandb_mode=offline (upload later with `wandb sync`) or logging=default") from None
     # W&B writes only at its own current or next step. A resumed run redoes the steps after its checkpoint,
     # which W&B's step has passed: given as W&B's step they would be dropped. So W&B counts its own steps
     # and every chart plots against the run's step, logged as WANDB_STEP.

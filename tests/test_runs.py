@@ -324,4 +324,20 @@ def test_the_installed_wandb_takes_the_logger_s_calls(tmp_path: Path, monkeypatc
     run_id = (tmp_path / "wandb_id").read_text()
     RunLogger(tmp_path, cfg, 1).close()
     assert (tmp_path / "wandb_id").read_text() == run_id
-    assert all(p.name.endswith(f"-{run_id}") for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert all(f"-{run_id}" in p.name for p in (tmp_path / "wandb").glob("offline-run-*"))  # "-1" if in one second
+
+
+def test_wandb_without_an_api_key_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """logging=wandb (online) on a machine never logged in: wandb's UsageError was a traceback."""
+    from grpo_cli.logging import RunLogger
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(run))
+    with pytest.raises(UserError, match=r"^logging=wandb: Weights & Biases did not start \(.*API key.*\); log in "
+                                        r"with `wandb login`, or set logging.wandb_mode=offline"):
+        RunLogger(run, cfg, 0)
