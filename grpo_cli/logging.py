@@ -37,7 +37,9 @@ CONSOLE_KEYS = {"reward/mean": "reward", "accuracy": "acc", "kl": "kl", "complet
 
 
 class RunLogger:
-    def __init__(self, run: Path, cfg: Config, start_step: int) -> None:
+    def __init__(self, run: Path, cfg: Config, start_step: int, wandb_session: Any = None) -> None:
+        """`wandb_session`: `start_wandb`'s, with logging.wandb (started before the models load, so that a
+        W&B that cannot start stops the run at once)."""
         self.run, self.cfg = run, cfg
         self.metrics_path = run / "metrics.jsonl"
         _truncate_after(self.metrics_path, start_step)
@@ -49,7 +51,7 @@ class RunLogger:
                                  console=self.console, transient=False, disable=not self.console.is_terminal)
         self.task = self.progress.add_task("", total=cfg.trainer.max_steps, completed=start_step)
         self.progress.start()
-        self.wandb = _start_wandb(run, cfg) if cfg.logging.wandb else None
+        self.wandb = wandb_session
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -111,7 +113,8 @@ def _drop_samples_after(folder: Path, step: int) -> None:
             file.unlink()
 
 
-def _start_wandb(run: Path, cfg: Config) -> Any:
+def start_wandb(run: Path, cfg: Config) -> Any:
+    """The W&B session of a run (logging.wandb), resumed when the run has one already."""
     import wandb
 
     id_file = run / "wandb_id"

@@ -46,7 +46,7 @@ from grpo_cli.data import drop_long_prompts, load_prompts
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
-from grpo_cli.logging import RunLogger
+from grpo_cli.logging import RunLogger, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
@@ -73,6 +73,7 @@ def train(cfg: Config) -> Path:
     evaluation = PeriodicEval(cfg, tokenizer, rows) if evaluates else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
     run = _prepare_run(cfg)
+    wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
     if cfg.resume and distributed.is_main():
         checkpoint.remove_unfinished(run)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
@@ -92,7 +93,7 @@ def train(cfg: Config) -> Path:
     # hold an earlier run's pushes (weights_version > 0): give them this run's.
     if start or getattr(engine, "weights_version", 0):
         push_weights(engine, learner.named_weights())
-    logger = RunLogger(run, cfg, start) if distributed.is_main() else _Silent()  # rank 0 writes the run directory
+    logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes the run
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
     for note in (left_out, *notes):

@@ -283,7 +283,7 @@ def test_wandb_charts_plot_against_the_run_step_so_a_resume_is_not_dropped(tmp_p
     import sys
     import types
 
-    from grpo_cli.logging import RunLogger
+    from grpo_cli.logging import RunLogger, start_wandb
 
     calls: list[tuple[str, tuple, dict]] = []
 
@@ -295,7 +295,7 @@ def test_wandb_charts_plot_against_the_run_step_so_a_resume_is_not_dropped(tmp_p
     fake.init = lambda **kwargs: calls.append(("init", (), kwargs)) or Session()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(tmp_path))
-    logger = RunLogger(tmp_path, cfg, 5)
+    logger = RunLogger(tmp_path, cfg, 5, start_wandb(tmp_path, cfg))
     logger.log(6, {"loss": 0.5})
     logger.close()
     run_id = (tmp_path / "wandb_id").read_text()
@@ -311,25 +311,25 @@ def test_the_installed_wandb_takes_the_logger_s_calls(tmp_path: Path, monkeypatc
     """The same calls on the real wandb, offline (no network): its API takes them as made (logging=wandb
     failed at the start of every new run: wandb 0.31 has no wandb.util.generate_id). A resumed run keeps
     its W&B id."""
-    from grpo_cli.logging import RunLogger
+    from grpo_cli.logging import RunLogger, start_wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb", "logging.wandb_mode=offline"]),
                               output_dir=str(tmp_path))
-    logger = RunLogger(tmp_path, cfg, 0)
+    logger = RunLogger(tmp_path, cfg, 0, start_wandb(tmp_path, cfg))
     logger.log(1, {"loss": 0.5})
     logger.close()
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     run_id = (tmp_path / "wandb_id").read_text()
-    RunLogger(tmp_path, cfg, 1).close()
+    RunLogger(tmp_path, cfg, 1, start_wandb(tmp_path, cfg)).close()
     assert (tmp_path / "wandb_id").read_text() == run_id
     assert all(f"-{run_id}" in p.name for p in (tmp_path / "wandb").glob("offline-run-*"))  # "-1" if in one second
 
 
 def test_wandb_without_an_api_key_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
     """logging=wandb (online) on a machine never logged in: wandb's UsageError was a traceback."""
-    from grpo_cli.logging import RunLogger
+    from grpo_cli.logging import start_wandb
 
     for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
         monkeypatch.delenv(name, raising=False)
@@ -340,4 +340,4 @@ def test_wandb_without_an_api_key_is_a_one_line_error(tmp_path: Path, monkeypatc
     cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(run))
     with pytest.raises(UserError, match=r"^logging=wandb: Weights & Biases did not start \(.*API key.*\); log in "
                                         r"with `wandb login`, or set logging.wandb_mode=offline"):
-        RunLogger(run, cfg, 0)
+        start_wandb(run, cfg)
