@@ -8,7 +8,8 @@
 # paths). Not yet run on a GPU as one script; from the H100 runs' step times, allow it ~8 minutes.
 #
 # STEPs, in this order (default: all of them):
-#   tests   pytest -m gpu: bf16 learner, in-place weight gradients, chunk memory bounds, training steps
+#   tests   pytest -m gpu over tests/: bf16 learner, in-place weight gradients, chunk memory bounds,
+#           training steps, the hf engine's per-prompt CUDA generators, vLLM sleep/wake/push on CUDA
 #   layout  one Learner.update of the GPU workload (benchmarks/learner_layout.py): time and peak memory,
 #           padded rows, statistics in 16 and 64 MiB blocks
 #   bench   benchmarks/bench.py --gpu --rollout hf: grpo vs TRL, 5 measured steps
@@ -70,7 +71,7 @@ run_step() {  # run_step NAME SECONDS COMMAND...: the command's output to OUT_DI
 
 for step in "${steps[@]}"; do
     case $step in
-        tests) run_step tests 240 "$python" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py ;;
+        tests) run_step tests 300 "$python" -m pytest -q -m gpu -p no:cacheprovider tests/ ;;
         layout) model && run_step layout 180 "$python" benchmarks/learner_layout.py --gpu --model "$model" \
             --rows --memory --updates 3 --stats-block-mib 64 ;;
         bench) model && run_step bench 420 "$python" benchmarks/bench.py --gpu --rollout hf --model "$model" --steps 5 \
