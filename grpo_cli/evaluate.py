@@ -378,6 +378,21 @@ def hold_out(sets: list[EvalSet], training: list[dict[str, Any]]) -> tuple[list[
     return kept, notes
 
 
+def hold_out_of_run(cfg: Config, sets: list[EvalSet]) -> tuple[list[EvalSet], list[str]]:
+    """`hold_out` for `grpo eval run=`: the run's training problems, read again from its `dataset`, are
+    no test of it. A run whose training data this machine cannot read (trained elsewhere, the file
+    moved) is evaluated on every problem, with a note; one evaluated on its training file itself
+    (`training_file_note`) too."""
+    if training_file_note(cfg):
+        return sets, []
+    try:
+        training = load_rows(cfg.dataset)
+    except UserError as e:
+        return sets, [f"note: the run's training problems cannot be read ({e}), so none are left out of the "
+                      "evaluation"]
+    return hold_out(sets, training)
+
+
 def _problem_key(row: dict[str, Any]) -> str:
     return " ".join(str(row["problem"]).split())
 
@@ -713,8 +728,8 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
         _check_checkpoint(target)
     tokenizer = load_tokenizer(cfg.model)
     sets, held_out = load_eval_sets(cfg, tokenizer), []
-    if target.run and not training_file_note(cfg):  # a run's own training problems are no test of it
-        sets, held_out = hold_out(sets, load_rows(cfg.dataset))
+    if target.run:
+        sets, held_out = hold_out_of_run(cfg, sets)
     rewards = eval_reward_set(cfg)
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "

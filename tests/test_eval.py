@@ -667,8 +667,7 @@ def test_grpo_eval_of_a_run_on_a_held_out_file(trained_run: Path, tiny_model_dir
 def test_a_runs_files_are_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """config.yaml keeps the absolute paths of the eval file and of the jsonl training file (which
     `grpo eval run=` reads too, to leave its problems out): the run evaluates from any directory."""
-    from grpo_cli.data import load_rows
-    from grpo_cli.evaluate import hold_out
+    from grpo_cli.evaluate import hold_out_of_run
 
     (tmp_path / "project" / "data").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
@@ -683,8 +682,13 @@ def test_a_runs_files_are_found_from_another_directory(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = load_target([f"eval.run={run}"], None).cfg
     assert (cfg.dataset.path, cfg.eval.datasets) == (str(train), [str(held)])
-    (kept,), notes = hold_out(load_eval_sets(cfg, None), load_rows(cfg.dataset))  # as run_eval does
+    (kept,), notes = hold_out_of_run(cfg, load_eval_sets(cfg, None))  # as run_eval does
     assert [r["problem"] for r in kept.rows] == ["3+3"] and len(notes) == 1
+    train.unlink()  # a run whose training data is gone (or was on another machine): every problem, and a note
+    (kept,), notes = hold_out_of_run(cfg, load_eval_sets(cfg, None))
+    assert [r["problem"] for r in kept.rows] == ["1+1", "3+3"]
+    assert notes == [f"note: the run's training problems cannot be read (dataset.path={train}: no such file; pass a "
+                     ".jsonl file with one JSON object per line), so none are left out of the evaluation"]
 
 
 def test_eval_prompts_too_long_for_the_engine_fail_before_training(tiny_model_dir: Path) -> None:
