@@ -183,7 +183,9 @@ def train(cfg: Config) -> Path:
             if os.environ.get("GRPO_CRASH_AFTER_STEP") == str(step):  # tests: a hard kill at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
             if os.environ.get("GRPO_INTERRUPT_AFTER_STEP") == str(step):  # tests: Ctrl-C at a known point
-                os.kill(os.getpid(), signal.SIGINT)
+                # To this thread: a process-wide kill may land on one of vLLM's or torch's threads, and
+                # the KeyboardInterrupt then surfaces later, wherever the main thread happens to be.
+                signal.raise_signal(signal.SIGINT)
     except KeyboardInterrupt:
         saved = (run / "checkpoints" / f"step-{completed:06d}").exists()
         # Never save a half-applied update, nor a step whose metrics are not written (stopped in its
