@@ -277,6 +277,19 @@ def test_vllm_generate_contract_and_seeds(engine, tokenizer) -> None:
     assert len({tuple(s.completion_ids) for s in twice}) == 8
 
 
+def test_vllm_seeded_batch_past_one_step_token_budget(engine, tokenizer) -> None:
+    """More prompt tokens than one engine step takes (`grpo eval` on 64 problems, or many prompts per
+    step): on CPU, chunked prefill split a prompt and failed with "CPU Generator does not use offset"."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [f"{i} {LONG}" for i in range(budget // 400 + 3)]  # distinct: no shared cached prefix
+    assert sum(len(tokenizer(p).input_ids) for p in prompts) > budget
+    sampling = SamplingSettings(n=2, max_new_tokens=4, temperature=1.0, seed=7)
+    samples = engine.generate(prompts, sampling)
+    check_contract(samples, prompts, sampling, tokenizer)
+    alone = engine.generate(prompts[-1:], sampling, prompt_offset=len(prompts) - 1)
+    assert [s.completion_ids for s in samples[-2:]] == [s.completion_ids for s in alone]
+
+
 def test_vllm_generate_many_is_each_generate_in_one_engine_call(engine, tokenizer, monkeypatch) -> None:
     """Two ranks' requests as a rollout server runs them together: one vLLM call, and each rank gets the
     samples it would have got alone (per-prompt seeds), with its own prompt indices."""

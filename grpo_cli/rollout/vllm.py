@@ -40,6 +40,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would d
 
 import contextlib
 import gc
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,8 @@ from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, con
 if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
+_CPU_BATCHED_TOKENS = 4096  # vLLM's own default token budget per engine step on CPU (vllm.LLM)
+
 
 def _model_max_len(model_path: str, model_cfg: ModelConfig) -> int | None:
     from transformers import AutoConfig
@@ -63,6 +66,15 @@ def _model_max_len(model_path: str, model_cfg: ModelConfig) -> int | None:
     except (OSError, ValueError):
         return None  # vLLM reports the problem itself, with its own words
     return context_length(config)
+
+
+class _DropChunkedPrefillWarning(logging.Filter):
+    """vLLM warns that disabling chunked prefill "may cause the engine to crash or produce incorrect
+    outputs" for any model that supports it; on CPU grpo disables it on purpose (see VLLMEngine), and
+    tests/test_rollout.py checks the engine's samples and log-probs without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "disabling chunked prefill" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -116,7 +128,12 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
                           enable_sleep_mode=self.sleep_mode)
         else:
-            kwargs.update(kv_cache_memory_bytes=rollout_cfg.cpu_kv_cache_mib << 20)
+            # No chunked prefill on CPU: when a step's prompts pass its token budget, vLLM prefills one
+            # in part and rewinds that request's seeded generator by an offset, which CPU generators
+            # lack ("CPU Generator does not use offset": every seeded batch of >4096 prompt tokens
+            # failed). Whole prompts only, so the budget must hold the longest one.
+            kwargs.update(kv_cache_memory_bytes=rollout_cfg.cpu_kv_cache_mib << 20, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, _CPU_BATCHED_TOKENS))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Under torchrun (several learner processes, one engine each, grpo_cli.distributed): vLLM's
             # single-process executor would put every rank's engine on GPU 0; this one takes the
@@ -127,6 +144,9 @@ class VLLMEngine:
         with _kept_process_state():
             from vllm import LLM
 
+            vllm_args = logging.getLogger("vllm.engine.arg_utils")
+            quiet = _DropChunkedPrefillWarning()
+            vllm_args.addFilter(quiet)
             try:
                 self.llm = LLM(**kwargs)
             except ValueError as e:
@@ -137,6 +157,8 @@ class VLLMEngine:
                 raise UserError(f"{memory} leaves the vLLM engine too little KV cache for one sequence of "
                                 f"{max_model_len} tokens (rollout.max_new_tokens + rollout.max_prompt_tokens): "
                                 f"raise {memory.split('=')[0]}, or lower rollout.max_new_tokens or rollout.max_prompt_tokens") from None
+            finally:
+                vllm_args.removeFilter(quiet)
             self._first_forward(model_path)
         self.tokenizer = self.llm.get_tokenizer()
 
