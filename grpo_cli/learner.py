@@ -125,7 +125,8 @@ class Learner:
         prompts/completions: token ids per completion; engine_logprobs: the sampler's log-prob of
         each completion token; advantages: (N,). Returns the step's statistics: loss, pg_loss and kl
         of the policy before the step's updates; the ratio and clipping statistics over all
-        num_iterations (with one, the ratio is exactly 1: the old policy is the policy). Per-token
+        num_iterations (with one, the ratio is exactly 1: the old policy is the policy); lr, that of
+        the step's first optimizer step. Per-token
         statistics are means over the batch's tokens, however it is cut into micro-batches.
         """
         cfg = self.cfg
@@ -147,6 +148,9 @@ class Learner:
         zero = torch.zeros((), device=self.device)
         diffs_max, diffs_sum, entropy_sum = zero, zero, zero
         grad_norm = 0.0
+        # The lr this update steps with (its first step, as loss and kl describe its first pass): the
+        # scheduler's value after the update would be the next step's.
+        lr = self.optimizer.param_groups[0]["lr"]
         for iteration in range(iterations):
             self._zero_grad()
             for mb in batches:
@@ -219,7 +223,7 @@ class Learner:
             "ratio_min": ratio_min,
             "ratio_max": ratio_max,
             "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "entropy": entropy_sum / max(n_tokens, 1),
             "rollout/logprob_diff_max": diffs_max,
             "rollout/logprob_diff_mean": diffs_sum / max(n_tokens, 1),

@@ -212,6 +212,21 @@ def test_schedule_warmup_then_cosine(tiny_model_dir: Path) -> None:
     assert lrs == pytest.approx([0.5e-3, 1e-3, 0.5e-3], abs=1e-12)
 
 
+def test_update_logs_the_lr_it_stepped_with(tiny_model_dir: Path) -> None:
+    """The metric `lr` of a step is the one its update used (was: the next step's, so a warmup's first
+    step showed its second step's lr and a cosine run's last step showed 0)."""
+    cfg = _config(tiny_model_dir, "loss.beta=0", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=1",
+                  "trainer.max_steps=3")
+    learner = Learner(cfg, CPU, pad_id=0)
+    logged = []
+    for _ in range(3):
+        used = learner.optimizer.param_groups[0]["lr"]
+        logged.append(learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS],
+                                     torch.tensor([1.0, -1.0, 0.5, -0.5]))["lr"])
+        assert logged[-1] == used
+    assert logged == pytest.approx([0.5e-3, 1e-3, 0.5e-3], abs=1e-12)  # as test_schedule_warmup_then_cosine
+
+
 # Two groups of three completions each, prompts of different lengths (the short one is padded).
 GROUP_PROMPTS = [[1, 2, 3, 4, 5]] * 3 + [[6, 7]] * 3
 GROUP_COMPLETIONS = [[11, 12, 13], [14], [15, 16], [17, 18, 19, 20], [21], [22, 23]]
