@@ -86,7 +86,7 @@ def test_reward_set_switches_from_the_command_line() -> None:
     assert set(cfg.rewards) == {"accuracy", "format", "tag_count", "repetition", "overlong"}
     assert cfg.rewards["repetition"] == RewardTerm(fn="repetition_penalty", weight=1.0,
                                                    args={"ngram_size": 3, "max_penalty": -1.0})
-    assert cfg.rewards["overlong"].args == {"max_len": 512, "buffer": 256}
+    assert cfg.rewards["overlong"].args == {"max_len": 512, "buffer": None}
 
 
 def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:

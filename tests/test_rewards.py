@@ -152,15 +152,19 @@ def test_cli_switches_reward_sets_and_weights():
 
 
 def test_shaped_overlong_follows_the_rollout_length_limit():
-    # gsm8k generates at most 512 tokens: the penalty must start at 512 - 256 = 256 tokens (a fixed
-    # max_len of 1024 started it at 768, which no completion reaches).
+    # gsm8k generates at most 512 tokens: the penalty must start in the last fifth, 512 - 102 = 410
+    # tokens (a fixed max_len of 1024 started it at 768, which no completion reaches).
     terms = _grpo_config_rewards("recipe=gsm8k", "rewards=shaped")
-    assert terms["overlong"]["args"] == {"max_len": 512, "buffer": 256}
+    assert terms["overlong"]["args"] == {"max_len": 512, "buffer": None}
     overlong = build_reward_set({"overlong": terms["overlong"]})
-    # 256 tokens: 0.  300: (256 - 300) / 256 = -0.171875.  512 (the limit): -1.
-    assert overlong.score(["x"] * 3, completion_tokens=[256, 300, 512]).total == [0.0, -0.171875, -1.0]
-    terms = _grpo_config_rewards("recipe=gsm8k", "rewards=shaped", "rollout.max_new_tokens=300")
-    assert terms["overlong"]["args"] == {"max_len": 300, "buffer": 256}
+    # 410 tokens: 0.  461: (410 - 461) / 102 = -0.5.  512 (the limit): -1.
+    assert overlong.score(["x"] * 3, completion_tokens=[410, 461, 512]).total == [0.0, -0.5, -1.0]
+    # The quickstart's 48 tokens (a fixed buffer of 256 was refused: larger than max_len): buffer 9,
+    # from 39 tokens on; 45: (39 - 45) / 9 = -2/3.
+    terms = _grpo_config_rewards("recipe=quickstart", "rewards=shaped")
+    assert terms["overlong"]["args"] == {"max_len": 48, "buffer": None}
+    overlong = build_reward_set({"overlong": terms["overlong"]})
+    assert overlong.score(["x"] * 3, completion_tokens=[39, 45, 48]).total == [0.0, pytest.approx(-2 / 3), -1.0]
 
 
 # ----------------------------------------------------------------------------- fault isolation

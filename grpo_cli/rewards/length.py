@@ -49,14 +49,15 @@ def completion_lengths(completions: Sequence[str], columns: dict[str, Any]) -> l
     return [len(text) for text in completions]
 
 
-def overlong(max_len: int = 4096, buffer: int = 512) -> RewardFn:
+def overlong(max_len: int = 4096, buffer: int | None = 512) -> RewardFn:
     """DAPO soft overlong punishment: 0 up to `max_len - buffer`, then linearly down to -1 at
     `max_len`, and -1 beyond. Length is in tokens when a `completion_tokens` or
     `completion_length` column is given, else in characters. `max_len` should be the
     generation limit (conf/rewards/shaped.yaml takes it from rollout.max_new_tokens): set
-    above it, the penalty may never apply."""
+    above it, the penalty may never apply. `buffer=None`: the last fifth of max_len, DAPO's
+    proportion (4,096 of 20,480 tokens), so the penalty fits any generation limit."""
     max_len = _int_arg("max_len", max_len, 1)
-    buffer = _int_arg("buffer", buffer, 1)
+    buffer = max(1, max_len // 5) if buffer is None else _int_arg("buffer", buffer, 1)
     if buffer > max_len:
         raise ValueError(f"buffer ({buffer}) must be <= max_len ({max_len}); lower buffer, e.g. to a quarter of max_len")
     start = max_len - buffer
