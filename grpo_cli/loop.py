@@ -174,7 +174,7 @@ def train(cfg: Config) -> Path:
             for label, message in first.scores.first_error.items():
                 logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "
                                f"{message}")
-            logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _accuracy_label(cfg)))
+            logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _judge_label(cfg)))
             logged = step
 
             # ---------------------------------------------------------------- checkpoint
@@ -439,10 +439,10 @@ def _completion_metrics(cfg: Config, r: Round) -> dict[str, float]:
     reflecting = reflection_rate(r.completions, cfg.logging.reflection_words)
     if reflecting is not None:
         metrics["completion/reflection_rate"] = reflecting
-    accuracy = _accuracy_label(cfg)
-    if accuracy:
-        metrics["accuracy"] = sum(r.scores.per_reward[accuracy]) / len(r.samples)
-        correct = [value > 0.5 for value in r.scores.per_reward[accuracy]]
+    judge = _judge_label(cfg)
+    if judge:
+        correct = [value == 1.0 for value in r.scores.per_reward[judge]]
+        metrics["accuracy"] = sum(correct) / len(r.samples)
         metrics.update(length_by_outcome([len(s.completion_ids) for s in r.samples], correct))
     return metrics
 
@@ -476,12 +476,18 @@ def length_by_outcome(lengths: Sequence[int], correct: Sequence[bool]) -> dict[s
     return metrics
 
 
-def _accuracy_label(cfg: Config) -> str | None:
-    """The label of the reward term whose function is `accuracy`, if the run has one."""
-    return next((label for label, term in cfg.rewards.items() if (term.fn or label) == "accuracy"), None)
+def _judge_label(cfg: Config) -> str | None:
+    """The reward term whose full score (1.0) makes a completion right, as for `grpo eval` (evaluate.judge):
+    the `reasoning_gym` term on a reasoning-gym dataset (the task's own scorer: countdown gives partial
+    credit to a wrong, well-formed answer), else the `accuracy` term; None when the run has neither."""
+    def label_of(fn: str) -> str | None:
+        return next((label for label, term in cfg.rewards.items() if (term.fn or label) == fn), None)
+
+    gym = label_of("reasoning_gym")
+    return gym if gym is not None and cfg.dataset.source == "reasoning_gym" else label_of("accuracy")
 
 
-def _sample_records(r: Round, limit: int, accuracy: str | None) -> list[dict[str, Any]]:
+def _sample_records(r: Round, limit: int, judge: str | None) -> list[dict[str, Any]]:
     records = []
     for i, sample in enumerate(r.samples[:limit]):
         row = r.rows[sample.prompt_index]
@@ -490,6 +496,6 @@ def _sample_records(r: Round, limit: int, accuracy: str | None) -> list[dict[str
             "reward": r.scores.total[i], "rewards": {k: v[i] for k, v in r.scores.per_reward.items()},
             "advantage": r.advantages[i].item(), "truncated": sample.truncated,
         })
-        if accuracy is not None:  # the report filters samples by it
-            records[-1]["correct"] = r.scores.per_reward[accuracy][i] > 0.5
+        if judge is not None:  # the report filters samples by it
+            records[-1]["correct"] = r.scores.per_reward[judge][i] == 1.0
     return records

@@ -61,6 +61,30 @@ def test_completion_metrics_and_samples_of_a_round() -> None:
     assert "correct" not in _sample_records(r, 4, None)[0]
 
 
+def test_a_reasoning_gym_run_is_judged_by_its_task_scorer() -> None:
+    """rewards=reasoning_gym (countdown's recipe) has no accuracy term: the run logged no accuracy and its
+    samples no correctness. A full score of the task's own scorer is right, as in grpo eval; countdown's
+    0.05 for a wrong, well-formed answer is not."""
+    from grpo_cli.loop import _judge_label
+
+    cfg = compose(["recipe=countdown", "rollout.group_size=2"])
+    assert _judge_label(cfg) == "reasoning_gym"
+    assert _judge_label(compose(["recipe=quickstart"])) == "accuracy"
+    assert _judge_label(compose(["recipe=countdown", "dataset=jsonl", "dataset.path=x.jsonl"])) is None
+    lengths = [4, 6, 10, 20]
+    samples = [Sample(prompt_index=i // 2, prompt_ids=[1], completion_ids=[7] * n, text="", logprobs=[0.0] * n,
+                      truncated=False) for i, n in enumerate(lengths)]
+    gym = [1.0, 0.05, 0.0, 1.0]
+    scores = RewardScores(total=gym, per_reward={"reasoning_gym": gym, "format": [1.0] * 4}, errors={},
+                          first_error={}, invalid=[False] * 4)
+    r = Round(rows=[{"prompt": "p0", "answer": "1+2"}, {"prompt": "p1", "answer": "3*4"}], samples=samples,
+              completions=["a"] * 4, scores=scores, advantages=torch.zeros(4), informative=torch.tensor([True, True]))
+    metrics = _completion_metrics(cfg, r)
+    assert metrics["accuracy"] == 0.5
+    assert metrics["completion/len_correct_mean"] == 12.0 and metrics["completion/len_wrong_mean"] == 8.0
+    assert [s["correct"] for s in _sample_records(r, 4, _judge_label(cfg))] == [True, False, False, True]
+
+
 def test_nice_ticks_fall_on_round_numbers_and_span_the_data() -> None:
     assert nice_ticks(0, 1) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(3, 37) == [0.0, 10.0, 20.0, 30.0, 40.0]
