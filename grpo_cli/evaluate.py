@@ -412,15 +412,16 @@ def eval_reward_set(cfg: Config) -> EvalRewards:
     terms: dict[str, dict[str, Any]] = {label: vars(term) for label, term in cfg.rewards.items()}
     labels = []
     for fn in ("accuracy", "format"):
-        label = _label_of(cfg, fn)
+        label = reward_label(cfg, fn)
         if label is None:
             label = fn if fn not in terms else f"{fn}_eval"
             terms[label] = {"fn": fn, "weight": 0.0, "args": {}}
         labels.append(label)
-    return EvalRewards(build_reward_set(terms), labels[0], labels[1], _label_of(cfg, "reasoning_gym"))
+    return EvalRewards(build_reward_set(terms), labels[0], labels[1], reward_label(cfg, "reasoning_gym"))
 
 
-def _label_of(cfg: Config, fn: str) -> str | None:
+def reward_label(cfg: Config, fn: str) -> str | None:
+    """The label of the run's reward term whose function is `fn`, if it has one."""
     return next((label for label, t in cfg.rewards.items() if (t.fn or label) == fn), None)
 
 

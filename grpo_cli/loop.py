@@ -44,7 +44,7 @@ from torch import Tensor
 from grpo_cli import checkpoint, distributed
 from grpo_cli.data import drop_long_prompts, load_prompts
 from grpo_cli.errors import UserError, first_line
-from grpo_cli.evaluate import PeriodicEval, greedy_note, training_file_note
+from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger, start_wandb
 from grpo_cli.logprobs import pack
@@ -480,11 +480,8 @@ def _judge_label(cfg: Config) -> str | None:
     """The reward term whose full score (1.0) makes a completion right, as for `grpo eval` (evaluate.judge):
     the `reasoning_gym` term on a reasoning-gym dataset (the task's own scorer: countdown gives partial
     credit to a wrong, well-formed answer), else the `accuracy` term; None when the run has neither."""
-    def label_of(fn: str) -> str | None:
-        return next((label for label, term in cfg.rewards.items() if (term.fn or label) == fn), None)
-
-    gym = label_of("reasoning_gym")
-    return gym if gym is not None and cfg.dataset.source == "reasoning_gym" else label_of("accuracy")
+    gym = reward_label(cfg, "reasoning_gym")
+    return gym if gym is not None and cfg.dataset.source == "reasoning_gym" else reward_label(cfg, "accuracy")
 
 
 def _sample_records(r: Round, limit: int, judge: str | None) -> list[dict[str, Any]]:
