@@ -378,18 +378,20 @@ def hold_out(sets: list[EvalSet], training: list[dict[str, Any]]) -> tuple[list[
     return kept, notes
 
 
-def hold_out_of_run(cfg: Config, sets: list[EvalSet]) -> tuple[list[EvalSet], list[str]]:
-    """`hold_out` for `grpo eval run=`: the run's training problems, read again from its `dataset`, are
-    no test of it. A run whose training data this machine cannot read (trained elsewhere, the file
-    moved) is evaluated on every problem, with a note; one evaluated on its training file itself
-    (`training_file_note`) too."""
+def hold_out_of_run(cfg: Config, sets: list[EvalSet],
+                    training: list[dict[str, Any]] | None = None) -> tuple[list[EvalSet], list[str]]:
+    """`hold_out` of a run's training problems, which are no test of it: `training`, the rows of the
+    run in progress (trainer.eval_every), or for `grpo eval run=` its `dataset` read again. A run
+    whose training data this machine cannot read (trained elsewhere, the file moved) is evaluated on
+    every problem, with a note; one evaluated on its training file itself (`training_file_note`) too."""
     if training_file_note(cfg):
         return sets, []
-    try:
-        training = load_rows(cfg.dataset)
-    except UserError as e:
-        return sets, [f"note: the run's training problems cannot be read ({e}), so none are left out of the "
-                      "evaluation"]
+    if training is None:
+        try:
+            training = load_rows(cfg.dataset)
+        except UserError as e:
+            return sets, [f"note: the run's training problems cannot be read ({e}), so none are left out of the "
+                          "evaluation"]
     return hold_out(sets, training)
 
 
@@ -565,9 +567,7 @@ class PeriodicEval:
         """`training`: the run's training rows, whose problems are left out of the evaluation
         (`hold_out`; `notes` says how many) unless the evaluation reads the training file itself."""
         self.cfg = cfg
-        self.sets, self.notes = load_eval_sets(cfg, tokenizer), []
-        if not training_file_note(cfg):
-            self.sets, self.notes = hold_out(self.sets, training)
+        self.sets, self.notes = hold_out_of_run(cfg, load_eval_sets(cfg, tokenizer), training)
         self.rewards = eval_reward_set(cfg)
         self.sampling = sampling_settings(cfg, seed=cfg.seed)
 
