@@ -189,7 +189,7 @@ class MathVerifySame:
     needed 21,000 comparisons (190 s), with 16 samples 2,500 (20 s).
     """
 
-    def __init__(self, budget: float = 300.0, timeout: float = 5.0, chunk: int = 256) -> None:
+    def __init__(self, budget: float = VOTE_BUDGET_S, timeout: float = 5.0, chunk: int = 256) -> None:
         self.budget, self.timeout, self.chunk = budget, timeout, chunk
         self.seconds = 0.0  # spent comparing so far
         self.compared = 0
