@@ -120,20 +120,20 @@ def prompt_token_counts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) 
     return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
 
 
-def drop_long_prompts(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, limit: int,
-                      what: str) -> tuple[list[dict[str, Any]], str | None]:
-    """The rows whose prompt has at most `limit` tokens (as the engines tokenise it: no special tokens
-    added), and a note on what was left out (None when nothing was). A longer prompt cannot be sampled
+def fitting_prompts(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, limit: int,
+                    what: str) -> tuple[list[bool], str | None]:
+    """Which rows' prompts have at most `limit` tokens (as the engines tokenise them: no special tokens
+    added), and a note on what is left out (None when nothing is). A longer prompt cannot be sampled
     from; a few of them in a large dataset should not end a run at whichever step first draws one.
     `what` names the setting behind the limit, for the note and the error when no prompt fits."""
     lengths = prompt_token_counts([r["prompt"] for r in rows], tokenizer)
-    kept = [row for row, n in zip(rows, lengths, strict=True) if n <= limit]
-    if not kept:
+    fits = [n <= limit for n in lengths]
+    if not any(fits):
         raise UserError(f"every prompt is longer than {limit} tokens ({what}; the shortest has {min(lengths)}): "
                         "raise the limit or use shorter prompts")
-    if len(kept) == len(rows):
-        return rows, None
-    return kept, (f"left out {len(rows) - len(kept)} of {len(rows)} prompts longer than {limit} tokens ({what}; "
+    if all(fits):
+        return fits, None
+    return fits, (f"left out {fits.count(False)} of {len(rows)} prompts longer than {limit} tokens ({what}; "
                   f"the longest has {max(lengths)})")
 
 

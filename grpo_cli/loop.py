@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
-from grpo_cli.data import drop_long_prompts, load_prompts
+from grpo_cli.data import fitting_prompts, load_prompts
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
@@ -78,7 +78,7 @@ def train(cfg: Config) -> Path:
         checkpoint.remove_unfinished(run)
     learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
     limit, limit_source = prompt_limit(cfg, learner.policy)
-    rows, left_out = drop_long_prompts(rows, tokenizer, limit, limit_source)
+    fits, left_out = fitting_prompts(rows, tokenizer, limit, limit_source)
     if evaluation is not None:
         evaluation.check_prompt_lengths(tokenizer, limit, limit_source)
     start, position = 0, 0  # last finished step; prompts consumed so far
@@ -96,7 +96,7 @@ def train(cfg: Config) -> Path:
     logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes the run
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
-    for note in (left_out, *notes):
+    for note in (left_out(rows, tokenizer, "dataset"), *notes):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position
@@ -113,8 +113,8 @@ def train(cfg: Config) -> Path:
             # ---------------------------------------------------------------- rollout + reward
             rounds: list[Round] = []
             while True:
-                batch = [rows[i] for i in prompt_indices(position, cfg.trainer.prompts_per_step, len(rows), cfg.seed)]
-                position += len(batch)
+                indices, position = prompt_indices(position, cfg.trainer.prompts_per_step, fits, cfg.seed)
+                batch = [rows[i] for i in indices]
                 # Several learners: each rank samples its own contiguous share of the prompts (whole
                 # groups, so the advantages are exact), with its own seed.
                 batch = batch[rank * len(batch) // world : (rank + 1) * len(batch) // world]
@@ -398,19 +398,34 @@ def training_rows(rounds: list[Round], cfg: Config) -> TrainingRows:
     return TrainingRows(samples, torch.stack(advantages) if advantages else torch.zeros(0))
 
 
-def prompt_indices(position: int, count: int, n_rows: int, seed: int) -> list[int]:
-    """Rows number `position` ... `position + count - 1` of the data stream: the dataset in one
-    seeded shuffle per epoch, epoch after epoch.
+def prompt_indices(position: int, count: int, fits: Sequence[bool], seed: int) -> tuple[list[int], int]:
+    """The next `count` rows of the data stream from `position`, and the position after them.
+
+    The stream is the whole dataset in one seeded shuffle per epoch, epoch after epoch; `position`
+    counts its entries (epoch * len(fits) + offset). Rows whose prompt does not fit (`fits[i]` False)
+    are passed over where they fall, not removed, so a resume with another prompt limit changes
+    which rows are skipped, never the order of the others. A batch does not straddle two epochs: the
+    rest of an epoch too short for a whole batch is skipped (as a DataLoader's drop_last), so no
+    batch holds a row twice, unless the dataset has fewer usable rows than one batch.
 
     Depends only on its arguments, so a resumed run (which saves `position`) sees exactly the data
     an uninterrupted one would.
     """
-    indices = []
-    for p in range(position, position + count):
-        epoch, offset = divmod(p, n_rows)
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        indices.append(int(order[offset]))
-    return indices
+    n = len(fits)
+    usable = torch.tensor(fits, dtype=torch.bool)
+    whole_batches = int(usable.sum()) >= count
+    indices: list[int] = []
+    while len(indices) < count:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))[offset:]
+        at = usable[order].nonzero()[:, 0]  # where this epoch's usable rows still to come stand in `order`
+        if whole_batches and not indices and len(at) < count:
+            position = (epoch + 1) * n  # too few left for a whole batch: on to the next epoch
+            continue
+        at = at[: count - len(indices)]
+        indices += order[at].tolist()
+        position = epoch * n + offset + int(at[-1]) + 1 if len(at) else (epoch + 1) * n
+    return indices, position
 
 
 class _Timer:

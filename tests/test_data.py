@@ -310,15 +310,15 @@ class _WordTokenizer:
 
 
 def test_prompts_over_the_limit_are_left_out_with_a_note() -> None:
-    from grpo_cli.data import drop_long_prompts
+    from grpo_cli.data import fitting_prompts
 
     rows = [{"prompt": "a b c"}, {"prompt": "a b c d e"}, {"prompt": "a"}, {"prompt": "a b c d"}]  # 3, 5, 1, 4 tokens
-    kept, note = drop_long_prompts(rows, _WordTokenizer(), 4, "rollout.max_prompt_tokens")
-    assert kept == [rows[0], rows[2], rows[3]]  # at most 4 tokens, in their order
+    fits, note = fitting_prompts(rows, _WordTokenizer(), 4, "rollout.max_prompt_tokens")
+    assert fits == [True, False, True, True]  # at most 4 tokens
     assert note == "left out 1 of 4 prompts longer than 4 tokens (rollout.max_prompt_tokens; the longest has 5)"
-    assert drop_long_prompts(rows, _WordTokenizer(), 5, "x") == (rows, None)
+    assert fitting_prompts(rows, _WordTokenizer(), 5, "x") == ([True] * 4, None)
     with pytest.raises(UserError, match=r"^every prompt is longer than 0 tokens \(x; the shortest has 1\)"):
-        drop_long_prompts(rows, _WordTokenizer(), 0, "x")
+        fitting_prompts(rows, _WordTokenizer(), 0, "x")
 
 
 def test_the_prompt_limit_leaves_the_model_room_for_a_completion() -> None:
@@ -333,3 +333,4 @@ def test_the_prompt_limit_leaves_the_model_room_for_a_completion() -> None:
     assert prompt_limit(cfg, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))) == \
         (255, "the model's context of 256 tokens, less one for the completion")
     assert prompt_limit(cfg, SimpleNamespace()) == (300, "rollout.max_prompt_tokens")  # a model naming no context
+

@@ -10,15 +10,63 @@ from grpo_cli.loop import Round, prompt_indices, training_rows
 from grpo_cli.rollout import Sample
 
 
+def _stream(steps: int, count: int, fits: list[bool], seed: int = 3, position: int = 0) -> tuple[list[list[int]], int]:
+    """`steps` batches of the data stream from `position`, one prompt_indices call each, as the loop takes them."""
+    batches = []
+    for _ in range(steps):
+        batch, position = prompt_indices(position, count, fits, seed)
+        batches.append(batch)
+    return batches, position
+
+
 def test_prompt_indices_are_one_stream_across_calls_and_epochs() -> None:
-    whole = prompt_indices(0, 10, n_rows=4, seed=3)
-    assert prompt_indices(0, 3, 4, 3) + prompt_indices(3, 7, 4, 3) == whole  # resume at any position
-    for epoch in range(2):  # each epoch is a permutation of the rows
-        assert sorted(whole[4 * epoch: 4 * epoch + 4]) == [0, 1, 2, 3]
+    whole, end = _stream(6, 2, [True] * 4)
+    assert end == 12  # three epochs of 4 rows, two batches each
+    resumed = _stream(4, 2, [True] * 4, position=_stream(2, 2, [True] * 4)[1])[0]
+    assert whole[:2] + resumed == whole  # a resume at the saved position sees the same data
+    for epoch in range(3):  # each epoch is a permutation of the rows
+        assert sorted(whole[2 * epoch] + whole[2 * epoch + 1]) == [0, 1, 2, 3]
     # 50 rows: two different shuffles coinciding by chance is out of the question.
-    two_epochs = prompt_indices(0, 100, n_rows=50, seed=3)
+    two_epochs = sum(_stream(2, 50, [True] * 50)[0], [])
     assert two_epochs[:50] != two_epochs[50:]  # each epoch reshuffles
-    assert prompt_indices(0, 50, 50, seed=4) != two_epochs[:50]  # the seed changes the order
+    assert _stream(1, 50, [True] * 50, seed=4)[0][0] != two_epochs[:50]  # the seed changes the order
+
+
+def test_a_batch_never_straddles_two_epochs_so_never_holds_a_row_twice() -> None:
+    # 10 rows in batches of 4: each epoch gives two batches, and its last 2 rows are skipped.
+    batches, end = _stream(6, 4, [True] * 10)
+    assert end == 28  # 2 epochs of 10, then 8 rows into the third
+    for b in batches:
+        assert len(set(b)) == 4
+    for epoch in range(3):
+        seen = batches[2 * epoch] + batches[2 * epoch + 1]
+        assert len(set(seen)) == 8  # two whole batches of distinct rows per epoch
+    # The stream as one shuffle per epoch: epoch 1's batches are its order's first 8 rows.
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 7919 + 1)).tolist()
+    assert batches[2] + batches[3] == order[:8]
+
+
+def test_rows_that_do_not_fit_are_passed_over_without_reordering_the_others() -> None:
+    fits = [True] * 12
+    full = sum(_stream(4, 3, fits)[0], [])  # epoch 0: all 12 rows in 4 batches
+    short = list(fits)
+    short[full[4]] = False  # leave out the 5th row of the stream
+    batches, end = _stream(3, 3, short)
+    assert sum(batches, []) == full[:4] + full[5:10]  # the same order, that row skipped
+    assert end == 10  # right after the last row taken
+    # The 2 usable rows left in epoch 0 are too few for a batch: the next one is epoch 1's first 3.
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3 * 7919 + 1)).tolist()
+    ahead = [i for i in order if short[i]][:3]
+    assert _stream(1, 3, short, position=end)[0] == [ahead]
+
+
+def test_a_batch_larger_than_the_usable_rows_runs_across_epochs() -> None:
+    (batch,), end = _stream(1, 5, [True, False, True])  # 2 usable rows for 5 places: repeats are unavoidable
+    assert sorted(set(batch)) == [0, 2]
+    assert len(batch) == 5
+    third = torch.randperm(3, generator=torch.Generator().manual_seed(3 * 7919 + 2)).tolist()
+    assert batch[4] == next(i for i in third if i != 1)  # two whole epochs, then the third's first usable row
+    assert end == 6 + [i != 1 for i in third].index(True) + 1  # and just past it
 
 
 def _round(tag: str, advantages: list[float], truncated: list[bool], group_size: int = 2) -> Round:
