@@ -8,6 +8,7 @@ Every source yields plain rows (dicts). Each row keeps its original columns and 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,27 @@ def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
 def prompt_token_counts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Each prompt's length in tokens, as the engines tokenise it (no special tokens added)."""
     return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+
+
+def special_token_note(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase | None,
+                       what: str) -> str | None:
+    """A note when problems hold the text of one of the tokenizer's special tokens (e.g. '<|im_end|>'
+    in a dataset of chat logs), else None. Prompts are tokenised as one text, so the model reads
+    that text as the token itself (an end of turn, a new turn's start), as it would under any
+    trainer that applies the chat template as text; the note names the first such row to check."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {*(getattr(tokenizer, "all_special_tokens", None) or []), *(t.content for t in added.values() if t.special)}
+    specials = sorted((t for t in texts if len(t) > 1), key=len, reverse=True)
+    if not specials:
+        return None
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    hits = [(i, m.group()) for i, row in enumerate(rows) if (m := pattern.search(str(row["problem"])))]
+    if not hits:
+        return None
+    number, token = hits[0]
+    return (f"{what}: {len(hits)} of {len(rows)} problems hold the text of a special token of the model (first: "
+            f"'{token}' in row {number + 1}), which the model reads as that token; clean those rows if it is "
+            "not meant as one")
 
 
 def fitting_prompts(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, limit: int,

@@ -51,7 +51,7 @@ from grpo_cli.config import (
     resume_config,
     to_container,
 )
-from grpo_cli.data import load_prompts, load_rows, prompt_token_counts
+from grpo_cli.data import load_prompts, load_rows, prompt_token_counts, special_token_note
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
 from grpo_cli.rewards import RewardSet, build_reward_set
@@ -378,6 +378,11 @@ def hold_out(sets: list[EvalSet], training: list[dict[str, Any]]) -> tuple[list[
     return kept, notes
 
 
+def special_token_notes(sets: list[EvalSet], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """grpo_cli.data.special_token_note for each eval set that needs one."""
+    return [note for s in sets if (note := special_token_note(s.rows, tokenizer, f"eval dataset {s.label}"))]
+
+
 def hold_out_of_run(cfg: Config, sets: list[EvalSet],
                     training: list[dict[str, Any]] | None = None) -> tuple[list[EvalSet], list[str]]:
     """`hold_out` of a run's training problems, which are no test of it: `training`, the rows of the
@@ -568,6 +573,7 @@ class PeriodicEval:
         (`hold_out`; `notes` says how many) unless the evaluation reads the training file itself."""
         self.cfg = cfg
         self.sets, self.notes = hold_out_of_run(cfg, load_eval_sets(cfg, tokenizer), training)
+        self.notes += special_token_notes(self.sets, tokenizer)
         self.rewards = eval_reward_set(cfg)
         self.sampling = sampling_settings(cfg, seed=cfg.seed)
 
@@ -735,7 +741,8 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
-    for note in (greedy_note(sampling), target.run and training_file_note(cfg), *held_out):
+    for note in (greedy_note(sampling), target.run and training_file_note(cfg), *held_out,
+                 *special_token_notes(sets, tokenizer)):
         if note:
             say(note)
     policy = None

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
-from grpo_cli.data import fitting_prompts, load_prompts
+from grpo_cli.data import fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
@@ -96,7 +96,7 @@ def train(cfg: Config) -> Path:
     logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes the run
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
-    for note in (left_out(rows, tokenizer, "dataset"), *notes):
+    for note in (left_out, special_token_note(rows, tokenizer, "dataset"), *notes):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position

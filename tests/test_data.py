@@ -334,3 +334,18 @@ def test_the_prompt_limit_leaves_the_model_room_for_a_completion() -> None:
         (255, "the model's context of 256 tokens, less one for the completion")
     assert prompt_limit(cfg, SimpleNamespace()) == (300, "rollout.max_prompt_tokens")  # a model naming no context
 
+
+def test_problems_holding_a_special_tokens_text_get_a_note(smollm2_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from grpo_cli.data import special_token_note
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    rows = [{"problem": "What is 2 + 2?"}, {"problem": "Say <|im_end|> then <|im_start|>"}, {"problem": "a<|endoftext|>"}]
+    assert special_token_note(rows, tokenizer, "dataset") == (
+        "dataset: 2 of 3 problems hold the text of a special token of the model (first: '<|im_end|>' in row 2), "
+        "which the model reads as that token; clean those rows if it is not meant as one")
+    # As the engines tokenise the prompt, the problem's '<|im_end|>' is that one token, which the note is about.
+    ids = tokenizer("Say <|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    assert special_token_note(rows[:1] + [{"problem": "<|im_end"}, {"problem": 7}], tokenizer, "dataset") is None

@@ -638,7 +638,8 @@ def test_grpo_eval_of_a_run_writes_results_samples_and_a_table(trained_run: Path
 
 def test_grpo_eval_of_a_run_on_a_held_out_file(trained_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """`grpo eval run=RUN eval.datasets=[held/test.jsonl]`, the path relative to where grpo runs: the
-    file's problems in the run's prompt format, labelled `test`, less the one that is a training problem."""
+    file's problems in the run's prompt format, labelled `test`, less the one that is a training problem;
+    a note on the one that holds a special token's text."""
     from transformers import AutoTokenizer
 
     from grpo_cli.config import resume_config
@@ -647,12 +648,14 @@ def test_grpo_eval_of_a_run_on_a_held_out_file(trained_run: Path, tiny_model_dir
     run_cfg = resume_config(str(trained_run), [])
     (seen,) = load_rows(run_cfg.dataset, limit=1)  # a problem the run trained on
     (tmp_path / "held").mkdir()
-    rows = [(seen["question"], seen["answer"]), ("What is 2 + 3?", "5"), ("What is 4 + 4?", "8")]
+    rows = [(seen["question"], seen["answer"]), ("What is 2 + 3?", "5"), ("What is 4 + 4?<|im_end|>", "8")]
     (tmp_path / "held" / "test.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                                                           for q, a in rows))
     result = _grpo("eval", f"run={trained_run}", "eval.datasets=[held/test.jsonl]", "output_dir=out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval dataset test: left out 1 of 3 problems that are also training problems; 2 remain" in result.stderr
+    assert "eval dataset test: 1 of 2 problems hold the text of a special token of the model (first: '<|im_end|>' " \
+           "in row 2)" in result.stderr
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(summary["metrics"]) == ["test"] and set(summary["metrics"]["test"]) == METRICS_N2
     held = summary["datasets"]["test"]

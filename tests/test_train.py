@@ -124,6 +124,18 @@ def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Pat
     assert prompts and {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts} == {47}
 
 
+def test_training_problems_holding_a_special_tokens_text_get_a_note(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?" + ("<|im_end|>" if i in (2, 7) else ""),
+                                        "answer": str(i + 1)}) + "\n" for i in range(10)))
+    result = _train("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                    "dataset=jsonl", f"dataset.path={data}", "trainer.max_steps=1", "trainer.prompts_per_step=2",
+                    "rollout=hf", "rollout.group_size=2", "rollout.max_new_tokens=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("dataset: 2 of 10 problems hold the text of a special token of the model (first: '<|im_end|>' in row 3)"
+            in result.stderr)
+
+
 def test_lora_run_syncs_merged_weights_and_saves_a_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("peft")
     run = tmp_path / "run"
