@@ -56,6 +56,7 @@ ConfigDir = Annotated[
     grpo train recipe=r1_zero_math model.name_or_path=Qwen/Qwen2.5-1.5B trainer.lr=1e-6
     grpo train recipe=gsm8k rollout.group_size=16 loss.beta=0 rewards=shaped
     grpo train recipe=gsm8k +rewards.tags.fn=tag_count +rewards.tags.weight=0.2 ~rewards.format
+    grpo train recipe=gsm8k +rewards.mine.fn=my_rewards.py:brevity +rewards.mine.weight=0.2
     grpo train --config-dir ./my_configs recipe=my_recipe
     grpo train resume=runs/quickstart/20261122-101500
 """)

@@ -204,15 +204,28 @@ def eval_label(entry: str) -> str:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    """Local files as absolute paths: eval files and a `dataset=jsonl` training file. A relative one is
-    read from the directory grpo is run in (Hydra's compose API leaves the working directory alone);
-    the run's config.yaml then names the file itself, so `grpo eval run=RUN` (which also reads the
-    training file, to leave its problems out) and `resume=` find them from any directory."""
+    """Local files as absolute paths: eval files, a `dataset=jsonl` training file and the files of
+    reward functions. A relative one is read from the directory grpo is run in (Hydra's compose API
+    leaves the working directory alone); the run's config.yaml then names the file itself, so
+    `grpo eval run=RUN` (which also reads the training file, to leave its problems out) and
+    `resume=` find them from any directory."""
     datasets = [os.path.abspath(Path(d).expanduser()) if is_eval_file(d) else d for d in cfg.eval.datasets]
     dataset = cfg.dataset
     if dataset.source == "jsonl" and dataset.path:
         dataset = dataclasses.replace(dataset, path=os.path.abspath(Path(dataset.path).expanduser()))
-    return dataclasses.replace(cfg, dataset=dataset, eval=dataclasses.replace(cfg.eval, datasets=datasets))
+    rewards = {label: dataclasses.replace(term, fn=_absolute_reward_file(term.fn)) for label, term in cfg.rewards.items()}
+    return dataclasses.replace(cfg, dataset=dataset, eval=dataclasses.replace(cfg.eval, datasets=datasets),
+                               rewards=rewards)
+
+
+def _absolute_reward_file(fn: str | None) -> str | None:
+    """A reward function in a file (`FILE.py:FUNCTION`, grpo_cli.rewards.custom) with the file's absolute path."""
+    from grpo_cli.rewards import custom
+
+    if fn is None or not custom.is_custom(fn) or not custom.is_file(fn):
+        return fn
+    where, _, name = fn.rpartition(":")
+    return f"{os.path.abspath(Path(where).expanduser())}:{name}"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -283,7 +296,8 @@ def _validate_rewards(terms: dict[str, RewardTerm]) -> None:
             where = f"rewards.{label}" + (f" ({fn})" if fn != label else "")
             message = re.sub(r"^reward '[^']*': ", "", str(e))
             if message.startswith("unknown reward"):
-                message += f"; name one with rewards.{label}.fn=NAME or drop the term with ~rewards.{label}"
+                message += (f"; name one (or your own function, FILE.py:FUNCTION) with rewards.{label}.fn=NAME, "
+                            f"or drop the term with ~rewards.{label}")
             raise UserError(f"{where}: {message}") from None
 
 

@@ -72,6 +72,9 @@ def train(cfg: Config) -> Path:
     evaluates = cfg.trainer.eval_every or cfg.trainer.eval_before_train
     evaluation = PeriodicEval(cfg, tokenizer, rows) if evaluates else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
+    lacking = rewards.missing_columns([*rows[0], "completion_tokens"])  # as RewardSet.score_samples passes them
+    if lacking:
+        raise UserError(lacking)
     run = _prepare_run(cfg)
     wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
     if cfg.resume and distributed.is_main():

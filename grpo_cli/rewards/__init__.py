@@ -10,6 +10,9 @@ factory in `REWARDS` that validates its arguments; `build_reward(name, **args)` 
       format: {weight: 0.5}
       rep: {fn: repetition_penalty, weight: 1.0, args: {ngram_size: 3, max_penalty: -1.0}}
 
+A term's `fn` may also name the user's own function, `FILE.py:FUNCTION` or `package.module:FUNCTION`
+(grpo_cli.rewards.custom).
+
 `RewardSet.score(completions, **columns)` returns `RewardScores` (weighted total, unweighted
 per-reward values, error counts, rows to skip) with faults isolated per completion.
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 # Submodules are imported as modules (not their same-named factories: format, code) so that
 # `grpo_cli.rewards.format` etc. keep meaning the module.
-from . import code, format, gym, language, length, math, model
+from . import code, custom, format, gym, language, length, math, model
 from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm
 
 __all__ = [
@@ -56,7 +59,13 @@ def _did_you_mean(name: str, options: Any) -> str:
 
 def build_reward(name: str, **args: Any) -> RewardFn:
     """Build the reward registered as `name` with `args`. Unknown names, unknown or missing
-    arguments and invalid values raise ValueError naming the reward and the argument."""
+    arguments and invalid values raise ValueError naming the reward and the argument. A name
+    `FILE.py:FUNCTION` or `package.module:FUNCTION` is the user's own function (grpo_cli.rewards.custom)."""
+    if custom.is_custom(name):
+        try:
+            return custom.load(name, args)
+        except ValueError as exc:
+            raise ValueError(f"reward {name!r}: {exc}") from None
     factory = REWARDS.get(name)
     if factory is None:
         raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}{_did_you_mean(name, REWARDS)}")

@@ -157,6 +157,18 @@ class RewardSet:
     def labels(self) -> list[str]:
         return [t.label for t in self.terms]
 
+    def missing_columns(self, columns: Sequence[str]) -> str | None:
+        """What is wrong when a term's function needs a column that is not among `columns` (the user's
+        own functions name theirs: grpo_cli.rewards.custom), else None. Called before training, so
+        that a missing column is an error then, not a reward of 0 on every completion."""
+        for term in self.terms:
+            lacking = sorted(set(getattr(term.reward, "required", ())) - set(columns))
+            if lacking:
+                return (f"rewards.{term.label} ({term.fn}) needs the column '{lacking[0]}', which the dataset "
+                        f"lacks (it has {', '.join(sorted(columns))}): add it to the data, pass it in "
+                        f"rewards.{term.label}.args, or give the parameter a default")
+        return None
+
     def score_samples(self, samples: Sequence[Any], rows: Sequence[Mapping[str, Any]],
                       prefill: str = "") -> tuple[list[str], RewardScores]:
         """Score rollout samples (`grpo_cli.rollout.Sample`: .text, .prompt_index, .completion_ids)
