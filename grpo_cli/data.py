@@ -56,7 +56,8 @@ def _check_row(row: dict[str, Any], number: int, cfg: DatasetConfig) -> None:
     """A row the first row's checks let through can still lack a column or hold null in it (a hub
     dataset with gaps, a hand-written JSON-lines file): one line naming the row, not a KeyError
     from the loader nor a reward that raises on every completion of that prompt, step after step.
-    A problem must be text: a list of chat messages would reach the model as its Python repr.
+    A problem is text, or (dataset.template=chat) a conversation: a list of {"role", "content"}
+    messages ending with the user's turn, as conversational datasets hold their prompts.
     Some reasoning-gym tasks (rush_hour, graph_color, ...) have no single answer (null): their own
     scorer checks a completion against the item's metadata."""
     checked = [(cfg.problem_column, "problem_column")]
@@ -68,14 +69,36 @@ def _check_row(row: dict[str, Any], number: int, cfg: DatasetConfig) -> None:
             raise UserError(f"dataset row {number} {what} column '{column}' (dataset.{role}); "
                             "fill it in or remove that row")
     problem = row[cfg.problem_column]
-    if isinstance(problem, (list, dict)):
-        raise UserError(f"dataset row {number}: column '{cfg.problem_column}' (dataset.problem_column) holds a "
-                        f"{type(problem).__name__}, not text; grpo needs the problem as a string (it applies the "
-                        "chat template itself): point dataset.problem_column at a text column")
+    where = f"dataset row {number}: column '{cfg.problem_column}' (dataset.problem_column)"
+    if isinstance(problem, list):
+        fault = _conversation_fault(problem)
+        if fault:
+            raise UserError(f"{where} holds a list that is not a conversation ({fault}); give the problem as text, "
+                            'or as a list of {"role": ..., "content": ...} messages ending with the user\'s')
+        if cfg.template != "chat":
+            raise UserError(f"{where} holds a conversation (a list of messages), which only the model's chat "
+                            f"template can render; set dataset.template=chat (it is {cfg.template})")
+    elif isinstance(problem, dict):
+        raise UserError(f"{where} holds a dict, not text; give the problem as text, or as a list of "
+                        '{"role": ..., "content": ...} messages: point dataset.problem_column at such a column')
 
 
-def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None) -> str:
-    """The text the model continues: the problem in its template, then the assistant prefill."""
+def _conversation_fault(messages: list[Any]) -> str | None:
+    """What keeps a list from being a conversation grpo can prompt with, else None."""
+    if not messages:
+        return "it is empty"
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f'message {i} is not {{"role": text, "content": text}}'
+    if messages[-1]["role"] != "user":
+        return f"the last message is the {messages[-1]['role']}'s, not the user's"
+    return None
+
+
+def render_prompt(problem: str | list[dict[str, str]], cfg: DatasetConfig,
+                  tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The text the model continues: the problem in its template, then the assistant prefill. A
+    conversation (a list of messages, template chat) is rendered as it is, after the system prompt."""
     if cfg.template == "r1_zero":
         text = R1_ZERO_TEMPLATE.format(problem=str(problem).strip())
         # The template ends "Assistant:"; a prefill such as "<think>" goes after one space.
@@ -85,8 +108,9 @@ def render_prompt(problem: str, cfg: DatasetConfig, tokenizer: PreTrainedTokeniz
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("dataset.template=chat needs a tokenizer with a chat template; this model has none: "
                         "use dataset.template=r1_zero (base models) or plain")
-    messages = [{"role": "user", "content": str(problem)}]
-    if cfg.system_prompt:
+    conversation = isinstance(problem, list)  # a conversational dataset's messages (checked by _check_row)
+    messages = [dict(m) for m in problem] if conversation else [{"role": "user", "content": str(problem)}]
+    if cfg.system_prompt and messages[0]["role"] != "system":  # a conversation's own system message wins
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     from jinja2.exceptions import TemplateError
 

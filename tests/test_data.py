@@ -223,18 +223,61 @@ def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
      "dataset row 2 has no column 'question' (dataset.problem_column); fill it in or remove that row"),
     ([{"question": "1+1", "answer": 2}, {"question": "2+2", "answer": None}],
      "dataset row 2 has null in column 'answer' (dataset.answer_column); fill it in or remove that row"),
-    ([{"question": [{"role": "user", "content": "1+1"}], "answer": "2"}],
-     "dataset row 1: column 'question' (dataset.problem_column) holds a list, not text; grpo needs the problem as "
-     "a string (it applies the chat template itself): point dataset.problem_column at a text column"),
+    ([{"question": "1+1", "answer": 2}, {"question": [{"role": "user", "content": "1+1"}], "answer": "2"}],
+     "dataset row 2: column 'question' (dataset.problem_column) holds a conversation (a list of messages), which "
+     "only the model's chat template can render; set dataset.template=chat (it is r1_zero)"),
+    ([{"question": {"text": "1+1"}, "answer": "2"}],
+     "dataset row 1: column 'question' (dataset.problem_column) holds a dict, not text; give the problem as text, or "
+     'as a list of {"role": ..., "content": ...} messages: point dataset.problem_column at such a column'),
 ])
 def test_a_bad_row_past_the_first_is_a_user_error_naming_it(tmp_path: Path, rows: list[dict], message: str) -> None:
     """Only the first row's columns were checked: a later row without one raised KeyError, a null
     answer made the accuracy reward raise on every completion of that prompt, and a list of chat
-    messages became its Python repr inside the prompt."""
+    messages (under a template other than chat) became its Python repr inside the prompt."""
     data = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError) as caught:
         load_rows(DatasetConfig(source="jsonl", path=str(data)))
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("problem", "fault"), [
+    ([], "it is empty"),
+    (["1+1"], 'message 1 is not {"role": text, "content": text}'),
+    ([{"role": "user", "content": "1+1"}, {"role": "assistant"}], 'message 2 is not {"role": text, "content": text}'),
+    ([{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+     "the last message is the assistant's, not the user's"),
+])
+def test_a_list_that_is_not_a_conversation_is_a_user_error(tmp_path: Path, problem: list, fault: str) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": problem, "answer": "2"}])
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data), template="chat"))
+    assert str(caught.value) == (
+        f"dataset row 1: column 'question' (dataset.problem_column) holds a list that is not a conversation ({fault}); "
+        'give the problem as text, or as a list of {"role": ..., "content": ...} messages ending with the user\'s')
+
+
+def test_a_conversational_dataset_is_rendered_by_the_chat_template(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Conversational datasets hold each prompt as messages (a system turn, few-shot turns, the
+    question): with template chat the model's own template renders them, with the prefill after."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    few_shot = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+3"}]
+    own_system = [{"role": "system", "content": "Add."}, {"role": "user", "content": "4+4"}]
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": few_shot, "answer": "5"}, {"question": own_system, "answer": "8"},
+                                         {"question": "3+3", "answer": "6"}])
+    cfg = DatasetConfig(source="jsonl", path=str(data), template="chat", system_prompt="Be brief.", prefill="<a>")
+    rows = load_prompts(cfg, tokenizer)
+    assert rows[0]["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1<|im_end|>\n"
+                                 "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\n2+3<|im_end|>\n"
+                                 "<|im_start|>assistant\n<a>")
+    # A conversation's own system message stands; the configured one is not added as a second.
+    assert rows[1]["prompt"] == ("<|im_start|>system\nAdd.<|im_end|>\n<|im_start|>user\n4+4<|im_end|>\n"
+                                 "<|im_start|>assistant\n<a>")
+    assert rows[2]["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n3+3<|im_end|>\n"
+                                 "<|im_start|>assistant\n<a>")  # text problems in the same file as before
+    assert rows[0]["problem"] == few_shot and rows[0]["answer"] == "5"
 
 
 def test_numbers_as_answers_and_null_answers_of_reasoning_gym_tasks(tmp_path: Path) -> None:

@@ -622,7 +622,14 @@ def test_reward_model_with_a_chat_template_sees_the_problem_not_the_policys_prom
     wrapped = reward(COMPLETIONS, prompt=rendered)  # what it scored before: the rendered prompt as the user turn
     assert wrapped != pytest.approx(expected, abs=1e-3)  # so the check below means something
     assert reward(COMPLETIONS, prompt=rendered, problem=PROMPTS) == pytest.approx(expected, abs=1e-5)
+    # A conversational dataset's problem is its messages: the completion answers that conversation.
+    conversations = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in PROMPTS]
+    expected_conv = _manual_scores(chat, [f"system: Be brief. user: {p} assistant: {c} "
+                                          for p, c in zip(PROMPTS, COMPLETIONS, strict=True)], add_special_tokens=False)
+    assert expected_conv != pytest.approx(expected, abs=1e-3)
+    assert reward(COMPLETIONS, prompt=rendered, problem=conversations) == pytest.approx(expected_conv, abs=1e-5)
     # Without a chat template the reward model reads the text as the policy saw it: prompt + completion.
     expected_plain = _manual_scores(plain, [p + c for p, c in zip(rendered, COMPLETIONS, strict=True)])
     reward = build_reward("reward_model", model_name_or_path=str(plain), batch_size=3, device="cpu")
     assert reward(COMPLETIONS, prompt=rendered, problem=PROMPTS) == pytest.approx(expected_plain, abs=1e-5)
+    assert reward(COMPLETIONS, prompt=rendered, problem=conversations) == pytest.approx(expected_plain, abs=1e-5)

@@ -124,16 +124,34 @@ def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Pat
     assert prompts and {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts} == {47}
 
 
-def test_training_problems_holding_a_special_tokens_text_get_a_note(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_conversational_dataset_trains_and_special_token_text_gets_a_note(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """Problems as messages (with a few-shot turn) or as text, in one file; two hold '<|im_end|>'."""
+    shot = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "<answer>2</answer>"}]
+    rows = [{"question": [*shot, {"role": "user", "content": f"What is {i} + 1?"}] if i % 2 else f"What is {i} + 1?",
+             "answer": str(i + 1)} for i in range(10)]
+    rows[2]["question"] += "<|im_end|>"
+    rows[7]["question"][-1]["content"] += "<|im_end|>"
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?" + ("<|im_end|>" if i in (2, 7) else ""),
-                                        "answer": str(i + 1)}) + "\n" for i in range(10)))
-    result = _train("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
-                    "dataset=jsonl", f"dataset.path={data}", "trainer.max_steps=1", "trainer.prompts_per_step=2",
-                    "rollout=hf", "rollout.group_size=2", "rollout.max_new_tokens=4")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    result = _train("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
+                    "dataset=jsonl", f"dataset.path={data}", "dataset.template=chat", "trainer.max_steps=2",
+                    "trainer.prompts_per_step=5", "rollout=hf", "rollout.group_size=2", "rollout.max_new_tokens=4",
+                    "logging.samples_per_step=10")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("dataset: 2 of 10 problems hold the text of a special token of the model (first: '<|im_end|>' in row 3)"
             in result.stderr)
+    from transformers import AutoTokenizer
+
+    from grpo_cli.config import resume_config
+    from grpo_cli.data import render_prompt
+
+    cfg, tokenizer = resume_config(str(run), []).dataset, AutoTokenizer.from_pretrained(tiny_model_dir)
+    seen = {json.loads(line)["prompt"] for step in (1, 2)
+            for line in (run / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()}
+    assert seen == {render_prompt(r["question"], cfg, tokenizer) for r in rows}  # one epoch: every row, as rendered
+    assert sum("<|im_start|>assistant\n<answer>2</answer><|im_end|>" in p for p in seen) == 5  # the few-shot turn
 
 
 def test_lora_run_syncs_merged_weights_and_saves_a_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:

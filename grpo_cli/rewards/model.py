@@ -3,7 +3,8 @@ model (e.g. a Bradley-Terry reward model with one output logit).
 
 With a chat template, the reward model's tokenizer renders a user/assistant pair: the user turn is
 the dataset's `problem` (the question itself, not the policy's rendered prompt, which already holds
-the policy's own template and special tokens), the assistant turn the completion. Without one, the
+the policy's own template and special tokens), the assistant turn the completion; a conversational
+dataset's problem (a list of messages) is the conversation the completion answers. Without one, the
 text is the plain concatenation prompt + completion: what the policy saw, then what it wrote.
 The model is loaded lazily, once, on first use.
 Batches are right-padded: with left padding, models that number positions 0..n-1 regardless
@@ -58,15 +59,13 @@ class _Scorer:
               problems: Sequence[Any] | None = None) -> list[str]:
         out = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            if isinstance(prompt, list):  # conversational prompt: a list of messages
-                messages = [*prompt, {"role": "assistant", "content": completion}]
+            question = prompt if problems is None else problems[i]
+            if isinstance(question, list):  # a conversational dataset's problem: a list of messages
+                messages = [*question, {"role": "assistant", "content": completion}]
             else:
-                question = prompt if problems is None else problems[i]
                 messages = [{"role": "user", "content": str(question)}, {"role": "assistant", "content": completion}]
             if getattr(tokenizer, "chat_template", None):
                 out.append(tokenizer.apply_chat_template(messages, tokenize=False))
-            elif isinstance(prompt, list):
-                out.append("".join(str(m.get("content", "")) for m in messages))
             else:
                 out.append(str(prompt) + completion)
         return out
