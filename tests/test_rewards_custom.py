@@ -20,6 +20,10 @@ def seen(completions, **columns):
 def matches(completions, answer, *, bonus):
     return [1.0 + bonus if c == a else 0.0 for c, a in zip(completions, answer)]
 
+def trl_style(prompts, completions, completion_ids=None, **kwargs):
+    return [float(p == "q" and c == "a" and completion_ids is None and set(kwargs) == {"prompt", "answer"})
+            for p, c in zip(prompts, completions)]
+
 def crash(completions, answer):
     return [1.0 / (c != "bad") for c in completions]
 
@@ -41,6 +45,13 @@ def test_a_function_gets_the_columns_it_names_and_its_args(tmp_path: Path) -> No
     assert build_reward(f"{path}:brevity", limit=1)(["ab", "a"], **columns) == [0.0, 1.0]
     assert build_reward(f"{path}:seen")(["a", "b"], **columns) == [3.0, 3.0]  # **columns: all of them
     assert build_reward(f"{path}:matches", bonus=0.5)(["ab", "y"], **columns) == [1.5, 0.0]
+
+
+def test_a_function_written_for_trl_gets_completions_and_prompts_by_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, USER_REWARDS)
+    reward = build_reward(f"{path}:trl_style")
+    assert reward.required == set()  # `prompts` comes from the `prompt` column every row has
+    assert reward(["a", "b"], prompt=["q", "q"], answer=["1"] * 2) == [1.0, 0.0]
 
 
 def test_an_arg_takes_the_place_of_the_column_of_its_name(tmp_path: Path) -> None:
@@ -79,7 +90,7 @@ def test_a_file_is_imported_once(tmp_path: Path) -> None:
     (USER_REWARDS, "{path}:", "'{path}:' is not FILE.py:FUNCTION or package.module:FUNCTION"),
     ("def f():\n    return []\n", "{path}:f", "must take the completions as its first argument, e.g. def f(completions, "
                                              "answer): ..."),
-    ("def f(*, completions):\n    return []\n", "{path}:f", "must take the completions as its first argument"),
+    ("def f(*, answer):\n    return []\n", "{path}:f", "must take the completions as its first argument"),
     ("x = 1\ndef f(completions:\n    return []\n", "{path}:f", "importing {path} failed: SyntaxError: '(' was never "
                                                               "closed (line 2)"),
     ("import math\n\nmath.sqrt(-1)\n", "{path}:f", "importing {path} failed: ValueError: math domain error (line 3)"),
@@ -99,7 +110,7 @@ def test_what_is_wrong_with_a_user_function_is_one_line(tmp_path: Path, text: st
 
 def test_an_unknown_arg_is_refused_unless_the_function_takes_any(tmp_path: Path) -> None:
     path = _write(tmp_path, USER_REWARDS)
-    with pytest.raises(ValueError, match=r"unknown argument 'limt' \(did you mean 'limit'\?\); its parameters after "
+    with pytest.raises(ValueError, match=r"unknown argument 'limt' \(did you mean 'limit'\?\); its parameters besides "
                                          r"the completions: answer, limit$"):
         build_reward(f"{path}:brevity", limt=3)
     build_reward(f"{path}:seen", anything=1)

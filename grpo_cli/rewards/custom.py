@@ -12,7 +12,9 @@ The function takes the completions first and any dataset columns it names after 
 It is called with a batch of completions (strings, the prefill put back in front) and, for each
 parameter named after a column, that column aligned with them: every column of the dataset, plus
 `problem`, `answer`, `prompt` (the rendered prompt) and `completion_tokens`. A function with
-`**kwargs` gets them all. `args` are passed as keyword arguments on every call (and take the place
+`**kwargs` gets them all. A parameter named `completions` gets the completions wherever it stands,
+and one named `prompts` the `prompt` column, so that functions written for TRL's GRPOTrainer
+(`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are passed as keyword arguments on every call (and take the place
 of a column of the same name). It returns one number per completion; a completion whose score
 raises or is not a finite number scores 0 and is counted in `reward/<label>/errors`, as for any
 reward.
@@ -55,23 +57,32 @@ class UserReward:
     def __init__(self, fn: Callable[..., Any], args: Mapping[str, Any], spec: str) -> None:
         self.fn, self.args, self.spec = fn, dict(args), spec
         params = list(inspect.signature(fn).parameters.values())
+        # TRL-style functions take `completions` (and `prompts`) as keywords, anywhere in the list.
+        self.by_name = any(p.name == "completions" and p.kind in _COLUMNS for p in params)
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                       inspect.Parameter.VAR_POSITIONAL)
-        if not params or params[0].kind not in positional:
+        if not self.by_name and (not params or params[0].kind not in positional):
             raise ValueError("must take the completions as its first argument, e.g. def "
                              f"{getattr(fn, '__name__', 'reward')}(completions, answer): ...")
-        rest = params[1:] if params[0].kind is not inspect.Parameter.VAR_POSITIONAL else params
+        if self.by_name:
+            rest = [p for p in params if p.name != "completions"]
+        else:
+            rest = params[1:] if params[0].kind is not inspect.Parameter.VAR_POSITIONAL else params
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest)
         self.named = {p.name for p in rest if p.kind in _COLUMNS}
         for key in self.args:
             if key not in self.named and not self.takes_all:
-                raise ValueError(f"unknown argument {key!r}{_did_you_mean(key, self.named)}; its parameters after "
+                raise ValueError(f"unknown argument {key!r}{_did_you_mean(key, self.named)}; its parameters besides "
                                  f"the completions: {', '.join(sorted(self.named)) or 'none'}")
         self.required = {p.name for p in rest if p.kind in _COLUMNS and p.default is inspect.Parameter.empty}
-        self.required -= set(self.args)
+        self.required -= {*self.args, "prompts"}  # `prompts` is the `prompt` column, which every row has
 
     def __call__(self, completions: list[str], **columns: Sequence[Any]) -> Any:
         passed = {k: v for k, v in columns.items() if (self.takes_all or k in self.named) and k not in self.args}
+        if "prompts" in self.named and "prompts" not in passed and "prompts" not in self.args and "prompt" in columns:
+            passed["prompts"] = columns["prompt"]
+        if self.by_name:
+            return self.fn(completions=completions, **passed, **self.args)
         return self.fn(completions, **passed, **self.args)
 
     def __repr__(self) -> str:
