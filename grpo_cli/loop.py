@@ -99,7 +99,7 @@ def train(cfg: Config) -> Path:
     logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes the run
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
-    for note in (left_out, special_token_note(rows, tokenizer, "dataset"), *notes):
+    for note in (epoch_note(sum(fits), cfg), left_out, special_token_note(rows, tokenizer, "dataset"), *notes):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position
@@ -399,6 +399,21 @@ def training_rows(rounds: list[Round], cfg: Config) -> TrainingRows:
             samples.append(r.samples[i])
             advantages.append(r.advantages[i])
     return TrainingRows(samples, torch.stack(advantages) if advantages else torch.zeros(0))
+
+
+def epoch_note(usable: int, cfg: Config) -> str:
+    """How the run's steps relate to the data: the steps in one epoch (a batch never spans two, so
+    the rest of an epoch too short for one is skipped) and the epochs in trainer.max_steps."""
+    per_step = cfg.trainer.prompts_per_step
+    if usable < per_step:
+        return (f"data: {usable} prompts, fewer than the {per_step} a step takes (trainer.prompts_per_step): every "
+                "step repeats some of them")
+    epoch = usable // per_step
+    if cfg.trainer.dynamic_sampling:  # a step's extra rounds take further prompts
+        return (f"data: {usable} prompts, {per_step} per round: an epoch is at most {epoch} steps, fewer as "
+                "dynamic sampling adds rounds")
+    return (f"data: {usable} prompts, {per_step} per step: an epoch is {epoch} steps; trainer.max_steps="
+            f"{cfg.trainer.max_steps} is {cfg.trainer.max_steps / epoch:.3g} epochs")
 
 
 def prompt_indices(position: int, count: int, fits: Sequence[bool], seed: int) -> tuple[list[int], int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo_cli.config import compose
-from grpo_cli.loop import Round, prompt_indices, training_rows
+from grpo_cli.loop import Round, epoch_note, prompt_indices, training_rows
 from grpo_cli.rollout import Sample
 
 
@@ -67,6 +67,17 @@ def test_a_batch_larger_than_the_usable_rows_runs_across_epochs() -> None:
     third = torch.randperm(3, generator=torch.Generator().manual_seed(3 * 7919 + 2)).tolist()
     assert batch[4] == next(i for i in third if i != 1)  # two whole epochs, then the third's first usable row
     assert end == 6 + [i != 1 for i in third].index(True) + 1  # and just past it
+
+
+def test_the_epoch_note_counts_whole_steps_per_epoch() -> None:
+    cfg = compose(["trainer.prompts_per_step=4", "trainer.max_steps=60"])
+    assert epoch_note(2000, cfg) == "data: 2000 prompts, 4 per step: an epoch is 500 steps; trainer.max_steps=60 is 0.12 epochs"
+    assert epoch_note(10, cfg) == "data: 10 prompts, 4 per step: an epoch is 2 steps; trainer.max_steps=60 is 30 epochs"
+    assert epoch_note(3, cfg) == ("data: 3 prompts, fewer than the 4 a step takes (trainer.prompts_per_step): every "
+                                  "step repeats some of them")
+    dynamic = compose(["trainer.prompts_per_step=4", "trainer.dynamic_sampling=true"])
+    assert epoch_note(10, dynamic) == ("data: 10 prompts, 4 per round: an epoch is at most 2 steps, fewer as dynamic "
+                                       "sampling adds rounds")
 
 
 def _round(tag: str, advantages: list[float], truncated: list[bool], group_size: int = 2) -> Round:
