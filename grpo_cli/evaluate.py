@@ -522,7 +522,9 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
     """Sample, score and summarize one dataset."""
     rows = eval_set.rows
     samples = generate(engine, [r["prompt"] for r in rows], sampling, on_progress)
-    completions, scores = rewards.rewards.score_samples(samples, rows, eval_set.dataset.prefill)  # as in training
+    # As in training, less the run's own reward functions that need a column this dataset lacks.
+    scorer, left_out = rewards.rewards.for_columns([*rows[0], "completion_tokens"])
+    completions, scores = scorer.score_samples(samples, rows, eval_set.dataset.prefill)
 
     correct = scores.per_reward[judge(rewards, eval_set.dataset)]
     graded = [Graded(answer=extract_answer(text), correct=correct[i] == 1.0,
@@ -546,8 +548,9 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
             "rewards": {label: values[i] for label, values in scores.per_reward.items() if label in configured},
             "tokens": g.tokens, "truncated": g.truncated, "invalid": scores.invalid[i],
         })
-    warnings = [f"{eval_set.label}: reward {label} raised on {scores.errors[label]} completion(s): {message}"
-                for label, message in scores.first_error.items()]
+    warnings = [f"{eval_set.label}: {note}" for note in left_out]
+    warnings += [f"{eval_set.label}: reward {label} raised on {scores.errors[label]} completion(s): {message}"
+                 for label, message in scores.first_error.items()]
     if same is not None and same.skipped:
         warnings.append(f"{eval_set.label}: maj@k: {same.skipped} of {same.skipped + same.compared} comparisons of "
                         f"wrong answers were left out after {same.seconds:.0f} s of math-verify; those answers voted "

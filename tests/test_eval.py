@@ -414,6 +414,23 @@ def test_eval_says_when_comparing_wrong_answers_ran_out_of_time(tmp_path: Path,
                                "math-verify; those answers voted by their text (maj@k may be slightly high)"]
 
 
+def test_a_run_reward_needing_a_column_the_eval_set_lacks_is_left_out_of_its_total(tmp_path: Path) -> None:
+    """A run trained with its own reward function on a column of its data (`difficulty`), evaluated
+    on a file without it: that term is left out of the eval's reward total, once, with a warning,
+    rather than raising on every completion; the run's other terms still score."""
+    (tmp_path / "mine.py").write_text("def hard(completions, difficulty):\n    return [float(d) for d in difficulty]\n")
+    data = tmp_path / "algebra.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rewards=accuracy",
+                   f"+rewards.hard.fn={tmp_path / 'mine.py'}:hard", "eval.n=2", "eval.k=[1]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    texts = ["<answer>2</answer>", "<answer>3</answer>"]
+    result = evaluate_set(cfg, ScriptedEngine(texts), eval_reward_set(cfg), eval_set, sampling_settings(cfg, 0))
+    assert result.warnings == ["algebra: reward hard needs the column 'difficulty', which this dataset lacks: it is "
+                               "left out of the reward total"]
+    assert [(r["reward"], r["rewards"]) for r in result.records] == [(1.0, {"accuracy": 1.0}), (0.0, {"accuracy": 0.0})]
+
+
 def test_eval_under_a_task_scorer_votes_wrong_answers_by_text() -> None:
     """countdown is judged by its scorer, which knows no equality of two wrong expressions: they vote
     apart even where math-verify would find them equal (both are 21), and the right one, first, wins."""

@@ -142,6 +142,11 @@ def call_isolated(
     return values, invalid, row_errors
 
 
+def _lacking(term: RewardTerm, columns: Sequence[str]) -> list[str]:
+    """The columns the term's function needs (`required`, grpo_cli.rewards.custom) that are not in `columns`."""
+    return sorted(set(getattr(term.reward, "required", ())) - set(columns))
+
+
 class RewardSet:
     """Weighted set of rewards, built from config by `build_reward_set`."""
 
@@ -162,12 +167,20 @@ class RewardSet:
         own functions name theirs: grpo_cli.rewards.custom), else None. Called before training, so
         that a missing column is an error then, not a reward of 0 on every completion."""
         for term in self.terms:
-            lacking = sorted(set(getattr(term.reward, "required", ())) - set(columns))
+            lacking = _lacking(term, columns)
             if lacking:
                 return (f"rewards.{term.label} ({term.fn}) needs the column '{lacking[0]}', which the dataset "
                         f"lacks (it has {', '.join(sorted(columns))}): add it to the data, pass it in "
                         f"rewards.{term.label}.args, or give the parameter a default")
         return None
+
+    def for_columns(self, columns: Sequence[str]) -> tuple[RewardSet, list[str]]:
+        """This set without the terms that need a column not among `columns` (an eval dataset other
+        than the training data), and a note on each term left out."""
+        kept = [t for t in self.terms if not _lacking(t, columns)]
+        notes = [f"reward {t.label} needs the column '{_lacking(t, columns)[0]}', which this dataset lacks: it is left "
+                 "out of the reward total" for t in self.terms if t not in kept]
+        return (RewardSet(kept) if notes else self), notes
 
     def score_samples(self, samples: Sequence[Any], rows: Sequence[Mapping[str, Any]],
                       prefill: str = "") -> tuple[list[str], RewardScores]:
