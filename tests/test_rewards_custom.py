@@ -24,6 +24,9 @@ def trl_style(prompts, completions, completion_ids=None, **kwargs):
     return [float(p == "q" and c == "a" and completion_ids is None and set(kwargs) == {"prompt", "answer"})
             for p, c in zip(prompts, completions)]
 
+async def judged(completions, answer):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
 def crash(completions, answer):
     return [1.0 / (c != "bad") for c in completions]
 
@@ -52,6 +55,11 @@ def test_a_function_written_for_trl_gets_completions_and_prompts_by_name(tmp_pat
     reward = build_reward(f"{path}:trl_style")
     assert reward.required == set()  # `prompts` comes from the `prompt` column every row has
     assert reward(["a", "b"], prompt=["q", "q"], answer=["1"] * 2) == [1.0, 0.0]
+
+
+def test_an_async_function_is_run_to_completion(tmp_path: Path) -> None:
+    path = _write(tmp_path, USER_REWARDS)
+    assert build_reward(f"{path}:judged")(["1", "3"], answer=["1", "2"]) == [1.0, 0.0]
 
 
 def test_an_arg_takes_the_place_of_the_column_of_its_name(tmp_path: Path) -> None:

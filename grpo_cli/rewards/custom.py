@@ -14,10 +14,12 @@ parameter named after a column, that column aligned with them: every column of t
 `problem`, `answer`, `prompt` (the rendered prompt) and `completion_tokens`. A function with
 `**kwargs` gets them all. A parameter named `completions` gets the completions wherever it stands,
 and one named `prompts` the `prompt` column, so that functions written for TRL's GRPOTrainer
-(`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are passed as keyword arguments on every call (and take the place
-of a column of the same name). It returns one number per completion; a completion whose score
-raises or is not a finite number scores 0 and is counted in `reward/<label>/errors`, as for any
-reward.
+(`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are
+passed as keyword arguments on every call (and take the place of a column of the same name).
+
+It returns one number per completion (an `async def` function is run to completion); a completion
+whose score raises or is not a finite number scores 0 and is counted in `reward/<label>/errors`,
+as for any reward.
 
 The code runs in the trainer's process: it is the user's own, like the config. Model output it
 runs (code-execution rewards) belongs in the sandbox of the `code` reward, never here.
@@ -25,6 +27,7 @@ runs (code-execution rewards) belongs in the sandbox of the `code` reward, never
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import importlib
@@ -82,8 +85,10 @@ class UserReward:
         if "prompts" in self.named and "prompts" not in passed and "prompts" not in self.args and "prompt" in columns:
             passed["prompts"] = columns["prompt"]
         if self.by_name:
-            return self.fn(completions=completions, **passed, **self.args)
-        return self.fn(completions, **passed, **self.args)
+            out = self.fn(completions=completions, **passed, **self.args)
+        else:
+            out = self.fn(completions, **passed, **self.args)
+        return asyncio.run(out) if inspect.iscoroutine(out) else out  # `async def`: e.g. a call to a judge service
 
     def __repr__(self) -> str:
         return f"UserReward({self.spec})"
