@@ -223,6 +223,9 @@ def _reasoning_gym(cfg: DatasetConfig, split: str, limit: int | None = None) -> 
 def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     import datasets
 
+    folder = Path(cfg.path).expanduser()
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return _saved(folder, split)
     try:
         ds = datasets.load_dataset(cfg.path, cfg.name, split=split)
     except ValueError as e:  # most often an unknown split or configuration name
@@ -230,6 +233,24 @@ def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     except Exception as e:  # not found, no network, gated: the hub raises many types
         raise UserError(f"dataset.path={cfg.path}: cannot load it from the Hugging Face Hub or disk "
                         f"({type(e).__name__}: {first_line(e)})") from None
+    return ds.to_list()
+
+
+def _saved(folder: Path, split: str) -> list[dict[str, Any]]:
+    """A dataset written by `save_to_disk`, which `load_dataset` refuses: a DatasetDict's `split`, or
+    a single Dataset whatever the split."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:  # a damaged or partly copied folder
+        raise UserError(f"dataset.path={folder}: cannot load this save_to_disk folder ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"dataset {folder} has no split '{split}'{did_you_mean(split, list(ds))}; its splits are "
+                            f"{', '.join(ds)}: set dataset.split (eval.split when evaluating)")
+        ds = ds[split]
     return ds.to_list()
 
 

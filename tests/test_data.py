@@ -331,6 +331,29 @@ def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:
     assert [r["answer"] for r in load_rows(cfg, split="test")] == ["4"]
 
 
+def test_hf_source_reads_a_save_to_disk_folder(tmp_path: Path) -> None:
+    """What `Dataset.save_to_disk` writes, which `load_dataset` refuses ("use load_from_disk"): a
+    DatasetDict's splits, or one Dataset; a conversational prompt column comes back as messages."""
+    import datasets
+
+    conversation = [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+2"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": conversation, "solution": "3"}]),
+                          "test": datasets.Dataset.from_list([{"prompt": conversation, "solution": "4"}])}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    cfg = DatasetConfig(source="hf", path=str(tmp_path / "dict"), problem_column="prompt", answer_column="solution",
+                        template="chat")
+    (row,) = load_rows(cfg)
+    assert (row["problem"], row["answer"]) == (conversation, "3")
+    assert [r["answer"] for r in load_rows(cfg, split="test")] == ["4"]
+    with pytest.raises(UserError) as caught:
+        load_rows(cfg, split="tset")
+    assert str(caught.value) == (f"dataset {tmp_path / 'dict'} has no split 'tset' (did you mean test?); its splits "
+                                 "are train, test: set dataset.split (eval.split when evaluating)")
+    datasets.Dataset.from_list([{"q": "1+2", "a": "3"}]).save_to_disk(str(tmp_path / "one"))
+    assert [r["answer"] for r in load_rows(DatasetConfig(source="hf", path=str(tmp_path / "one"), problem_column="q",
+                                                         answer_column="a"))] == ["3"]
+
+
 def test_hf_source_errors_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="dataset.path=nobody/no-such-dataset-xyz: cannot load it"):
         load_rows(DatasetConfig(source="hf", path="nobody/no-such-dataset-xyz"))
