@@ -281,6 +281,17 @@ def validate(cfg: Config) -> None:
     if not cfg.rewards:
         raise UserError("no rewards configured; choose a reward set, e.g. rewards=r1_zero")
     _validate_rewards(cfg.rewards)
+    if cfg.dataset.answer_column is None:
+        from grpo_cli.rewards import ANSWER_REWARDS
+
+        if cfg.dataset.source == "reasoning_gym":
+            raise UserError("dataset.answer_column=null: a reasoning-gym task has its answers; null is for hf or "
+                            "jsonl data without reference answers")
+        for label, term in cfg.rewards.items():
+            if (term.fn or label) in ANSWER_REWARDS:
+                raise UserError(f"rewards.{label} ({term.fn or label}) checks answers against the reference, and "
+                                "dataset.answer_column=null gives none: drop the term with ~rewards."
+                                f"{label}, or name the data's answer column")
 
 
 def _validate_rewards(terms: dict[str, RewardTerm]) -> None:

@@ -41,14 +41,14 @@ def load_rows(cfg: DatasetConfig, split: str | None = None, limit: int | None = 
     if not rows:
         raise UserError(f"dataset {cfg.path or cfg.task}: no rows; check dataset.path / dataset.split / dataset.size")
     for column, role in ((cfg.problem_column, "problem_column"), (cfg.answer_column, "answer_column")):
-        if column not in rows[0]:
+        if column is not None and column not in rows[0]:
             existing = list(rows[0])
             raise UserError(f"dataset has no column '{column}' (dataset.{role}); its columns are: {', '.join(existing)}"
                             f"{did_you_mean(column, existing)}")
     for number, row in enumerate(rows, 1):
         _check_row(row, number, cfg)
         row["problem"] = row[cfg.problem_column]
-        row["answer"] = row[cfg.answer_column]
+        row["answer"] = row[cfg.answer_column] if cfg.answer_column is not None else None
     return rows
 
 
@@ -61,7 +61,7 @@ def _check_row(row: dict[str, Any], number: int, cfg: DatasetConfig) -> None:
     Some reasoning-gym tasks (rush_hour, graph_color, ...) have no single answer (null): their own
     scorer checks a completion against the item's metadata."""
     checked = [(cfg.problem_column, "problem_column")]
-    if cfg.source != "reasoning_gym":
+    if cfg.source != "reasoning_gym" and cfg.answer_column is not None:
         checked.append((cfg.answer_column, "answer_column"))
     for column, role in checked:
         if row.get(column) is None:

@@ -349,6 +349,9 @@ def eval_datasets(cfg: Config) -> dict[str, DatasetConfig]:
 def load_eval_sets(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[EvalSet]:
     sets = []
     for label, ds in eval_datasets(cfg).items():
+        if ds.answer_column is None:
+            raise UserError(f"eval dataset {label}: dataset.answer_column=null, so it has no reference answers, which "
+                            "pass@k and maj@k need; evaluate on data with answers (eval.datasets=[...])")
         try:
             rows = load_prompts(ds, tokenizer, split=cfg.eval.split, limit=cfg.eval.limit)
         except UserError as e:  # a JSON-lines file has no splits: name the file

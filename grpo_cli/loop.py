@@ -522,7 +522,7 @@ def _sample_records(r: Round, limit: int, judge: str | None) -> list[dict[str, A
     for i, sample in enumerate(r.samples[:limit]):
         row = r.rows[sample.prompt_index]
         records.append({
-            "prompt": row["prompt"], "answer": str(row["answer"]), "completion": r.completions[i],
+            "prompt": row["prompt"], "answer": None if row["answer"] is None else str(row["answer"]), "completion": r.completions[i],
             "reward": r.scores.total[i], "rewards": {k: v[i] for k, v in r.scores.per_reward.items()},
             "advantage": r.advantages[i].item(), "truncated": sample.truncated,
         })

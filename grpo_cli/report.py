@@ -356,7 +356,7 @@ def _samples_section(runs: Sequence[Run]) -> str:
                 f'<span class="outcome">{ {"correct": "&#10003; correct", "wrong": "&#10007; wrong"}.get(outcome, "")}'
                 '</span>',
                 _fmt(s.get("reward")), _fmt(s.get("advantage")), *(_fmt(rewards.get(k)) for k in labels),
-                html.escape(str(s.get("answer", ""))),
+                html.escape("" if s.get("answer") is None else str(s["answer"])),  # null: data without answers
                 f'<pre class="completion">{html.escape(str(s.get("completion", "")))}</pre>'
                 + (' <span class="note">(truncated)</span>' if s.get("truncated") else ""),
                 f'<details><summary>prompt</summary><pre>{html.escape(str(s.get("prompt", "")))}</pre></details>']

@@ -41,7 +41,7 @@ class DatasetConfig:
     size: int = 1000
     seed: int = 0
     problem_column: str = "question"
-    answer_column: str = "answer"
+    answer_column: str | None = "answer"  # null: no reference answers (for rewards that need none)
     template: str = _choice("r1_zero", "chat", "plain")
     system_prompt: str | None = None
     prefill: str = ""

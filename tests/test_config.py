@@ -153,6 +153,14 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["dataset.prefill=<think>"], """quote a value with special characters, e.g. 'dataset.prefill="<think>"'"""),
     (["eval.k=abc"], "bad value for 'eval.k': it takes a list, e.g. eval.k=[1,8]"),
     (["dataset=jsonl"], "dataset.path is required for dataset.source=jsonl; e.g. dataset.path=data/train.jsonl"),
+    # data without reference answers, and the rewards that need them
+    (["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=r1_zero"],
+     "rewards.accuracy (accuracy) checks answers against the reference, and dataset.answer_column=null gives none: "
+     "drop the term with ~rewards.accuracy, or name the data's answer column"),
+    (["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=accuracy", "~rewards.accuracy",
+      "+rewards.len.fn=cosine_length"], "rewards.len (cosine_length) checks answers against the reference"),
+    (["dataset.answer_column=null"], "dataset.answer_column=null: a reasoning-gym task has its answers; null is for hf "
+                                     "or jsonl data without reference answers"),
 ])
 def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError) as caught:
@@ -160,6 +168,12 @@ def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str)
     text = str(caught.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_data_without_answers_takes_the_rewards_that_need_none() -> None:
+    cfg = compose(["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=shaped",
+                   "~rewards.accuracy"])
+    assert cfg.dataset.answer_column is None and "accuracy" not in cfg.rewards and "format" in cfg.rewards
 
 
 def test_boundary_values_that_mean_something_are_accepted() -> None:

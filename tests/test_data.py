@@ -331,6 +331,14 @@ def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:
     assert [r["answer"] for r in load_rows(cfg, split="test")] == ["4"]
 
 
+def test_data_without_answers_has_none(tmp_path: Path) -> None:
+    """dataset.answer_column=null: prompts alone, for rewards that need no reference (a length term,
+    a reward model, your own function); every row's `answer` is None and no column is required."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "Write a haiku."}, {"prompt": "Name a bird.", "answer": "x"}])
+    rows = load_rows(DatasetConfig(source="jsonl", path=str(data), problem_column="prompt", answer_column=None))
+    assert [(r["problem"], r["answer"]) for r in rows] == [("Write a haiku.", None), ("Name a bird.", None)]
+
+
 def test_hf_source_reads_a_save_to_disk_folder(tmp_path: Path) -> None:
     """What `Dataset.save_to_disk` writes, which `load_dataset` refuses ("use load_from_disk"): a
     DatasetDict's splits, or one Dataset; a conversational prompt column comes back as messages."""

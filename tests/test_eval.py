@@ -431,6 +431,22 @@ def test_a_run_reward_needing_a_column_the_eval_set_lacks_is_left_out_of_its_tot
     assert [(r["reward"], r["rewards"]) for r in result.records] == [(1.0, {"accuracy": 1.0}), (0.0, {"accuracy": 0.0})]
 
 
+def test_eval_of_data_without_answers_is_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.problem_column=prompt", "dataset.answer_column=null",
+                   "~rewards.accuracy", "+rewards.f.fn=format"])
+    with pytest.raises(UserError) as caught:
+        load_eval_sets(cfg, None)
+    assert str(caught.value) == ("eval dataset prompts: dataset.answer_column=null, so it has no reference answers, "
+                                 "which pass@k and maj@k need; evaluate on data with answers (eval.datasets=[...])")
+    other = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.problem_column=prompt",
+                     "dataset.answer_column=null", "~rewards.accuracy", "+rewards.f.fn=format",
+                     "eval.datasets=[chain_sum]", "eval.limit=1"])
+    (chain_sum,) = load_eval_sets(other, None)
+    assert chain_sum.rows[0]["answer"]  # an eval option has its own answer column
+
+
 def test_eval_under_a_task_scorer_votes_wrong_answers_by_text() -> None:
     """countdown is judged by its scorer, which knows no equality of two wrong expressions: they vote
     apart even where math-verify would find them equal (both are 21), and the right one, first, wins."""

@@ -180,3 +180,26 @@ def test_a_run_trains_on_a_user_reward_and_refuses_a_missing_column(grpo, tiny_m
     assert missing.stderr.strip().splitlines()[-1].startswith(
         f"error: rewards.g ({tmp_path / 'my_rewards.py'}:graded) needs the column 'difficulty', which the dataset lacks")
     assert not (tmp_path / "run2").exists()  # refused before the run directory is made
+
+
+def test_prompts_without_answers_train_on_a_user_reward(grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """As TRL's own first example: a dataset of prompts alone (dataset.answer_column=null) and a
+    length reward of the user's; the samples say there is no answer."""
+    _write(tmp_path, '''
+        def short(completions, limit=20):
+            return [-abs(len(c) - limit) / limit for c in completions]
+    ''')
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Write about {w}."}) + "\n"
+                                                    for w in ("cats", "rain", "hills", "sea")))
+    result = grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", "output_dir=run",
+                  "dataset=jsonl", "dataset.path=prompts.jsonl", "dataset.problem_column=prompt",
+                  "dataset.answer_column=null", "~rewards.accuracy", "+rewards.short.fn=my_rewards.py:short",
+                  "trainer.max_steps=1", "trainer.prompts_per_step=2", "rollout=hf", "rollout.group_size=2",
+                  "rollout.max_new_tokens=6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step-000001.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["answer"] for s in samples} == {None}
+    for s in samples:
+        assert s["rewards"] == {"short": pytest.approx(-abs(len(s["completion"]) - 20) / 20)}
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "accuracy" not in metrics  # no answers, so no accuracy metric

@@ -31,7 +31,7 @@ from . import code, custom, format, gym, language, length, math, model
 from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm
 
 __all__ = [
-    "REWARDS", "FlaggedScores", "RewardFn", "RewardScores", "RewardSet", "RewardTerm",
+    "ANSWER_REWARDS", "REWARDS", "FlaggedScores", "RewardFn", "RewardScores", "RewardSet", "RewardTerm",
     "build_reward", "build_reward_set",
 ]
 
@@ -48,6 +48,9 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "code": code.code,
     "reward_model": model.reward_model,
 }
+
+# The built-in rewards that score a completion against the row's reference `answer`.
+ANSWER_REWARDS = ("accuracy", "cosine_length")
 
 _TERM_KEYS = ("fn", "weight", "args")
 
