@@ -54,7 +54,7 @@ from grpo_cli.config import (
 from grpo_cli.data import load_prompts, load_rows, prompt_token_counts, special_token_note
 from grpo_cli.errors import UserError
 from grpo_cli.loss import pass_at_k
-from grpo_cli.rewards import RewardSet, build_reward_set
+from grpo_cli.rewards import RewardSet, build_reward_set, shown
 from grpo_cli.rewards.extract import extract_answer
 from grpo_cli.rewards.mathcheck import CORRECT, default_checker
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
@@ -548,7 +548,7 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
             "prompt": rows[s.prompt_index]["prompt"], "reference": str(rows[s.prompt_index]["answer"]),
             "completion": completions[i], "extracted": g.answer, "correct": g.correct, "format": g.formatted,
             "reward": scores.total[i],
-            "rewards": {label: values[i] for label, values in scores.per_reward.items() if label in configured},
+            "rewards": {label: shown(values[i]) for label, values in scores.per_reward.items() if label in configured},
             "tokens": g.tokens, "truncated": g.truncated, "invalid": scores.invalid[i],
         })
     warnings = [f"{eval_set.label}: {note}" for note in left_out]

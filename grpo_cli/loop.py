@@ -50,7 +50,7 @@ from grpo_cli.logging import RunLogger, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
-from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set
+from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
 from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
 from grpo_cli.runs import check_run_dir, prepare_run_dir
 from grpo_cli.schema import Config
@@ -522,8 +522,9 @@ def _sample_records(r: Round, limit: int, judge: str | None) -> list[dict[str, A
     for i, sample in enumerate(r.samples[:limit]):
         row = r.rows[sample.prompt_index]
         records.append({
-            "prompt": row["prompt"], "answer": None if row["answer"] is None else str(row["answer"]), "completion": r.completions[i],
-            "reward": r.scores.total[i], "rewards": {k: v[i] for k, v in r.scores.per_reward.items()},
+            "prompt": row["prompt"], "answer": None if row["answer"] is None else str(row["answer"]),
+            "completion": r.completions[i], "reward": r.scores.total[i],
+            "rewards": {k: shown(v[i]) for k, v in r.scores.per_reward.items()},
             "advantage": r.advantages[i].item(), "truncated": sample.truncated,
         })
         if judge is not None:  # the report filters samples by it

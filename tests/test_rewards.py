@@ -219,6 +219,31 @@ def test_fault_isolation_per_completion(monkeypatch):
     assert m["reward/invalid"] == 1.0
 
 
+def test_a_none_score_means_the_reward_does_not_apply(monkeypatch):
+    """A mixed dataset: the `code` rows' reward returns None on the `math` rows, and the reverse.
+    None adds nothing to the total, is no error, and is left out of that reward's mean; a reward
+    that applies to no row has a NaN mean (logged as null), not a 0 it never scored."""
+    def for_kind(kind, score):
+        return lambda completions, kinds, **_: [score if k == kind else None for k in kinds]
+
+    monkeypatch.setitem(REWARDS, "code_only", lambda: for_kind("code", 0.5))
+    monkeypatch.setitem(REWARDS, "math_only", lambda: for_kind("math", 1.0))
+    monkeypatch.setitem(REWARDS, "poem_only", lambda: for_kind("poem", 1.0))
+    rs = build_reward_set({"code": {"fn": "code_only", "weight": 2.0}, "math": {"fn": "math_only"},
+                           "poem": {"fn": "poem_only"}})
+    scores = rs.score(["a", "b", "c"], kinds=["code", "math", "math"])
+    assert scores.total == [1.0, 1.0, 1.0]  # 2 * 0.5 on the code row, 1 on the math rows
+    assert scores.errors == {"code": 0, "math": 0, "poem": 0}
+    nan = pytest.approx(float("nan"), nan_ok=True)
+    assert scores.per_reward["code"] == [0.5, nan, nan]
+    m = scores.metrics()
+    assert (m["reward/code"], m["reward/math"], m["reward/mean"]) == (0.5, 1.0, 1.0)  # means over the rows that apply
+    assert math.isnan(m["reward/poem"])
+    from grpo_cli.rewards import shown
+
+    assert [shown(v) for v in scores.per_reward["code"]] == [0.5, None, None]  # as samples files record them
+
+
 def test_reward_raising_on_everything_scores_zero():
     rs = build_reward_set({"accuracy": {}})  # no `answer` column: raises on every completion
     scores = rs.score(["<answer>1</answer>", "2"])

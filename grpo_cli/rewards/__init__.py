@@ -28,11 +28,11 @@ from typing import Any
 # Submodules are imported as modules (not their same-named factories: format, code) so that
 # `grpo_cli.rewards.format` etc. keep meaning the module.
 from . import code, custom, format, gym, language, length, math, model
-from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm
+from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm, shown
 
 __all__ = [
     "ANSWER_REWARDS", "REWARDS", "FlaggedScores", "RewardFn", "RewardScores", "RewardSet", "RewardTerm",
-    "build_reward", "build_reward_set",
+    "build_reward", "build_reward_set", "shown",
 ]
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {

@@ -17,9 +17,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-RewardFn = Callable[..., list[float]]
-"""`fn(completions: list[str], **columns) -> list[float]`; columns are lists aligned with
-`completions`; unknown columns must be accepted and ignored."""
+RewardFn = Callable[..., list[float | None]]
+"""`fn(completions: list[str], **columns) -> list[float | None]`; columns are lists aligned with
+`completions`; unknown columns must be accepted and ignored. None scores a completion the reward
+does not apply to (a code reward on a math row of a mixed dataset): it adds nothing to the total,
+counts as no error, and is left out of the reward's mean (kept as NaN in `per_reward`)."""
 
 _MAX_ERROR_CHARS = 500
 
@@ -61,13 +63,20 @@ class RewardScores:
         valid = [i for i, bad in enumerate(self.invalid) if not bad]
         out: dict[str, float] = {}
         for label, values in self.per_reward.items():
-            out[f"reward/{label}"] = _mean([values[i] for i in valid])
+            applies = [values[i] for i in valid if not math.isnan(values[i])]
+            # NaN (logged as null) when the reward applied to none of the rows, which 0 would misstate.
+            out[f"reward/{label}"] = _mean(applies) if applies or not valid else math.nan
             out[f"reward/{label}/errors"] = float(self.errors.get(label, 0))
         totals = [self.total[i] for i in valid]
         out["reward/mean"] = _mean(totals)
         out["reward/std"] = statistics.pstdev(totals) if len(totals) > 1 else 0.0
         out["reward/invalid"] = float(len(self.invalid) - len(valid))
         return out
+
+
+def shown(score: float) -> float | None:
+    """A per-reward score as samples files record it: None where the reward did not apply (NaN)."""
+    return None if math.isnan(score) else score
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -102,6 +111,10 @@ def _as_row_values(out: Any, n: int) -> tuple[list[float], list[bool], list[str 
     values: list[float] = []
     row_errors: list[str | None] = []
     for v in out:
+        if v is None:  # the reward does not apply to this completion
+            values.append(math.nan)
+            row_errors.append(None)
+            continue
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -215,6 +228,7 @@ class RewardSet:
             invalid_counts[term.label] = sum(inv)
             per_reward[term.label] = values
             for i in range(n):
-                total[i] += term.weight * values[i]
+                if not math.isnan(values[i]):  # NaN: the reward does not apply (a None score)
+                    total[i] += term.weight * values[i]
                 invalid[i] = invalid[i] or inv[i]
         return RewardScores(total, per_reward, errors, first_error, invalid, invalid_counts)

@@ -17,9 +17,10 @@ and one named `prompts` the `prompt` column, so that functions written for TRL's
 (`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are
 passed as keyword arguments on every call (and take the place of a column of the same name).
 
-It returns one number per completion (an `async def` function is run to completion); a completion
-whose score raises or is not a finite number scores 0 and is counted in `reward/<label>/errors`,
-as for any reward.
+It returns one number per completion (an `async def` function is run to completion), or None for
+a completion it does not apply to (a code reward on the math rows of a mixed dataset): that adds
+nothing to the total and is left out of the reward's mean. A completion whose score raises or is
+not a finite number scores 0 and is counted in `reward/<label>/errors`, as for any reward.
 
 The code runs in the trainer's process: it is the user's own, like the config. Model output it
 runs (code-execution rewards) belongs in the sandbox of the `code` reward, never here.
