@@ -526,7 +526,7 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
     rows = eval_set.rows
     samples = generate(engine, [r["prompt"] for r in rows], sampling, on_progress)
     # As in training, less the run's own reward functions that need a column this dataset lacks.
-    scorer, left_out = rewards.rewards.for_columns([*rows[0], "completion_tokens"])
+    scorer, left_out = rewards.rewards.for_columns(rewards.rewards.columns_of(rows))
     completions, scores = scorer.score_samples(samples, rows, eval_set.dataset.prefill)
 
     correct = scores.per_reward[judge(rewards, eval_set.dataset)]

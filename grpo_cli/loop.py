@@ -72,7 +72,7 @@ def train(cfg: Config) -> Path:
     evaluates = cfg.trainer.eval_every or cfg.trainer.eval_before_train
     evaluation = PeriodicEval(cfg, tokenizer, rows) if evaluates else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
-    lacking = rewards.missing_columns([*rows[0], "completion_tokens"])  # as RewardSet.score_samples passes them
+    lacking = rewards.missing_columns(rewards.columns_of(rows))
     if lacking:
         raise UserError(lacking)
     run = _prepare_run(cfg)

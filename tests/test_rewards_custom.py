@@ -20,9 +20,9 @@ def seen(completions, **columns):
 def matches(completions, answer, *, bonus):
     return [1.0 + bonus if c == a else 0.0 for c, a in zip(completions, answer)]
 
-def trl_style(prompts, completions, completion_ids=None, **kwargs):
-    return [float(p == "q" and c == "a" and completion_ids is None and set(kwargs) == {"prompt", "answer"})
-            for p, c in zip(prompts, completions)]
+def trl_style(prompts, completions, completion_ids, **kwargs):
+    return [float(p == "q" and c == "a" and ids == [7] and set(kwargs) == {"prompt", "answer"})
+            for p, c, ids in zip(prompts, completions, completion_ids)]
 
 async def judged(completions, answer):
     return [float(c == a) for c, a in zip(completions, answer)]
@@ -53,8 +53,9 @@ def test_a_function_gets_the_columns_it_names_and_its_args(tmp_path: Path) -> No
 def test_a_function_written_for_trl_gets_completions_and_prompts_by_name(tmp_path: Path) -> None:
     path = _write(tmp_path, USER_REWARDS)
     reward = build_reward(f"{path}:trl_style")
-    assert reward.required == set()  # `prompts` comes from the `prompt` column every row has
-    assert reward(["a", "b"], prompt=["q", "q"], answer=["1"] * 2) == [1.0, 0.0]
+    # `prompts` comes from the `prompt` column every row has.
+    assert reward.required == {"completion_ids"}  # which training passes (RewardSet.score_samples)
+    assert reward(["a", "b"], prompt=["q", "q"], answer=["1"] * 2, completion_ids=[[7], [7]]) == [1.0, 0.0]
 
 
 def test_an_async_function_is_run_to_completion(tmp_path: Path) -> None:

@@ -25,6 +25,9 @@ counts as no error, and is left out of the reward's mean (kept as NaN in `per_re
 
 _MAX_ERROR_CHARS = 500
 
+# What `RewardSet.score_samples` adds to a row's columns: each completion's token count and token ids.
+SAMPLE_COLUMNS = ("completion_tokens", "completion_ids")
+
 
 class FlaggedScores(list):
     """A `list[float]` plus an `invalid` mask of the same length.
@@ -200,11 +203,17 @@ class RewardSet:
         """Score rollout samples (`grpo_cli.rollout.Sample`: .text, .prompt_index, .completion_ids)
         against the dataset rows of their prompts, as training and evaluation both do: the
         assistant prefill is put back in front of each text, every row column is aligned with the
-        completions, and `completion_tokens` is added. Returns the scored texts and the scores."""
+        completions, and the SAMPLE_COLUMNS are added. Returns the scored texts and the scores."""
         completions = [prefill + s.text for s in samples]
         columns = {key: [rows[s.prompt_index][key] for s in samples] for key in rows[0]} if rows else {}
         columns["completion_tokens"] = [len(s.completion_ids) for s in samples]
+        columns["completion_ids"] = [list(s.completion_ids) for s in samples]
         return completions, self.score(completions, **columns)
+
+    @staticmethod
+    def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The columns `score_samples` passes the rewards for these rows."""
+        return [*(rows[0] if rows else ()), *SAMPLE_COLUMNS]
 
     def score(self, completions: Sequence[str], **columns: Sequence[Any]) -> RewardScores:
         n = len(completions)

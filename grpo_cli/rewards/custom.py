@@ -11,7 +11,8 @@ The function takes the completions first and any dataset columns it names after 
 
 It is called with a batch of completions (strings, the prefill put back in front) and, for each
 parameter named after a column, that column aligned with them: every column of the dataset, plus
-`problem`, `answer`, `prompt` (the rendered prompt) and `completion_tokens`. A function with
+`problem`, `answer`, `prompt` (the rendered prompt), `completion_tokens` and `completion_ids`
+(each completion's token count and token ids). A function with
 `**kwargs` gets them all. A parameter named `completions` gets the completions wherever it stands,
 and one named `prompts` the `prompt` column, so that functions written for TRL's GRPOTrainer
 (`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are
