@@ -123,9 +123,10 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
     tokenizer = load_tokenizer(cfg.model)
     rows = load_prompts(cfg.dataset, tokenizer)
     P = cfg.trainer.prompts_per_step
-    picked = []
-    for step in range(args.steps + 1):
-        picked += [rows[i] for i in prompt_indices(step * P, P, len(rows), cfg.seed)]
+    picked, position = [], 0
+    for _ in range(args.steps + 1):  # the data stream grpo train takes (its short prompts all fit)
+        indices, position = prompt_indices(position, P, [True] * len(rows), cfg.seed)
+        picked += [rows[i] for i in indices]
     model = resolve(cfg.model.name_or_path)
     model_config = AutoConfig.from_pretrained(model)
     return {
