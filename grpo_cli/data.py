@@ -1,8 +1,9 @@
 """Datasets and prompt templates: turn a dataset config into prompts with their answer columns.
 
 Every source yields plain rows (dicts). Each row keeps its original columns and gains three:
-`problem` and `answer` (copied from the configured columns, so rewards always find `answer`) and
-`prompt`, the exact text the model continues (template applied, prefill appended).
+`problem` and `answer` (copied from the configured columns, so rewards always find `answer`; None
+under dataset.answer_column=null, data without reference answers) and `prompt`, the exact text the
+model continues (template applied, prefill appended).
 """
 
 from __future__ import annotations

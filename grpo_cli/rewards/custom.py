@@ -12,11 +12,12 @@ The function takes the completions first and any dataset columns it names after 
 It is called with a batch of completions (strings, the prefill put back in front) and, for each
 parameter named after a column, that column aligned with them: every column of the dataset, plus
 `problem`, `answer`, `prompt` (the rendered prompt), `completion_tokens` and `completion_ids`
-(each completion's token count and token ids). A function with
-`**kwargs` gets them all. A parameter named `completions` gets the completions wherever it stands,
-and one named `prompts` the `prompt` column, so that functions written for TRL's GRPOTrainer
-(`def f(prompts, completions, **kwargs)`) work unchanged when they read plain text. `args` are
-passed as keyword arguments on every call (and take the place of a column of the same name).
+(each completion's token count and token ids). A function with `**kwargs` gets them all. A
+parameter named `completions` gets the completions wherever it stands, and one named `prompts` the
+`prompt` column, so that functions written for TRL's GRPOTrainer
+(`def f(prompts, completions, completion_ids, **kwargs)`) work unchanged when they read plain
+text. `args` are passed as keyword arguments on every call (and take the place of a column of the
+same name).
 
 It returns one number per completion (an `async def` function is run to completion), or None for
 a completion it does not apply to (a code reward on the math rows of a mixed dataset): that adds
