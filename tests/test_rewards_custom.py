@@ -92,6 +92,17 @@ def test_a_file_is_imported_once(tmp_path: Path) -> None:
     assert build_reward(f"{path}:f")(["a"]) == [1.0]  # validation, then the run: the module body ran once
 
 
+def test_a_file_imports_the_modules_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As `python my_rewards.py` would: wherever grpo runs from (here a directory without the helper).
+    (tmp_path / "rw").mkdir()
+    _write(tmp_path / "rw", "SCALE = 0.25\n", "grpo_test_scale_helper.py")
+    path = _write(tmp_path / "rw", "import grpo_test_scale_helper\n\ndef f(completions):\n"
+                                   "    return [grpo_test_scale_helper.SCALE] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    assert build_reward(f"{path}:f")(["a", "b"]) == [0.25, 0.25]
+
+
 @pytest.mark.parametrize(("text", "fn", "message"), [
     (USER_REWARDS, "nope.py:brevity", "no such file: nope.py"),
     (USER_REWARDS, "{path}:brevty", "{path} has no function 'brevty' (did you mean 'brevity'?)"),

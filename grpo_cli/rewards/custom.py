@@ -17,7 +17,7 @@ parameter named `completions` gets the completions wherever it stands, and one n
 `prompt` column, so that functions written for TRL's GRPOTrainer
 (`def f(prompts, completions, completion_ids, **kwargs)`) work unchanged when they read plain
 text. `args` are passed as keyword arguments on every call (and take the place of a column of the
-same name).
+same name). The file may import modules that lie beside it.
 
 It returns one number per completion (an `async def` function is run to completion), or None for
 a completion it does not apply to (a code reward on the math rows of a mixed dataset): that adds
@@ -131,6 +131,11 @@ def _load_file(path: Path) -> Any:
     if spec is None or spec.loader is None:
         raise ValueError(f"{path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
+    # The file may import modules beside it, as it would run as `python FILE.py`, from wherever grpo
+    # runs (the `grpo` command puts its own folder, not the working directory, first on the path).
+    # Appended, so an installed module keeps its name.
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     sys.modules[key] = module
     try:
         spec.loader.exec_module(module)
