@@ -219,6 +219,14 @@ def test_fault_isolation_per_completion(monkeypatch):
     assert m["reward/invalid"] == 1.0
 
 
+def test_a_text_score_is_an_error_not_a_number(monkeypatch):
+    """"1.0" is text a reward returned by mistake (a label, a judge's raw reply), not the number 1."""
+    monkeypatch.setitem(REWARDS, "text", lambda: lambda completions, **_: ["1.0", 0.5])
+    scores = build_reward_set({"text": {}}).score(["a", "b"])
+    assert scores.per_reward["text"] == [0.0, 0.5] and scores.errors["text"] == 1
+    assert scores.first_error["text"] == "TypeError: non-numeric reward '1.0'"
+
+
 def test_a_none_score_means_the_reward_does_not_apply(monkeypatch):
     """A mixed dataset: the `code` rows' reward returns None on the `math` rows, and the reverse.
     None adds nothing to the total, is no error, and is left out of that reward's mean; a reward

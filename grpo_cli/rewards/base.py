@@ -119,6 +119,8 @@ def _as_row_values(out: Any, n: int) -> tuple[list[float], list[bool], list[str 
             row_errors.append(None)
             continue
         try:
+            if isinstance(v, (str, bytes)):  # float("1.0") would take text for the number it spells
+                raise TypeError
             f = float(v)
         except (TypeError, ValueError):
             values.append(0.0)
