@@ -227,6 +227,21 @@ def test_a_text_score_is_an_error_not_a_number(monkeypatch):
     assert scores.first_error["text"] == "TypeError: non-numeric reward '1.0'"
 
 
+def test_an_array_of_scores_is_taken_as_a_list(monkeypatch):
+    """A numpy array or a tensor of scores, as TRL's GRPOTrainer takes them; a dict or one number is no list."""
+    import numpy as np
+    import torch
+
+    monkeypatch.setitem(REWARDS, "array", lambda: lambda completions, **_: np.array([0.5, 1.0]))
+    monkeypatch.setitem(REWARDS, "tensor", lambda: lambda completions, **_: torch.tensor([0.25, 2.0]))
+    monkeypatch.setitem(REWARDS, "mapping", lambda: lambda completions, **_: {0: 1.0, 1: 1.0})
+    scores = build_reward_set({"array": {}, "tensor": {}, "mapping": {}}).score(["a", "b"])
+    assert scores.per_reward["array"] == [0.5, 1.0] and scores.errors["array"] == 0
+    assert scores.per_reward["tensor"] == [0.25, 2.0] and scores.errors["tensor"] == 0
+    assert scores.per_reward["mapping"] == [0.0, 0.0] and scores.errors["mapping"] == 2
+    assert scores.first_error["mapping"] == "TypeError: reward returned dict, expected a list of floats"
+
+
 def test_a_none_score_means_the_reward_does_not_apply(monkeypatch):
     """A mixed dataset: the `code` rows' reward returns None on the `math` rows, and the reverse.
     None adds nothing to the total, is no error, and is left out of that reward's mean; a reward

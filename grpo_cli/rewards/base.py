@@ -106,7 +106,8 @@ def _format_error(exc: BaseException) -> str:
 def _as_row_values(out: Any, n: int) -> tuple[list[float], list[bool], list[str | None]]:
     """Validate a reward's output: returns values, invalid mask and a per-row error (a
     non-finite or non-numeric value is that row's error). A wrong length raises."""
-    if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
+    # Any sized iterable but text or a mapping: a list, a tuple, a numpy array, a 1-D tensor (as TRL takes).
+    if isinstance(out, (str, bytes, Mapping)) or not (hasattr(out, "__len__") and hasattr(out, "__iter__")):
         raise TypeError(f"reward returned {type(out).__name__}, expected a list of floats")
     if len(out) != n:
         raise ValueError(f"reward returned {len(out)} scores for {n} completions")
