@@ -204,14 +204,16 @@ def eval_label(entry: str) -> str:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    """Local files as absolute paths: eval files, a `dataset=jsonl` training file and the files of
+    """Local files as absolute paths: eval files, a `dataset=jsonl` training file, a `dataset=hf` local
+    folder (save_to_disk, data files; a path that is no folder here is a Hub id) and the files of
     reward functions. A relative one is read from the directory grpo is run in (Hydra's compose API
     leaves the working directory alone); the run's config.yaml then names the file itself, so
     `grpo eval run=RUN` (which also reads the training file, to leave its problems out) and
     `resume=` find them from any directory."""
     datasets = [os.path.abspath(Path(d).expanduser()) if is_eval_file(d) else d for d in cfg.eval.datasets]
     dataset = cfg.dataset
-    if dataset.source == "jsonl" and dataset.path:
+    local = dataset.source == "jsonl" or (dataset.source == "hf" and Path(dataset.path or "").expanduser().is_dir())
+    if local and dataset.path:
         dataset = dataclasses.replace(dataset, path=os.path.abspath(Path(dataset.path).expanduser()))
     rewards = {label: dataclasses.replace(term, fn=_absolute_reward_file(term.fn)) for label, term in cfg.rewards.items()}
     return dataclasses.replace(cfg, dataset=dataset, eval=dataclasses.replace(cfg.eval, datasets=datasets),

@@ -238,6 +238,16 @@ def test_eval_and_training_files_are_saved_as_absolute_paths(tmp_path: Path, mon
     assert compose(["dataset=hf", "dataset.path=openai/gsm8k"]).dataset.path == "openai/gsm8k"
 
 
+def test_a_local_hf_dataset_folder_is_saved_as_an_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset=hf reads a folder (save_to_disk, data files) as well as a Hub id: a relative folder is
+    saved absolute, so `grpo eval run=RUN` and `resume=RUN` find it from another directory."""
+    (tmp_path / "data" / "saved").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["dataset=hf", "dataset.path=data/saved"])
+    assert cfg.dataset.path == str(tmp_path / "data" / "saved")
+    assert compose(["dataset=hf", "dataset.path=org/not_here"]).dataset.path == "org/not_here"  # no such folder: a Hub id
+
+
 @pytest.mark.parametrize(("entries", "message"), [
     ("[data/test.jsonl,math500]", "eval.datasets: data/test.jsonl: no such file in {tmp}; fix the path (a .jsonl "
                                   "file, one JSON object per line) or drop it from eval.datasets"),
