@@ -330,9 +330,10 @@ def dataset_option(name: str) -> DatasetConfig:
 def eval_file(path: str, training: DatasetConfig) -> DatasetConfig:
     """An `eval.datasets` entry that is a JSON-lines file, read with the training dataset's columns: a
     held-out file is most often split off the training data. A reasoning-gym run's columns are
-    question / answer, the defaults of a `dataset=jsonl` file."""
+    question / answer, the defaults of a `dataset=jsonl` file; a run on data without answers
+    (answer_column null) reads the file's `answer`, since evaluation needs them."""
     return DatasetConfig(source="jsonl", path=path, problem_column=training.problem_column,
-                         answer_column=training.answer_column)
+                         answer_column=training.answer_column or "answer")
 
 
 def eval_datasets(cfg: Config) -> dict[str, DatasetConfig]:

@@ -447,6 +447,18 @@ def test_eval_of_data_without_answers_is_refused_in_one_line(tmp_path: Path) -> 
     assert chain_sum.rows[0]["answer"]  # an eval option has its own answer column
 
 
+def test_an_eval_file_of_a_run_without_answers_reads_its_answer_column(tmp_path: Path) -> None:
+    """The data without answers trains; the held-out file, which the error above points to, has them."""
+    data, held = tmp_path / "prompts.jsonl", tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
+    held.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.problem_column=prompt", "dataset.answer_column=null",
+                   "~rewards.accuracy", "+rewards.f.fn=format", f"eval.datasets=[{held}]"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    assert (eval_set.dataset.problem_column, eval_set.dataset.answer_column) == ("prompt", "answer")
+    assert [(r["problem"], r["answer"]) for r in eval_set.rows] == [("1+1", "2")]
+
+
 def test_eval_under_a_task_scorer_votes_wrong_answers_by_text() -> None:
     """countdown is judged by its scorer, which knows no equality of two wrong expressions: they vote
     apart even where math-verify would find them equal (both are 21), and the right one, first, wins."""
