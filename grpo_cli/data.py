@@ -1,6 +1,7 @@
 """Datasets and prompt templates: turn a dataset config into prompts with their answer columns.
 
-Every source yields plain rows (dicts). Each row keeps its original columns and gains three:
+Every source yields plain rows (dicts), all with the same columns (None where a JSON line leaves one
+out). Each row keeps its original columns and gains three:
 `problem` and `answer` (copied from the configured columns, so rewards always find `answer`; None
 under dataset.answer_column=null, data without reference answers) and `prompt`, the exact text the
 model continues (template applied, prefill appended).
@@ -50,6 +51,12 @@ def load_rows(cfg: DatasetConfig, split: str | None = None, limit: int | None = 
         _check_row(row, number, cfg)
         row["problem"] = row[cfg.problem_column]
         row["answer"] = row[cfg.answer_column] if cfg.answer_column is not None else None
+    # JSON lines may leave a field out of some rows: None there, as `datasets` reads such a file, so
+    # every row has the columns rewards are passed (those of the first row of a batch).
+    columns = dict.fromkeys(key for row in rows for key in row)
+    for row in rows:
+        if len(row) < len(columns):
+            row.update({key: None for key in columns if key not in row})
     return rows
 
 

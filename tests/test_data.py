@@ -210,6 +210,15 @@ def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
     assert [(r["problem"], r["answer"], r["prompt"]) for r in rows] == [("1+1", "2", "1+1"), ("2+2", "4", "2+2")]
 
 
+def test_a_column_some_json_lines_leave_out_is_none_in_them(tmp_path: Path) -> None:
+    """Rewards get every column of the first row of a batch, aligned: a row without one (an optional
+    field of a hand-written file) must not stop training with a KeyError at the step that draws it."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2", "level": 1},
+                                         {"question": "2+2", "answer": "4", "source": "book"}])
+    rows = load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert [(r["level"], r["source"]) for r in rows] == [(1, None), (None, "book")]
+
+
 def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
     data = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "solution": "2"}])
     with pytest.raises(UserError) as caught:
