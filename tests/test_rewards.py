@@ -242,6 +242,20 @@ def test_an_array_of_scores_is_taken_as_a_list(monkeypatch):
     assert scores.first_error["mapping"] == "TypeError: reward returned dict, expected a list of floats"
 
 
+def test_a_dataset_column_named_completions_is_not_passed_for_the_completions(monkeypatch):
+    """A dataset may hold a `completions` column (sampled answers, say): rewards are called with the
+    rollout's completions under that name, so the column is left out rather than clash with them."""
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(REWARDS, "sees", lambda: lambda completions, **columns: [float(c == "a") for c in completions])
+    rewards = build_reward_set({"sees": {}})
+    rows = [{"problem": "p", "answer": "a", "completions": ["x", "y"]}]
+    samples = [SimpleNamespace(text=t, prompt_index=0, completion_ids=[1]) for t in ("a", "b")]
+    completions, scores = rewards.score_samples(samples, rows)
+    assert completions == ["a", "b"] and scores.per_reward["sees"] == [1.0, 0.0]
+    assert "completions" not in rewards.columns_of(rows)
+
+
 def test_a_none_score_means_the_reward_does_not_apply(monkeypatch):
     """A mixed dataset: the `code` rows' reward returns None on the `math` rows, and the reverse.
     None adds nothing to the total, is no error, and is left out of that reward's mean; a reward

@@ -166,6 +166,12 @@ def _lacking(term: RewardTerm, columns: Sequence[str]) -> list[str]:
     return sorted(set(getattr(term.reward, "required", ())) - set(columns))
 
 
+def _row_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The row columns rewards are passed: all but a dataset's own `completions`, the name the rollout's
+    completions are passed under (every row has the same columns, grpo_cli.data.load_rows)."""
+    return [key for key in (rows[0] if rows else ()) if key != "completions"]
+
+
 class RewardSet:
     """Weighted set of rewards, built from config by `build_reward_set`."""
 
@@ -208,7 +214,7 @@ class RewardSet:
         assistant prefill is put back in front of each text, every row column is aligned with the
         completions, and the SAMPLE_COLUMNS are added. Returns the scored texts and the scores."""
         completions = [prefill + s.text for s in samples]
-        columns = {key: [rows[s.prompt_index][key] for s in samples] for key in rows[0]} if rows else {}
+        columns = {key: [rows[s.prompt_index][key] for s in samples] for key in _row_columns(rows)}
         columns["completion_tokens"] = [len(s.completion_ids) for s in samples]
         columns["completion_ids"] = [list(s.completion_ids) for s in samples]
         return completions, self.score(completions, **columns)
@@ -216,7 +222,7 @@ class RewardSet:
     @staticmethod
     def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """The columns `score_samples` passes the rewards for these rows."""
-        return [*(rows[0] if rows else ()), *SAMPLE_COLUMNS]
+        return [*_row_columns(rows), *SAMPLE_COLUMNS]
 
     def score(self, completions: Sequence[str], **columns: Sequence[Any]) -> RewardScores:
         n = len(completions)

@@ -10,7 +10,8 @@ The function takes the completions first and any dataset columns it names after 
         return [1.0 if len(c) <= limit else 0.0 for c in completions]
 
 It is called with a batch of completions (strings, the prefill put back in front) and, for each
-parameter named after a column, that column aligned with them: every column of the dataset, plus
+parameter named after a column, that column aligned with them: every column of the dataset (but
+one named `completions`, the name the completions are passed under), plus
 `problem`, `answer`, `prompt` (the rendered prompt), `completion_tokens` and `completion_ids`
 (each completion's token count and token ids). A function with `**kwargs` gets them all. A
 parameter named `completions` gets the completions wherever it stands, and one named `prompts` the
