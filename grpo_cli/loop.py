@@ -405,15 +405,17 @@ def epoch_note(usable: int, cfg: Config) -> str:
     """How the run's steps relate to the data: the steps in one epoch (a batch never spans two, so
     the rest of an epoch too short for one is skipped) and the epochs in trainer.max_steps."""
     per_step = cfg.trainer.prompts_per_step
+    prompts = f"{usable} prompt{'s' * (usable != 1)}"
     if usable < per_step:
-        return (f"data: {usable} prompts, fewer than the {per_step} a step takes (trainer.prompts_per_step): every "
+        return (f"data: {prompts}, fewer than the {per_step} a step takes (trainer.prompts_per_step): every "
                 "step repeats some of them")
     epoch = usable // per_step
+    steps = f"{epoch} step{'s' * (epoch != 1)}"
     if cfg.trainer.dynamic_sampling:  # a step's extra rounds take further prompts
-        return (f"data: {usable} prompts, {per_step} per round: an epoch is at most {epoch} steps, fewer as "
-                "dynamic sampling adds rounds")
-    return (f"data: {usable} prompts, {per_step} per step: an epoch is {epoch} steps; trainer.max_steps="
-            f"{cfg.trainer.max_steps} is {cfg.trainer.max_steps / epoch:.3g} epochs")
+        return f"data: {prompts}, {per_step} per round: an epoch is at most {steps}, fewer as dynamic sampling adds rounds"
+    epochs = cfg.trainer.max_steps / epoch
+    return (f"data: {prompts}, {per_step} per step: an epoch is {steps}; trainer.max_steps={cfg.trainer.max_steps} "
+            f"is {epochs:.3g} epoch{'s' * (epochs != 1)}")
 
 
 def prompt_indices(position: int, count: int, fits: Sequence[bool], seed: int) -> tuple[list[int], int]:

@@ -73,6 +73,8 @@ def test_the_epoch_note_counts_whole_steps_per_epoch() -> None:
     cfg = compose(["trainer.prompts_per_step=4", "trainer.max_steps=60"])
     assert epoch_note(2000, cfg) == "data: 2000 prompts, 4 per step: an epoch is 500 steps; trainer.max_steps=60 is 0.12 epochs"
     assert epoch_note(10, cfg) == "data: 10 prompts, 4 per step: an epoch is 2 steps; trainer.max_steps=60 is 30 epochs"
+    one = compose(["trainer.prompts_per_step=1", "trainer.max_steps=1"])
+    assert epoch_note(1, one) == "data: 1 prompt, 1 per step: an epoch is 1 step; trainer.max_steps=1 is 1 epoch"
     assert epoch_note(3, cfg) == ("data: 3 prompts, fewer than the 4 a step takes (trainer.prompts_per_step): every "
                                   "step repeats some of them")
     dynamic = compose(["trainer.prompts_per_step=4", "trainer.dynamic_sampling=true"])

@@ -56,6 +56,9 @@ def test_a_function_written_for_trl_gets_completions_and_prompts_by_name(tmp_pat
     # `prompts` comes from the `prompt` column every row has.
     assert reward.required == {"completion_ids"}  # which training passes (RewardSet.score_samples)
     assert reward(["a", "b"], prompt=["q", "q"], answer=["1"] * 2, completion_ids=[[7], [7]]) == [1.0, 0.0]
+    # A TRL function reading kwargs["prompts"] finds them there too.
+    _write(tmp_path, "def f(completions, **kwargs):\n    return [float(p == 'q') for p in kwargs['prompts']]\n", "kw.py")
+    assert build_reward(f"{tmp_path / 'kw.py'}:f")(["a", "b"], prompt=["q", "r"]) == [1.0, 0.0]
 
 
 def test_an_async_function_is_run_to_completion(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ parameter named after a column, that column aligned with them: every column of t
 one named `completions`, the name the completions are passed under), plus
 `problem`, `answer`, `prompt` (the rendered prompt), `completion_tokens` and `completion_ids`
 (each completion's token count and token ids). A function with `**kwargs` gets them all. A
-parameter named `completions` gets the completions wherever it stands, and one named `prompts` the
-`prompt` column, so that functions written for TRL's GRPOTrainer
+parameter named `completions` gets the completions wherever it stands, and one named `prompts` (or
+`**kwargs`, under that name) the `prompt` column, so that functions written for TRL's GRPOTrainer
 (`def f(prompts, completions, completion_ids, **kwargs)`) work unchanged when they read plain
 text. `args` are passed as keyword arguments on every call (and take the place of a column of the
 same name). The file may import modules that lie beside it.
@@ -86,7 +86,8 @@ class UserReward:
 
     def __call__(self, completions: list[str], **columns: Sequence[Any]) -> Any:
         passed = {k: v for k, v in columns.items() if (self.takes_all or k in self.named) and k not in self.args}
-        if "prompts" in self.named and "prompts" not in passed and "prompts" not in self.args and "prompt" in columns:
+        wants_prompts = "prompts" in self.named or self.takes_all  # TRL passes the prompts as `prompts`
+        if wants_prompts and "prompts" not in passed and "prompts" not in self.args and "prompt" in columns:
             passed["prompts"] = columns["prompt"]
         if self.by_name:
             out = self.fn(completions=completions, **passed, **self.args)
