@@ -371,6 +371,25 @@ def test_expected_values_never_reach_the_sandbox(no_leftovers):
     assert "add(2, 3)" in str(tests.steps) and "987654321" not in str(tests.steps)
 
 
+def test_values_whose_keys_share_a_hash_are_refused(no_leftovers):
+    """Ints congruent mod 2**61 - 1 share one hash, so a set of ~30k of them (1 MB of output)
+    took the trainer ~5 s to decode (quadratic in the output limit), while the program built
+    it cheaply under a __hash__ of its own. The trainer refuses such values: the test fails."""
+    from grpo_cli.rewards._sandbox_boot import decode_value
+
+    m = (1 << 61) - 1
+    same = [["i", str(m * i)] for i in range(1, 41)]  # 40 distinct ints, one hash
+    for data in (["S", same], ["F", same], ["d", [[k, ["n"]] for k in same]], ["l", [["S", same]]]):
+        with pytest.raises(ValueError, match="same hash"):
+            decode_value(data)
+    assert decode_value(["S", same[:32]]) == {m * i for i in range(1, 33)}  # up to 32 are fine
+    assert decode_value(["l", same]) == [m * i for i in range(1, 41)]  # a list hashes nothing
+    assert decode_value(["d", [[["i", "1"], ["s", "a"]], [["i", "2"], ["n"]]]]) == {1: "a", 2: None}
+    program = ("M = (1 << 61) - 1\nclass I(int):\n    def __hash__(self):\n        return int.__hash__(self // M)\n"
+               "def f():\n    return {I(M * i) for i in range(1, 41)}\n")
+    assert build_reward("code", timeout=2.0)([_fenced(program)], tests=[["assert len(f()) == 40"]]) == [0.0]
+
+
 AREA_TESTS = [
     "assert area(2) == 12",  # decided in the trainer
     "assert area(0) is not None",

@@ -137,6 +137,21 @@ def encode_value(value, depth=0):
 _SCALARS = {"n": lambda x: None, "b": bool, "i": int, "f": float, "s": str, "y": bytes.fromhex}
 _SCALAR_TYPES = {"n": type(None), "b": bool, "i": str, "f": str, "s": str, "y": str}
 _CONTAINERS = {"l": list, "t": tuple, "S": set, "F": frozenset}
+# Python's int and float hashes are not seeded: ints congruent mod 2**61 - 1 all share one,
+# so a set or dict of ~30k of them (1 MB) costs seconds of the trainer's time, quadratic in
+# the output limit. Honest values never have this many distinct keys sharing a hash.
+_MAX_SHARED_HASH = 32
+
+
+def _spread(keys):
+    """`keys` as a list; raises ValueError when too many of them share one hash."""
+    keys, seen = list(keys), {}
+    for key in keys:
+        h = hash(key)
+        seen[h] = seen.get(h, 0) + 1
+        if seen[h] > _MAX_SHARED_HASH:
+            raise ValueError("malformed value: too many keys with the same hash")
+    return keys
 
 
 def decode_value(data, depth=0):
@@ -152,14 +167,14 @@ def decode_value(data, depth=0):
     if tag in _SCALARS and isinstance(data[1], _SCALAR_TYPES[tag]):
         return _SCALARS[tag](data[1])
     if tag in _CONTAINERS and isinstance(data[1], list):
-        return _CONTAINERS[tag](decode_value(item, depth + 1) for item in data[1])
+        items = [decode_value(item, depth + 1) for item in data[1]]
+        return _CONTAINERS[tag](_spread(items) if tag in ("S", "F") else items)
     if tag == "d" and isinstance(data[1], list):
-        out = {}
-        for pair in data[1]:
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise ValueError("malformed value")
-            out[decode_value(pair[0], depth + 1)] = decode_value(pair[1], depth + 1)
-        return out
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in data[1]):
+            raise ValueError("malformed value")
+        pairs = [(decode_value(k, depth + 1), decode_value(v, depth + 1)) for k, v in data[1]]
+        _spread(key for key, _ in pairs)
+        return dict(pairs)
     raise ValueError("malformed value")
 
 
