@@ -191,6 +191,29 @@ def test_escaped_process_dies_with_the_sandbox(unguarded, no_leftovers):
     assert time.monotonic() - start < 2.0
 
 
+def test_shared_memory_dies_with_the_sandbox(unguarded, no_leftovers):
+    """A System V shared-memory segment outlives the process that made it: without an IPC
+    namespace each program could leave memory behind in the host until it runs out."""
+    import ctypes
+
+    if not isolation().pid_namespace:
+        pytest.skip(f"no namespaces available here ({isolation().describe()})")
+    key = 0x67727030 + os.getpid() % 1000
+    program = (
+        "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        f"shmid = libc.shmget({key}, 1 << 20, 0o1666)\n"  # IPC_CREAT, readable by all
+        "ctypes.memset(libc.shmat(shmid, None, 0), 1, 1 << 20)\nprint(shmid >= 0)\n"
+    )
+    libc = ctypes.CDLL(None)
+    try:
+        result = run_python(program, limits=FAST)
+        assert result.stdout == "True\n", result.stderr[-500:]  # it made one, in its namespace
+        assert libc.shmget(key, 0, 0) == -1  # and it is gone
+    finally:
+        if (shmid := libc.shmget(key, 0, 0)) != -1:
+            libc.shmctl(shmid, 0, None)  # IPC_RMID: leave the host as it was
+
+
 def test_fork_bomb_without_the_python_guard_is_contained(unguarded, no_leftovers):
     """A fork bomb bounded to 50 processes (not to hurt the test machine): killed at the time
     limit with every process it made."""

@@ -5,7 +5,8 @@ process and logged, and a warning says once which layers are missing and how to 
 * a separate `python -I -B` process (isolated mode: no PYTHON* variables, no user site, no
   script dir on sys.path) with a minimal fresh environment;
 * Linux namespaces via `unshare`: network (no network, loopback down, abstract Unix sockets
-  cut off), PID (every process the program starts dies with it; /proc shows only its own)
+  cut off), PID (every process the program starts dies with it; /proc shows only its own),
+  IPC (System V shared memory and queues it makes die with it, not left in the host's RAM)
   and mount: fresh small tmpfs on /tmp, /var/tmp and /dev/shm, so Unix sockets and files
   other users left there are out of reach and whatever it writes vanishes with it;
 * another uid. A root trainer runs the program as `nobody`, without capabilities, in a user
@@ -56,7 +57,7 @@ from ._sandbox_boot import decode_value, encode_value
 logger = logging.getLogger(__name__)
 
 _BOOT_SOURCE = Path(__file__).with_name("_sandbox_boot.py")
-_NS_FLAGS = ("--net", "--pid", "--fork", "--kill-child")
+_NS_FLAGS = ("--net", "--ipc", "--pid", "--fork", "--kill-child")
 _PRIVATE_TMP_FLAGS = ("--mount", "--propagation", "private", "--mount-proc")
 # Runs as root in the new mount namespace: private tmpfs dirs, then the interpreter ("$@"),
 # as $1:$2 when given (else as is), with no capabilities. A root trainer adds a user
@@ -137,7 +138,8 @@ class Isolation:
         if not self.net_namespace:
             out.append("no network namespace: only the Python-level guard stands between it and the network")
         if not self.pid_namespace:
-            out.append("no PID namespace: processes that leave its process group outlive it")
+            out.append("no PID or IPC namespace: processes that leave its process group outlive it, "
+                       "and so does System V shared memory it makes")
         if not self.private_tmp:
             out.append("no private /tmp: it can reach Unix sockets and files there")
         return out
