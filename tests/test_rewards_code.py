@@ -522,6 +522,29 @@ def test_unix_sockets_in_tmp_are_out_of_reach(unguarded, no_leftovers):
         shutil.rmtree(folder)
 
 
+def test_files_outside_the_private_tmp_are_read_only(no_leftovers):
+    """A world-writable dir outside /tmp (like /run/lock) took 1.2 GB from one program in 1.5 s
+    and kept it; a non-root trainer's program could rewrite its run dir, checkpoints and code."""
+    if not isolation().private_tmp:
+        pytest.skip(f"no mount namespace here ({isolation().describe()})")
+    folder = tempfile.mkdtemp(dir=Path(__file__).parent)  # not under /tmp: that one is private
+    os.chmod(folder, 0o777)
+    program = (
+        f"import os\nprint(os.path.isdir({folder!r}))\ntry:\n    open({folder!r} + '/left', 'w').write('x')\n"
+        "    print('written')\nexcept OSError as e:\n    print(e.strerror)\n"
+        "open('/tmp/scratch', 'w').write('ok')\nprint(open('/tmp/scratch').read())\n"  # its own tmp stays writable
+        "open('/dev/null', 'w').write('x')\n"
+    )
+    try:
+        result = run_python(program, limits=FAST)
+        if result.stdout.startswith("False"):
+            pytest.skip("the sandbox's user cannot reach the tests dir")
+        assert result.stdout == "True\nRead-only file system\nok\n", result.stderr[-500:]
+        assert os.listdir(folder) == []
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_weaker_isolation_is_reported_once(monkeypatch, caplog, no_leftovers):
     from grpo_cli.rewards import sandbox
 

@@ -7,15 +7,17 @@ process and logged, and a warning says once which layers are missing and how to 
 * Linux namespaces via `unshare`: network (no network, loopback down, abstract Unix sockets
   cut off), PID (every process the program starts dies with it; /proc shows only its own),
   IPC (System V shared memory and queues it makes die with it, not left in the host's RAM)
-  and mount: fresh small tmpfs on /tmp, /var/tmp and /dev/shm, so Unix sockets and files
-  other users left there are out of reach and whatever it writes vanishes with it;
+  and mount: every mount read-only, so it can neither change the trainer's files (run dir,
+  checkpoints, code) nor fill a disk, and fresh small tmpfs on /tmp, /var/tmp and /dev/shm,
+  so Unix sockets and files other users left there are out of reach and whatever it writes
+  vanishes with it;
 * another uid. A root trainer runs the program as `nobody`, without capabilities, in a user
   namespace of its own: trainer files are read-only to it and the process limit applies
   to it alone (Linux never applies RLIMIT_NPROC to root). `nobody` cannot run an
   interpreter under /root (pyenv, conda), so the system's python3 (same version first) is
   used then: programs see the standard library, not the trainer's packages. A non-root
   trainer maps itself to root in a user namespace with no capabilities: the program can
-  write whatever the trainer's user can write (there is no other uid to drop to);
+  read whatever the trainer's user can read (there is no other uid to drop to);
 * a wall-clock limit: on expiry the whole process group (its own session) is SIGKILLed;
 * rlimits set by the sandbox process on itself before any untrusted code runs (`_sandbox_boot`):
   address space, CPU time, file size (also caps stdout, which goes to a file), open files,
@@ -59,11 +61,20 @@ logger = logging.getLogger(__name__)
 _BOOT_SOURCE = Path(__file__).with_name("_sandbox_boot.py")
 _NS_FLAGS = ("--net", "--ipc", "--pid", "--fork", "--kill-child")
 _PRIVATE_TMP_FLAGS = ("--mount", "--propagation", "private", "--mount-proc")
-# Runs as root in the new mount namespace: private tmpfs dirs, then the interpreter ("$@"),
-# as $1:$2 when given (else as is), with no capabilities. A root trainer adds a user
-# namespace last, owned by that uid, so the process-count limit counts this sandbox only.
-_SETUP_SCRIPT = """set -e
+# Runs as root in the new mount namespace: every writable mount read-only, so the program
+# cannot change the trainer's files or fill its disks, then private tmpfs dirs, then the
+# interpreter ("$@"), as $1:$2 when given (else as is), with no capabilities. A root trainer
+# adds a user namespace last, owned by that uid, so the process-count limit counts this
+# sandbox only. Skipped (each remount costs a few ms): its own /proc, /sys (only root can
+# write there) and the dirs the tmpfs hides. mountinfo escapes spaces as \040: printf %b.
+_SETUP_SCRIPT = r"""set -e
 uid=$1 gid=$2 size=$3 setpriv=$4 unshare=$5; shift 5
+while read -r _ _ _ _ point options _; do
+    case "$point" in /proc|/proc/*|/sys|/sys/*|/tmp|/tmp/*|/var/tmp|/var/tmp/*|/dev/shm|/dev/shm/*) continue;; esac
+    case ",$options," in *,ro,*) continue;; esac
+    case "$point" in *\\*) point=$(printf '%b' "$point");; esac
+    mount -o remount,bind,ro "$point"
+done < /proc/self/mountinfo
 for dir in /tmp /var/tmp /dev/shm; do
     if [ -d "$dir" ]; then mount -t tmpfs -o "mode=1777,nosuid,nodev,size=$size,nr_inodes=4096" grpo-sandbox "$dir"; fi
 done
@@ -125,7 +136,7 @@ class Isolation:
 
     def describe(self) -> str:
         layers = [name for name, on in (("network", self.net_namespace), ("PID", self.pid_namespace),
-                                        ("mount + private /tmp", self.private_tmp)) if on]
+                                        ("mount: read-only, private /tmp", self.private_tmp)) if on]
         who = "not as root" if self.non_root else "as root"
         return f"namespaces: {', '.join(layers) or 'none'}; {who}; interpreter {self.python}"
 
@@ -141,7 +152,8 @@ class Isolation:
             out.append("no PID or IPC namespace: processes that leave its process group outlive it, "
                        "and so does System V shared memory it makes")
         if not self.private_tmp:
-            out.append("no private /tmp: it can reach Unix sockets and files there")
+            out.append("no mount namespace: it can write wherever its uid may, and reach Unix sockets "
+                       "and files in /tmp")
         return out
 
 
