@@ -501,6 +501,24 @@ def test_root_fallback_is_bounded_by_a_pids_cgroup(unguarded, no_leftovers):
     assert not list(sandbox._CGROUP_PIDS.glob(f"grpo-sandbox-{os.getpid()}-*"))  # removed afterwards
 
 
+def test_memory_limit_holds_over_all_its_processes(unguarded, no_leftovers):
+    """The address-space limit is per process: a program that gets around the Python guard
+    (pure Python can load ctypes under another name) held 3 x 300 MB under memory_mb=512."""
+    from grpo_cli.rewards import sandbox
+
+    if os.geteuid() != 0 or not os.access(sandbox._CGROUP_MEMORY, os.W_OK):
+        pytest.skip("needs root and a writable memory cgroup (v1)")
+    program = (
+        "import ctypes, os, time\nlibc = ctypes.CDLL(None)\npids = []\nfor _ in range(3):\n"
+        "    pid = libc.fork()\n    if pid == 0:\n        x = b'x' * (200 << 20)\n        time.sleep(0.5)\n"
+        "        libc._exit(0)\n    pids.append(pid)\n"
+        "print(sum(os.waitpid(pid, 0)[1] == 0 for pid in pids))\n"  # children that kept their 200 MB
+    )
+    result = run_python(program, limits=SandboxLimits(timeout=5.0, memory_mb=256))
+    assert result.stdout in ("0\n", "1\n"), (result.stdout, result.stderr[-500:])
+    assert not list(sandbox._CGROUP_MEMORY.glob(f"grpo-sandbox-{os.getpid()}-*"))  # removed afterwards
+
+
 def test_unix_sockets_in_tmp_are_out_of_reach(unguarded, no_leftovers):
     import socket
 

@@ -22,7 +22,10 @@ process and logged, and a warning says once which layers are missing and how to 
 * rlimits set by the sandbox process on itself before any untrusted code runs (`_sandbox_boot`):
   address space, CPU time, file size (also caps stdout, which goes to a file), open files,
   process count. Where the program must run as root, a pids cgroup (v1, if writable)
-  bounds its processes instead;
+  bounds its processes instead. The address-space limit is per process, so a root trainer
+  also puts the sandbox in a memory cgroup (v1, if writable) capping all its processes
+  together: elsewhere a program that gets around the guards below can hold up to
+  memory_mb per process it makes;
 * the bootstrap's Python-level guards: fork/exec/subprocess, signals, sockets, DNS, ctypes.
   Deliberately hostile code can get around these (they live in its own interpreter).
 Not isolated: the rest of the filesystem is readable as that uid (world-readable files;
@@ -87,6 +90,8 @@ exec "$setpriv" --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"
 """
 _CGROUP_PIDS = Path("/sys/fs/cgroup/pids")
 _PROCESS_OVERHEAD = 4  # unshare, its forked child, a shell: in the cgroup besides the program
+_CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+_MEMORY_OVERHEAD_MB = 64  # those processes, and its output files cached on its account
 
 
 @dataclass(frozen=True)
@@ -210,15 +215,15 @@ def _read_values(path: Path, count: int, limit: int) -> list[Any]:
 _cgroup_ids = itertools.count()
 
 
-def _pids_cgroup(limits: SandboxLimits) -> Path | None:
-    """A fresh pids cgroup (v1) capped at the process limit, where one can be made."""
-    path = _CGROUP_PIDS / f"grpo-sandbox-{os.getpid()}-{next(_cgroup_ids)}"
+def _cgroup(root: Path, name: str, value: int) -> Path | None:
+    """A fresh cgroup (v1) under `root` with its file `name` set to `value`, where one can be made."""
+    path = root / f"grpo-sandbox-{os.getpid()}-{next(_cgroup_ids)}"
     try:
         path.mkdir()
     except OSError:
         return None
     try:
-        (path / "pids.max").write_text(str(limits.max_processes + _PROCESS_OVERHEAD))
+        (path / name).write_text(str(value))
     except OSError:
         _remove_cgroup(path)
         return None
@@ -241,7 +246,7 @@ def _remove_cgroup(path: Path) -> None:
 def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: Mapping[str, Any],
          limits: SandboxLimits, isolation: Isolation) -> SandboxResult:
     tmp = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))  # 0700: the sandbox's uid cannot look in
-    cgroup = None
+    cgroups: list[Path] = []
     try:
         work = tmp / "work"  # its working directory where /tmp is not private
         work.mkdir()
@@ -264,8 +269,13 @@ def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: 
         cmd = list(isolation.prefix)
         if isolation.private_tmp:
             cmd[cmd.index("{size}")] = str(max(limits.max_output_bytes * 4, 16 << 20))
-        if not isolation.non_root and (cgroup := _pids_cgroup(limits)) is not None:
-            cmd = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
+        memory = _cgroup(_CGROUP_MEMORY, "memory.limit_in_bytes", (limits.memory_mb + _MEMORY_OVERHEAD_MB) << 20)
+        pids = None if isolation.non_root else _cgroup(_CGROUP_PIDS, "pids.max",
+                                                       limits.max_processes + _PROCESS_OVERHEAD)
+        cgroups = [path for path in (memory, pids) if path is not None]
+        if cgroups:
+            cmd = ["/bin/sh", "-c", 'for g in $0; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@"',
+                   " ".join(map(str, cgroups)), *cmd]
         user_kwargs = {}
         if isolation.uid is not None:
             user_kwargs = {"user": isolation.uid, "group": isolation.gid, "extra_groups": []}
@@ -296,8 +306,8 @@ def _run(source: str, stdin: str, steps: Sequence[Mapping[str, Any]], bindings: 
             values=_read_values(tmp / "values.jsonl", count, limits.max_output_bytes),
         )
     finally:
-        if cgroup is not None:
-            _remove_cgroup(cgroup)
+        for path in cgroups:
+            _remove_cgroup(path)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
