@@ -23,6 +23,8 @@ from grpo_cli.rewards.extract import (
     extract_code,
     final_answer,
     gold_answer,
+    is_number_arithmetic,
+    is_plain_number,
     last_boxed,
     reference_answer,
     think_text,
@@ -376,6 +378,29 @@ def test_last_boxed_and_think_text():
     assert think_text("no tags") == "no tags"
     assert answer_or_text("<think>x</think>  yes ") == "yes"
     assert answer_or_text("<answer> A </answer>") == "A"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4 - 1", True), ("5-9", True), ("-4 + -1", True), ("1 + 5.", True), ("(4 - 1)", True),
+    ("$3 \\times 4$", True), ("3 \\cdot 4", True), ("12 \u00f7 4", True), ("1,000 - 1", True),
+    ("\\frac{1}{2} + \\frac{1}{4}", True), ("\\boxed{2 + 2}", True), ("x = 4 - 1", True),
+    ("4 - 1 \\text{ apples}", True), ("The answer is 4 - 1", True), ("It is 4 - 1.", True), ("4 - 1 apples", True),
+    ("\\(4 - 1\\)", True), ("3-5 items", True), ("so 2 \u00d7 3", True),
+    ("4 - 1 = 3", False), ("-4", False), ("3/4", False), ("\\frac{3}{4}", False), ("1,000", False),
+    ("1.5 \\times 10^{3}", False), ("2^{10}", False), ("\\sqrt{2} + 1", False), ("x + 1", False),
+    ("(1, -2)", False), ("4 - 1 is 3", False), ("2x + 1", False), ("3 + 2^{2}", False), ("", False), ("2 \\timesx 3", False),
+])
+def test_is_number_arithmetic(text, expected):
+    assert is_number_arithmetic(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("72", True), ("-4", True), ("0.5", True), (".5", True), ("1,000", True), ("3/4", True),
+    ("\\frac{3}{4}", True), ("-\\dfrac{1}{2}", True), ("\\$18", True), ("50\\%", True), (" 7. ", True),
+    ("x", False), ("(1, 2)", False), ("\\sqrt{2}", False), ("1 + 2", False), ("", False), ("\\text{Devon}", False),
+])
+def test_is_plain_number(text, expected):
+    assert is_plain_number(text) is expected
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -71,6 +71,26 @@ ACCURACY_CASES = [
     ("<answer>outer <answer>5</answer></answer>", "5", 1.0, False),  # nested tags: innermost
     ("<think>\\boxed{5}</think><answer>6</answer>", "5", 0.0, False),  # <answer> beats a box in the reasoning
     ("<answer>\\boxed{5}</answer>", "5", 1.0, False),
+    # Candidates: only the last box counts, and a list equals no single number.
+    ("\\boxed{1} or \\boxed{2}", "1", 0.0, False),
+    ("\\boxed{1} or \\boxed{2}", "2", 1.0, False),
+    ("<answer>1, 2, 3, 4, 5</answer>", "2", 0.0, False),
+    ("<answer>x = 1 or x = 2</answer>", "2", 0.0, False),
+    ("<answer>[0, 10]</answer>", "5", 0.0, False),  # an interval holding the answer
+    # The question copied (chain_sum: "... problem: 4 - 1 =") is no answer, though math-verify
+    # evaluates it to 3; the value after the last "=" is.
+    ("<answer>4 - 1</answer>", "3", 0.0, False),
+    ("<answer>5 - 9</answer>", "-4", 0.0, False),
+    ("The sum is \\boxed{1 + 5}.", "6", 0.0, False),
+    ("<answer>$3 \\times 4$</answer>", "12", 0.0, False),
+    ("<answer>\\frac{1}{2} + \\frac{1}{4}</answer>", "\\frac{3}{4}", 0.0, False),
+    ("<answer>The answer is 4 - 1.</answer>", "3", 0.0, False),
+    ("<answer>\\(4 - 1\\)</answer>", "3", 0.0, False),
+    ("<answer>4 - 1 = 3</answer>", "3", 1.0, False),
+    ("<answer>x = 4 - 1</answer>", "3", 0.0, False),
+    ("<answer>1.5 \\times 10^{3}</answer>", "1500", 1.0, False),  # scientific notation is a value
+    ("<answer>\\sqrt{2} + 1</answer>", "1 + \\sqrt{2}", 1.0, False),  # not a number: math-verify decides
+    ("<answer>1 + 2</answer>", "x + 2", 0.0, False),
     ("<answer>42</answer>", "yes, obviously", 0.0, True),  # unparseable gold: flagged, never rewarded
     ("<answer>yes</answer>", "yes", 0.0, True),
     ("<answer>1</answer>", "", 0.0, True),

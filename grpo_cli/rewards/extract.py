@@ -118,6 +118,43 @@ def final_answer(text: str) -> tuple[str | None, bool]:
     return None, False
 
 
+# A bare number: "72", "-4", "0.5", "1,000", "3/4", "\frac{3}{4}" (after `_layout`: no "$", "\%", spaces).
+_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
+_OPERAND = rf"(?:{_NUMBER})(?:/(?:{_NUMBER}))?|\\[dt]?frac\{{[-+]?(?:{_NUMBER})\}}\{{[-+]?(?:{_NUMBER})\}}"
+_PLAIN_NUMBER_RE = re.compile(rf"[-+]?(?:{_OPERAND})")
+_OPERATOR = r"[-+*\u00d7\u00b7\u00f7]|\\(?:times|cdot|div|ast)(?![A-Za-z])"
+_ARITHMETIC_RE = re.compile(rf"[-+]?(?:{_OPERAND})(?:(?:{_OPERATOR})[-+]?(?:{_OPERAND}))+")
+# Numbers and the operators between them, not glued to a word, a power or a LaTeX group:
+# "1.5 \times 10^{3}" holds the expressions "1.5" and "3" (in braces: none), "\sqrt{2} + 1" only "1".
+_NUMBER_EXPR_RE = re.compile(
+    rf"(?<![\w.^{{}}\\])[-+]?(?:{_OPERAND})(?:\s*(?:{_OPERATOR})\s*[-+]?(?:{_OPERAND}))*(?![\w^{{\\]|\.\w)"
+)
+_LAYOUT_RE = re.compile(r"\\[,;:! ()\[\]]|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\?[$%]|[()]|\.$"
+                        r"|\\(?:text|mbox|mathrm)\s*\{[^{}]*\}")
+
+
+def _layout(text: str) -> str:
+    """`text` without what does not change which number it is: "$", "\\%", "\\$", \\( \\) \\[ \\],
+    parentheses, \\left/\\right, LaTeX spaces, \\text{...} (a unit) and a final period."""
+    return _LAYOUT_RE.sub("", text.strip())
+
+
+def is_plain_number(text: str) -> bool:
+    """True for a bare number ("72", "-4", "1,000", "0.5", "3/4", "\\frac{3}{4}", "\\$18", "50\\%")."""
+    return _PLAIN_NUMBER_RE.fullmatch(re.sub(r"\s+", "", _layout(text))) is not None
+
+
+def is_number_arithmetic(text: str) -> bool:
+    """True when the last expression on numbers in `text` (after its last "=", inside its last
+    \\boxed{}; the one math-verify reads) is arithmetic left unevaluated: "4 - 1", "The answer is
+    2 \\times 3", "\\frac{1}{2} + \\frac{1}{4}". "4 - 1 = 3", "-4", "3/4" and "1.5 \\times 10^{3}" are
+    values, not arithmetic left undone."""
+    boxed = last_boxed(text)
+    value = _layout((text if boxed is None else boxed).rsplit("=", 1)[-1])
+    expressions = _NUMBER_EXPR_RE.findall(value)
+    return bool(expressions) and _ARITHMETIC_RE.fullmatch(re.sub(r"\s+", "", expressions[-1])) is not None
+
+
 def gold_answer(reference: str) -> str:
     """The answer part of a reference: after '####' (GSM8K solution), else the last
     \\boxed{...} (MATH solution), else the whole reference; minus signs normalised as in

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import FlaggedScores, RewardFn
-from .extract import final_answer, reference_answer
+from .extract import final_answer, is_number_arithmetic, is_plain_number, reference_answer
 from .length import completion_lengths
 from .mathcheck import CORRECT, GOLD_INVALID, default_checker
 
@@ -37,12 +37,22 @@ def check_answers(completions: Sequence[str], answer: Sequence[Any], timeout: fl
         # Empty prediction still goes to the worker so an unparseable gold gets flagged.
         gold, gold_boxed = reference_answer(str(ref))
         pred, pred_boxed = final_answer(text)
+        if pred and is_number_arithmetic(pred) and is_plain_number(gold):
+            pred = ""  # "4 - 1" for 3 copies the question: it is no answer (see `accuracy`)
         pairs.append((gold, pred or "", gold_boxed, pred_boxed))
     return default_checker().check(pairs, timeout=timeout)
 
 
 def accuracy(timeout: float = 5.0) -> RewardFn:
     """1.0 if the final answer equals the reference `answer` column under math-verify, else 0.0.
+
+    Which answer counts: the last <answer>...</answer>, else the last \\boxed{}, else a final
+    '#### N', else the last number in the text (`extract.final_answer`); earlier ones never do,
+    so "\\boxed{1} or \\boxed{2}" answers 2, and a list of candidates ("1, 2, 3") is a tuple that
+    equals no single number. Where the reference is a number, an answer that is arithmetic on
+    numbers left undone ("4 - 1", "2 \\times 3"; `extract.is_number_arithmetic`) scores 0 although
+    math-verify evaluates it: on arithmetic tasks (chain_sum, basic_arithmetic) it is the
+    question copied, and the policy would learn to copy. "4 - 1 = 3" is an answer of 3.
 
     `timeout`: seconds per check; the worker interrupts the check at `timeout` and is killed
     and replaced if it is still stuck one second later. Timed-out checks score 0.
