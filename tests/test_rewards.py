@@ -327,7 +327,9 @@ def test_reward_scores_metrics_empty():
     ("#### \u22127", "-7"),
     ("no digits here", None),
     ("", None),
-    ("<answer>   </answer> 9", "9"),  # empty tag falls through
+    ("<answer>   </answer> 9", None),  # an empty <answer> is no answer, nothing is read instead
+    ("<think>so 42</think><answer></answer>", None),
+    ("<answer></answer> \\boxed{7}", None),
     ("<answer>unclosed 5", "5"),
 ])
 def test_extract_answer(text, expected):
@@ -422,7 +424,9 @@ def test_extract_code(text, expected):
 @pytest.mark.parametrize("text, expected", [
     ("<think>reasoning</think><answer>42</answer>", 1.0),
     ("\n <think>\nline 1\nline 2\n</think>\n\n<answer>\n42\n</answer>\n", 1.0),
-    ("<think></think><answer></answer>", 1.0),  # empty contents are still the format
+    ("<think></think><answer>7</answer>", 1.0),  # an empty reasoning is still the format
+    ("<think></think><answer></answer>", 0.0),  # an empty answer is not
+    ("<think>so 42</think><answer> \n </answer>", 0.0),
     ("<think>思考</think><answer>答え</answer>", 1.0),
     ("<think>a</think>text<answer>1</answer>", 0.0),  # text between the blocks
     ("intro <think>a</think><answer>1</answer>", 0.0),  # text before

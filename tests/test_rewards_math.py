@@ -91,6 +91,8 @@ ACCURACY_CASES = [
     ("<answer>1.5 \\times 10^{3}</answer>", "1500", 1.0, False),  # scientific notation is a value
     ("<answer>\\sqrt{2} + 1</answer>", "1 + \\sqrt{2}", 1.0, False),  # not a number: math-verify decides
     ("<answer>1 + 2</answer>", "x + 2", 0.0, False),
+    # An empty <answer> is no answer: the number in the reasoning is not read in its place.
+    ("<think>6 * 7 = 42</think><answer></answer>", "42", 0.0, False),
     ("<answer>42</answer>", "yes, obviously", 0.0, True),  # unparseable gold: flagged, never rewarded
     ("<answer>yes</answer>", "yes", 0.0, True),
     ("<answer>1</answer>", "", 0.0, True),

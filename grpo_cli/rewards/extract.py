@@ -102,8 +102,10 @@ def final_number(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The completion's final answer: last <answer> content, else last \\boxed{...}, else a
-    '#### N', else the final number in the text. None if none is found. Minus signs are
-    normalised first (`normalize_minus`), so "is <U+2212>5" gives "-5", not "5"."""
+    '#### N', else the final number in the text. None if none is found, and also when the last
+    <answer> is empty: the model said where its answer is and left it out, so a number in its
+    reasoning is not taken instead. Minus signs are normalised first (`normalize_minus`), so
+    "is <U+2212>5" gives "-5", not "5"."""
     return final_answer(text)[0]
 
 
@@ -111,7 +113,10 @@ def final_answer(text: str) -> tuple[str | None, bool]:
     """`extract_answer`'s answer, and whether it is a whole answer the model marked as one (the
     content of an <answer> or a \\boxed{}) rather than a number picked out of the text."""
     text = normalize_minus(text)
-    for extractor, marked in ((answer_tag, True), (last_boxed, True), (hash_answer, False), (final_number, False)):
+    tagged = answer_tag(text)
+    if tagged is not None:  # an empty <answer> is no answer: nothing else is read in its place
+        return (tagged.strip(), True) if tagged.strip() else (None, False)
+    for extractor, marked in ((last_boxed, True), (hash_answer, False), (final_number, False)):
         found = extractor(text)
         if found is not None and found.strip():
             return found.strip(), marked

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from .base import RewardFn
+from .extract import answer_tag
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 # Tag contents may span lines but may not contain another think/answer tag (no nesting, no
@@ -28,10 +29,12 @@ _STEP_RES = (
 
 def format() -> RewardFn:  # noqa: A001 - the config name is "format"
     """1.0 iff the text is exactly one <think>...</think> followed by one <answer>...</answer>,
-    with only whitespace around and between them (contents may be empty or multi-line)."""
+    with only whitespace around and between them. Contents may be multi-line; the reasoning may
+    be empty (a short problem needs none), the answer may not: "<think></think><answer></answer>"
+    follows no instruction, and `accuracy` reads an empty <answer> as no answer."""
 
     def format_reward(completions: list[str], **_: Any) -> list[float]:
-        return [1.0 if _FORMAT_RE.fullmatch(text) else 0.0 for text in completions]
+        return [1.0 if _FORMAT_RE.fullmatch(text) and answer_tag(text).strip() else 0.0 for text in completions]
 
     return format_reward
 
