@@ -584,7 +584,8 @@ def test_cosine_length_in_tokens_with_the_exceed_penalty():
 
 
 _TAGGY = st.lists(st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "\\boxed{", "}", "{",
-                                  "#### ", "```python\n", "```", "\n", " ", "a", "1", "-", "世", "\\"]))
+                                  "#### ", "```python\n", "```", "\n", " ", "a", "1", "-", "世", "\\",
+                                  "+", "=", "$", ",", ".5", "^", "(", ")", "\\frac{", "\\times", "\\text{"]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -595,7 +596,8 @@ def test_cheap_rewards_accept_any_text(text):
                                ("overlong", {"max_len": 20, "buffer": 5}, -1, 0)]:
         (value,) = build_reward(name, **args)([text])
         assert lo <= value <= hi and math.isfinite(value)
-    for extract in (extract_answer, extract_code, last_boxed, think_text, answer_or_text, gold_answer):
+    for extract in (extract_answer, extract_code, last_boxed, think_text, answer_or_text, gold_answer,
+                    is_number_arithmetic, is_plain_number):
         extract(text)
 
 
