@@ -124,7 +124,8 @@ class Learner:
 
         prompts/completions: token ids per completion; engine_logprobs: the sampler's log-prob of
         each completion token; advantages: (N,). Returns the step's statistics: loss, pg_loss and kl
-        of the policy before the step's updates; the ratio and clipping statistics over all
+        of the policy before the step's updates (no kl with loss.beta=0: there is no reference model);
+        the ratio and clipping statistics over all
         num_iterations (with one, the ratio is exactly 1: the old policy is the policy); lr, that of
         the step's first optimizer step. Per-token
         statistics are means over the batch's tokens, however it is cut into micro-batches.
@@ -188,7 +189,8 @@ class Learner:
                 if iteration == 0:
                     for key in ("loss", "pg_loss"):
                         totals[key] = totals.get(key, 0.0) + stats[key] * share
-                    totals["kl"] = totals.get("kl", 0.0) + stats["kl"] * token_share
+                    if cfg.loss.beta != 0:  # without a reference model there is no KL to report (not 0)
+                        totals["kl"] = totals.get("kl", 0.0) + stats["kl"] * token_share
                     if not mb.filler:
                         with torch.no_grad():
                             diff = torch.where(mask, (logp.detach() - mb.engine_logp).abs(), 0.0)

@@ -180,6 +180,19 @@ def test_one_iteration_reports_a_ratio_of_one(tiny_model_dir: Path) -> None:
     assert stats["ratio_min"] == stats["ratio_max"] == stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
 
 
+def test_no_kl_is_reported_without_a_reference_model(tiny_model_dir: Path) -> None:
+    """loss.beta=0 loads no reference model, so the KL to it is not measured: the step reports no `kl`
+    (was: 0.0, a flat "KL to the reference model" of 0 in the console and report of every beta=0 run)."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    engine = [[0.0] * len(c) for c in COMPLETIONS]
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0", "trainer.micro_batch_size=2"), CPU, pad_id=0)
+    assert learner.reference is None
+    stats = learner.update(PROMPTS, COMPLETIONS, engine, advantages)
+    assert "kl" not in stats and "loss" in stats
+    with_reference = Learner(_config(tiny_model_dir, "loss.beta=0.1", "trainer.micro_batch_size=2"), CPU, pad_id=0)
+    assert with_reference.update(PROMPTS, COMPLETIONS, engine, advantages)["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
 @pytest.mark.parametrize("share", ["false", "true"])
 def test_a_micro_batch_of_empty_completions_trains(tiny_model_dir: Path, share: str) -> None:
     cfg = _config(tiny_model_dir, "loss.beta=0.1", "trainer.micro_batch_size=2", f"model.share_prompts={share}")
