@@ -111,9 +111,11 @@ class Learner:
         # step instead of 0.45 s, and ~0.5 GB less peak memory). Sharded parameters keep the default.
         self.optimizer = torch.optim.AdamW(self.masters or self.trainable, lr=cfg.trainer.lr, betas=tuple(opt.betas),
                                            eps=opt.eps, weight_decay=opt.weight_decay, fused=not self.sharded)
-        total = max(cfg.trainer.max_steps * cfg.trainer.num_iterations, 1)
+        # The scheduler steps with the optimizer; max_steps and warmup_steps count training steps.
+        iterations = cfg.trainer.num_iterations
+        total = max(cfg.trainer.max_steps * iterations, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _schedule(cfg.trainer.lr_scheduler, cfg.trainer.warmup_steps, total))
+            self.optimizer, _schedule(cfg.trainer.lr_scheduler, cfg.trainer.warmup_steps * iterations, total))
         # True while an update has changed some weights but not finished: such a state is not saved.
         self.dirty = False
 

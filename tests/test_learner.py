@@ -225,6 +225,24 @@ def test_schedule_warmup_then_cosine(tiny_model_dir: Path) -> None:
     assert lrs == pytest.approx([0.5e-3, 1e-3, 0.5e-3], abs=1e-12)
 
 
+def test_warmup_counts_training_steps_as_max_steps_does(tiny_model_dir: Path) -> None:
+    """trainer.warmup_steps is in the unit of trainer.max_steps (a training step: num_iterations optimizer
+    steps), as the schedule's length is. Was: optimizer steps, so with num_iterations=2 a warmup of 10
+    steps ended after 5 training steps."""
+    cfg = _config(tiny_model_dir, "loss.beta=0", "trainer.lr_scheduler=cosine", "trainer.warmup_steps=1",
+                  "trainer.max_steps=3", "trainer.num_iterations=2")
+    learner = Learner(cfg, CPU, pad_id=0)
+    lrs = []
+    for _ in range(6):  # 3 training steps x 2 optimizer steps
+        lrs.append(learner.scheduler.get_last_lr()[0])
+        learner.optimizer.step()
+        learner.scheduler.step()
+    # warmup over 1 training step = 2 optimizer steps: (0 + 1) / 3, (1 + 1) / 3; then cosine over the
+    # other 4: 0.5 * (1 + cos(pi * p)) at p = 0, 1/4, 1/2, 3/4 -> 1, 0.8535533905932737, 0.5, 0.14644660940672627
+    expected = [1 / 3, 2 / 3, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627]
+    assert lrs == pytest.approx([1e-3 * f for f in expected], abs=1e-12)
+
+
 def test_update_logs_the_lr_it_stepped_with(tiny_model_dir: Path) -> None:
     """The metric `lr` of a step is the one its update used (was: the next step's, so a warmup's first
     step showed its second step's lr and a cosine run's last step showed 0)."""
