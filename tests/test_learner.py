@@ -632,13 +632,14 @@ def test_fp32_weights_have_no_master_copy(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("variant", ["defaults", "asymmetric clip, k1, token_mean, temperature 0.7",
-                                     "sequence ratio, k2, seq_sum_norm"])
+                                     "sequence ratio, k2, seq_sum_norm", "truncated importance weight"])
 def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_model_dir: Path, variant: str) -> None:
     """num_iterations=2: the second optimizer step's gradient is that of policy_loss with the policy
     after the first step and the old log-probs of the policy before it (clipping active), computed
     here on the whole batch, with the loss settings and sampling temperature of the config. On the
     first step (ratio 1, policy = reference) clip bounds, GSPO's ratio, the KL estimator (but k1) and
-    a temperature of 1 look alike; the second tells each of them apart."""
+    a temperature of 1 look alike; the second tells each of them apart. The truncated importance weight
+    is min(pi_old / pi_engine, cap) with the old policy's log-probs, not the current policy's."""
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
     engine = [[0.0] * len(c) for c in COMPLETIONS]
     overrides, kw, temperature = {
@@ -649,6 +650,7 @@ def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_m
         "sequence ratio, k2, seq_sum_norm": (
             ("loss.ratio_level=sequence", "loss.kl=k2", "loss.agg=seq_sum_norm"),
             {"ratio_level": "sequence", "kl": "k2", "agg": "seq_sum_norm"}, 1.0),
+        "truncated importance weight": (("loss.tis_cap=2.0",), {}, 1.0),
     }[variant]
     common = ("loss.beta=0.1", "trainer.micro_batch_size=2", "rollout.max_new_tokens=4", "trainer.lr=0.05",
               "model.share_prompts=false", "trainer.max_grad_norm=1e9", *overrides)
@@ -659,6 +661,12 @@ def test_a_second_iteration_trains_on_the_clipped_ratio_to_the_old_policy(tiny_m
     with torch.no_grad():
         old, _ = sequence_logprobs(once.policy, batch, temperature)
         ref, _ = sequence_logprobs(once.reference, batch, temperature)
+    if variant == "truncated importance weight":
+        # The engine saw row 0's tokens 1.5x less likely than the old policy (weight 1.5), row 1's 3x more
+        # (1/3), row 2's 4x less (4, capped at 2), row 3's the same (1).
+        shift = torch.tensor([math.log(1.5), -math.log(3.0), math.log(4.0), 0.0])[:, None]
+        engine = [(old[i, : len(c)] - shift[i]).tolist() for i, c in enumerate(COMPLETIONS)]
+        kw = {"is_weight": torch.tensor([1.5, 1 / 3, 2.0, 1.0])[:, None].expand_as(old)}
     twice.update(PROMPTS, COMPLETIONS, engine, advantages)
     once.update(PROMPTS, COMPLETIONS, engine, advantages)  # `once` now holds the weights of iteration 2
     once.policy.zero_grad(set_to_none=True)

@@ -183,6 +183,9 @@ def test_loss_clip_frac_low_high_stats():
         # Outside the range on the side the min() does not take: not clipped, in neither statistic.
         (0.5, 1.0, {}, 0.0, 0.0),  # min(0.5, 0.8) = 0.5: the unclipped term
         (1.5, -1.0, {}, 0.0, 0.0),  # min(-1.5, -1.2) = -1.5: the unclipped term
+        # A = 0 (every row of a flat group): both terms are 0, nothing is clipped, whatever the ratio.
+        (0.5, 0.0, {}, 0.0, 0.0),
+        (1.5, 0.0, {}, 0.0, 0.0),
         # Asymmetric ranges: each side reads its own bound.
         (1.25, 1.0, {"clip_low": 0.3, "clip_high": 0.1}, 0.0, 1.0),  # 1.25 > 1 + 0.1
         (1.25, 1.0, {"clip_low": 0.1, "clip_high": 0.3}, 0.0, 0.0),  # 1.25 < 1 + 0.3 (but > 1 + 0.1)
