@@ -124,6 +124,23 @@ def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Pat
     assert prompts and {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts} == {47}
 
 
+def test_dynamic_sampling_with_no_informative_group_runs_max_resample_extra_rounds(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A random model never answers right: every group's accuracy is 0, none is informative, so the step
+    runs 1 + trainer.max_resample rounds, then trains on the first round's groups (with advantage 0).
+    loss.beta=0 (the quickstart's): no reference model, so no kl metric."""
+    run = tmp_path / "run"
+    result = _train("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
+                    "trainer.max_steps=1", "trainer.prompts_per_step=2", "rollout=hf", "rollout.group_size=2",
+                    "rollout.max_new_tokens=4", "dataset.size=16", "trainer.dynamic_sampling=true",
+                    "trainer.max_resample=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (m,) = _metrics(run)
+    assert m["reward/mean"] == 0.0 and m["groups/zero_std_frac"] == 1.0
+    assert m["rollout/rounds"] == 3.0 and m["groups/trained"] == 2.0
+    assert "kl" not in m and "loss" in m
+
+
 def test_a_conversational_dataset_trains_and_special_token_text_gets_a_note(tiny_model_dir: Path,
                                                                              tmp_path: Path) -> None:
     """Problems as messages (with a few-shot turn) or as text, in one file; two hold '<|im_end|>'."""
