@@ -104,6 +104,9 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 
     With d = ref_logp - logp: k3 = exp(d) - d - 1 (unbiased and non-negative, used by DeepSeekMath),
     k1 = -d (unbiased, can be negative), k2 = d^2 / 2 (biased, low variance).
+    As a loss term (tokens sampled from pi) what matters is the gradient: k1's is grad log pi, zero in
+    expectation, so it does not pull pi toward pi_ref at all; k2's, -d * grad log pi, is in expectation
+    the gradient of the token's KL(pi || pi_ref); k3's, (1 - e^d) * grad log pi, that of KL(pi_ref || pi).
     """
     _choice("kl kind", kind, KL_ESTIMATORS)
     if logp.shape != ref_logp.shape:

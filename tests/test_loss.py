@@ -135,6 +135,24 @@ def test_loss_kl_estimate_known_points():
     assert_close(kl_estimate(logp, ref, "k2"), [0.5, 0.5, 0.0], tol=1e-12)  # (logp - ref)^2 / 2
 
 
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_loss_kl_estimator_gradient_in_expectation(kind):
+    """What each estimator does as a loss term: its gradient averaged over tokens drawn from pi (an exact
+    sum over a 3-token vocabulary) is 0 for k1, grad KL(pi || ref) for k2 and grad KL(ref || pi) for k3."""
+    theta = t([0.3, -1.2, 0.9]).requires_grad_(True)
+    ref = torch.log_softmax(t([-0.5, 0.4, 0.2]), 0)
+    logp = torch.log_softmax(theta, 0)
+    probs = logp.exp().detach()
+    expected_grad = sum(probs[x] * torch.autograd.grad(kl_estimate(logp[x], ref[x], kind), theta, retain_graph=True)[0]
+                        for x in range(3))
+    kl_pi_ref = (logp.exp() * (logp - ref)).sum()  # KL(pi || ref)
+    kl_ref_pi = (ref.exp() * (ref - logp)).sum()  # KL(ref || pi)
+    target = {"k1": torch.zeros(3, dtype=F64), "k2": torch.autograd.grad(kl_pi_ref, theta, retain_graph=True)[0],
+              "k3": torch.autograd.grad(kl_ref_pi, theta)[0]}[kind]
+    assert target.abs().max() > 0.1 or kind == "k1"
+    assert_close(expected_grad, target, tol=1e-12)
+
+
 def test_loss_kl_estimate_errors():
     with pytest.raises(ValueError, match="k1"):
         kl_estimate(t([0.0]), t([0.0]), "k4")
