@@ -256,7 +256,8 @@ def validate(cfg: Config) -> None:
     for key, value in {"trainer.lr": cfg.trainer.lr, "loss.beta": cfg.loss.beta,
                        "trainer.max_resample": cfg.trainer.max_resample, "trainer.warmup_steps": cfg.trainer.warmup_steps,
                        "loss.clip_low": cfg.loss.clip_low, "loss.clip_high": cfg.loss.clip_high,
-                       "trainer.max_steps": cfg.trainer.max_steps}.items():
+                       "trainer.max_steps": cfg.trainer.max_steps,
+                       "logging.samples_per_step": cfg.logging.samples_per_step}.items():
         if value < 0:
             raise UserError(f"{key}={value}: must not be negative")
     if cfg.trainer.keep_last < 0:
@@ -332,6 +333,10 @@ def _validate_optimizer(o: OptimizerConfig) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optimizer.betas={list(o.betas)}: needs two values, each at least 0 and below 1, "
                         "e.g. optimizer.betas=[0.9,0.99]")
+    if not o.eps > 0:  # torch's AdamW refuses a negative one only once the model has loaded
+        raise UserError(f"optimizer.eps={o.eps}: must be above 0 (e.g. 1e-8)")
+    if o.weight_decay < 0:
+        raise UserError(f"optimizer.weight_decay={o.weight_decay}: must not be negative (0 = none, e.g. 0.01)")
 
 
 def _validate_sampling(r: RolloutConfig) -> None:

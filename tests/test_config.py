@@ -142,6 +142,11 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["trainer.keep_last=-1"], "trainer.keep_last=-1: use the number of latest checkpoints to keep, or 0 to keep them all"),
     (["loss.adv_eps=-1"], "loss.adv_eps=-1.0: must be above 0"),
     (["model.lora_dropout=2"], "model.lora_dropout=2.0: a probability, at least 0 and below 1"),
+    # torch's AdamW refuses these only after the model has loaded (a traceback); eps=0 divides 0 by 0
+    (["optimizer.eps=-1"], "optimizer.eps=-1.0: must be above 0 (e.g. 1e-8)"),
+    (["optimizer.eps=0"], "optimizer.eps=0.0: must be above 0 (e.g. 1e-8)"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: must not be negative (0 = none, e.g. 0.01)"),
+    (["logging.samples_per_step=-1"], "logging.samples_per_step=-1: must not be negative"),  # [:-1]: all but one
     # rewards are built when the config is checked, not after the model has loaded
     (["+rewards.foo.weight=1"], "rewards.foo: unknown reward 'foo'; known: accuracy, code,"),
     (["+rewards.x.fn=acuracy"], "rewards.x (acuracy): unknown reward 'acuracy'"),
@@ -178,7 +183,8 @@ def test_data_without_answers_takes_the_rewards_that_need_none() -> None:
 
 def test_boundary_values_that_mean_something_are_accepted() -> None:
     cfg = compose(["trainer.keep_last=0", "rollout.top_k=0", "rollout.top_p=1", "rollout.gpu_memory_utilization=1",
-                   "model.lora_dropout=0", "optimizer.betas=[0,0.999]", "trainer.save_every=1", "logging.log_every=1"])
+                   "model.lora_dropout=0", "optimizer.betas=[0,0.999]", "trainer.save_every=1", "logging.log_every=1",
+                   "optimizer.weight_decay=0", "logging.samples_per_step=0"])
     assert cfg.trainer.keep_last == 0 and cfg.rollout.top_k == 0 and cfg.optimizer.betas == [0.0, 0.999]
 
 
