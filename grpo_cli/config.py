@@ -98,6 +98,10 @@ def compose(overrides: list[str], config_dir_extra: str | Path | None = None) ->
             raw = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(explain(e)) from None
+    except ValueError as e:  # `rollout=true`, `rewards=5`: Hydra's defaults list takes option names only
+        if "Config group override" not in str(e):
+            raise
+        raise UserError(_not_an_option(overrides)) from None
     except yaml.YAMLError as e:  # a config group option (conf/ or --config-dir) that is not YAML
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"{mark.name if mark else 'a config file'} is not valid YAML ({_yaml_problem(e)}); "
@@ -490,7 +494,7 @@ def _unparsable(override: str, first: str) -> str:
 def explain(error: Exception) -> str:
     """Turn a Hydra/OmegaConf exception into one line that names the key and suggests the fix."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ConfigTypeError, ValidationError
 
     cause = error.__cause__ or error
     text = str(cause)
@@ -498,8 +502,8 @@ def explain(error: Exception) -> str:
     full_key = re.search(r"full_key: (\S+)", text)
     key = full_key.group(1) if full_key else None
 
-    if isinstance(error, MissingConfigException):
-        group, option = re.search(r"Could not find '(?:(.+)/)?([^'/]+)'", text).groups()
+    if isinstance(error, MissingConfigException):  # "Could not load" for an option in a list (model=[a,b])
+        group, option = re.search(r"Could not (?:find|load) '(?:(.+)/)?([^'/]+)'", text).groups()
         if group == "recipe":
             options = sorted(find_recipes())
             return f"unknown recipe '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
@@ -508,7 +512,15 @@ def explain(error: Exception) -> str:
     if isinstance(error, OverrideParseException):
         return _unparsable(error.override, first)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        append = re.search(r"To append to your config use (\S+)", str(error))
+        if append and _addable(key):  # a key the schema allows that this config does not set yet
+            return f"'{append.group(1)[1:]}' sets a key this config does not have yet; add it with a '+': {append.group(1)}"
         return _unknown_key(key)
+    if isinstance(cause, ConfigTypeError) and "does not support deletion" in text and key:
+        return f"cannot delete '{key}': every setting needs a value; set it instead ({key}=VALUE)"
+    if "requires --multirun" in text or "Ambiguous value for argument" in text:
+        return (f"{first}: a value with commas, or glob()/range()/choice()/interval(), asks for a sweep of several "
+                "runs, which grpo does not do; give one value per key (a list is written [a,b])")
     if isinstance(cause, ValidationError) and key:
         value = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
         if value:
@@ -529,6 +541,30 @@ def explain(error: Exception) -> str:
         key = existing.group(1)
         return f"'+{key}' adds a new key, but {key} already exists: drop the '+' ({key}=VALUE)"
     return f"invalid configuration: {first}" + (f" (at '{key}')" if key else "")
+
+
+def _addable(key: str) -> bool:
+    """Whether `key` may be added with '+': a schema field absent from the composed YAML (rewards.x.args),
+    or any key of a free-form mapping (rewards, dataset.task_args, rewards.x.args)."""
+    found = _schema_parent(key)
+    if found is not None:
+        return found[0] in {f.name for f in dataclasses.fields(found[1])}
+    parent = key.rpartition(".")[0]
+    return bool(parent) and _field_type(parent) == dict[str, Any]
+
+
+def _not_an_option(overrides: list[str]) -> str:
+    """A config group given a value Hydra reads as a bool or a number (`rollout=true`, `rewards=5`)."""
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key in (*GROUPS, "recipe") and re.fullmatch(r"(?i)\s*(true|false|[-+]?[\d_.]+(e[-+]?\d+)?|[-+]?(inf|nan))\s*",
+                                                        value):
+            if key == "recipe":
+                return f"'{o}': recipe= takes a recipe's name: {', '.join(sorted(find_recipes()))} (see grpo recipes)"
+            options = sorted(p.stem for p in (config_dir() / key).glob("*.yaml"))
+            return (f"'{o}': {key}= takes the name of one of its options ({', '.join(options)}); to set a value "
+                    f"inside the group, name its key ({key}.KEY=VALUE)")
+    return "a config group takes the name of one of its options (e.g. rollout=hf); set a value with group.KEY=VALUE"
 
 
 def _unknown_key(key: str) -> str:

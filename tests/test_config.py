@@ -158,6 +158,15 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["dataset.prefill=<think>"], """quote a value with special characters, e.g. 'dataset.prefill="<think>"'"""),
     (["eval.k=abc"], "bad value for 'eval.k': it takes a list, e.g. eval.k=[1,8]"),
     (["dataset=jsonl"], "dataset.path is required for dataset.source=jsonl; e.g. dataset.path=data/train.jsonl"),
+    (["~trainer.lr"], "cannot delete 'trainer.lr': every setting needs a value; set it instead (trainer.lr=VALUE)"),
+    (["trainer.lr=1e-6,2e-6"], "asks for a sweep of several runs, which grpo does not do; give one value per key"),
+    (["eval.k=1,4"], "give one value per key (a list is written [a,b])"),
+    # a group given a bool or a number, or a list with an unknown option: Hydra's own ValueError or ours
+    (["rollout=true"], "'rollout=true': rollout= takes the name of one of its options (hf, vllm, vllm_server); to "
+                       "set a value inside the group, name its key (rollout.KEY=VALUE)"),
+    (["rewards=5"], "'rewards=5': rewards= takes the name of one of its options (accuracy, r1_zero,"),
+    (["recipe=1"], "'recipe=1': recipe= takes a recipe's name: countdown, gsm8k, quickstart, r1_zero_math"),
+    (["model=[qwen2_5_3b,nope]"], "unknown model option 'nope'; available: qwen2_5_0_5b_instruct,"),
     # data without reference answers, and the rewards that need them
     (["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=r1_zero"],
      "rewards.accuracy (accuracy) checks answers against the reference, and dataset.answer_column=null gives none: "
@@ -173,6 +182,19 @@ def test_bad_configuration_is_one_clear_line(overrides: list[str], message: str)
     text = str(caught.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(("override", "added"), [
+    ("dataset.task_args.min_terms=2", "+dataset.task_args.min_terms=2"),  # a free-form mapping
+    ("rewards.accuracy.args.timeout=2", "+rewards.accuracy.args.timeout=2"),  # a schema key the YAML leaves out
+])
+def test_a_key_the_config_lacks_yet_is_added_with_a_plus(override: str, added: str) -> None:
+    """Hydra refuses to set a key the composed YAML lacks; its message was "unknown config key" (or, for
+    rewards.accuracy.args, "did you mean args?"), though the key is allowed: the fix is a '+'."""
+    with pytest.raises(UserError) as caught:
+        compose([override])
+    assert str(caught.value) == f"'{override}' sets a key this config does not have yet; add it with a '+': {added}"
+    compose([added])  # the fix it names works
 
 
 def test_data_without_answers_takes_the_rewards_that_need_none() -> None:
