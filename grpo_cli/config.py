@@ -136,13 +136,26 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
     _writable(schema)
     run_config = load_yaml(saved, "the run's saved config is damaged: repair it, or start a new run")
     try:
-        merged = OmegaConf.merge(schema, run_config, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(schema, run_config, _from_dotlist(overrides))
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
     validate(cfg)
     return _absolute_paths(cfg)
+
+
+def _from_dotlist(overrides: list[str]) -> DictConfig:
+    """key=value overrides read as YAML values (as OmegaConf reads a dotlist); one that is not YAML, such
+    as a list missing its ']', is a UserError naming it."""
+    import yaml
+
+    for o in overrides:
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.YAMLError as e:
+            raise UserError(_unparsable(o, f"'{o}' is not a valid value ({_yaml_problem(e)})")) from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:

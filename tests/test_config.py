@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.config import LIST_EXAMPLES, compose, config_dir, find_recipes, to_yaml
+from grpo_cli.config import LIST_EXAMPLES, compose, config_dir, find_recipes, resume_config, to_yaml
 from grpo_cli.errors import UserError
 from grpo_cli.schema import Config, RewardTerm
 
@@ -195,6 +195,21 @@ def test_a_key_the_config_lacks_yet_is_added_with_a_plus(override: str, added: s
         compose([override])
     assert str(caught.value) == f"'{override}' sets a key this config does not have yet; add it with a '+': {added}"
     compose([added])  # the fix it names works
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("eval.k=[1,2", "cannot parse override 'eval.k=[1,2': eval.k takes a list; quote its items, e.g. "
+                    "'eval.k=[\"1\",\"2\"]'"),
+    ("trainer.lr={a", "cannot parse override: 'trainer.lr={a' is not a valid value (expected ',' or '}', but got "
+                      "'<stream end>', line 1); overrides look like key=value, +new_key=value or ~key"),
+])
+def test_an_override_of_a_saved_config_that_is_not_yaml_is_one_line(tmp_path: Path, override: str, message: str) -> None:
+    """resume= and eval's run= read overrides as YAML values: a list missing its ']' was a yaml traceback."""
+    (tmp_path / "config.yaml").write_text(to_yaml(compose(["recipe=quickstart"])))
+    with pytest.raises(UserError) as caught:
+        resume_config(str(tmp_path), [override])
+    assert str(caught.value) == message
+    assert resume_config(str(tmp_path), ["eval.n=2", "eval.k=[1,2]"]).eval.k == [1, 2]
 
 
 def test_data_without_answers_takes_the_rewards_that_need_none() -> None:
