@@ -52,7 +52,7 @@ from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
 from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
-from grpo_cli.runs import check_run_dir, prepare_run_dir
+from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir
 from grpo_cli.schema import Config
 from grpo_cli.sync import engine_logprob_diff, push_weights
 
@@ -76,27 +76,33 @@ def train(cfg: Config) -> Path:
     if lacking:
         raise UserError(lacking)
     run = _prepare_run(cfg)
-    wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
-    if cfg.resume and distributed.is_main():
-        checkpoint.remove_unfinished(run)
-    learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
-    limit, limit_source = prompt_limit(cfg, learner.policy)
-    fits, left_out = fitting_prompts(rows, tokenizer, limit, limit_source)
-    if evaluation is not None:
-        evaluation.check_prompt_lengths(tokenizer, limit, limit_source)
-    start, position = 0, 0  # last finished step; prompts consumed so far
-    latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
-    if latest:
-        state = checkpoint.load(latest[0], learner)
-        start, position = state["step"], state["data_position"]
-    engine = make_engine(cfg.rollout, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy, run_dir=run)
-    if device.type == "cpu":
-        keep_freed_host_memory()
-    # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
-    # hold an earlier run's pushes (weights_version > 0): give them this run's.
-    if start or getattr(engine, "weights_version", 0):
-        push_weights(engine, learner.named_weights())
-    logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes the run
+    try:
+        wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
+        if cfg.resume and distributed.is_main():
+            checkpoint.remove_unfinished(run)
+        learner = Learner(cfg, device, pad_id=tokenizer.pad_token_id)
+        limit, limit_source = prompt_limit(cfg, learner.policy)
+        fits, left_out = fitting_prompts(rows, tokenizer, limit, limit_source)
+        if evaluation is not None:
+            evaluation.check_prompt_lengths(tokenizer, limit, limit_source)
+        start, position = 0, 0  # last finished step; prompts consumed so far
+        latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
+        if latest:
+            state = checkpoint.load(latest[0], learner)
+            start, position = state["step"], state["data_position"]
+        engine = make_engine(cfg.rollout, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy,
+                             run_dir=run)
+        if device.type == "cpu":
+            keep_freed_host_memory()
+        # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
+        # hold an earlier run's pushes (weights_version > 0): give them this run's.
+        if start or getattr(engine, "weights_version", 0):
+            push_weights(engine, learner.named_weights())
+        logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes
+    except BaseException:  # nothing trained: a new run's directory would only block the corrected command
+        if not cfg.resume and distributed.is_main():
+            discard_new_run_dir(cfg, run)
+        raise
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
     for note in (epoch_note(sum(fits), cfg), left_out, special_token_note(rows, tokenizer, "dataset"), *notes):

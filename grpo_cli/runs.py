@@ -87,7 +87,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         run = Path(cfg.resume).expanduser()
         atomic_write_text(run / "config.yaml", to_yaml(dataclasses.replace(cfg, resume=None)))
         return run
-    run = Path(cfg.output_dir).expanduser() if cfg.output_dir else fresh_dir(Path("runs") / (cfg.recipe or "default"))
+    run = Path(cfg.output_dir).expanduser() if cfg.output_dir else fresh_dir(default_parent(cfg))
     for sub in ("checkpoints", "samples"):
         (run / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", to_yaml(cfg))
@@ -104,16 +104,39 @@ def check_run_dir(cfg: Config) -> None:
     elif cfg.output_dir:
         out = check_output_dir(cfg.output_dir, f"continue that run with resume={cfg.output_dir}")
         check_writable(next(p for p in (out, *out.parents) if p.exists()), f"output_dir={cfg.output_dir}")
+    else:
+        parent = default_parent(cfg)
+        check_writable(next(p for p in (parent, *parent.parents) if p.exists()).resolve(),
+                       f"the run directory (under {parent}, as no output_dir is set)",
+                       "set output_dir to a writable folder, or run grpo from one")
 
 
-def check_writable(folder: Path, what: str) -> None:
+def default_parent(cfg: Config) -> Path:
+    """Where a run without output_dir gets its fresh directory: runs/<recipe> in the working directory."""
+    return Path("runs") / (cfg.recipe or "default")
+
+
+def check_writable(folder: Path, what: str, fix: str = "choose a writable folder") -> None:
     """A folder the run will write into: a read-only one (or one this user cannot write) fails now, not at
     the first checkpoint. A full disk may still take this empty file: a save names that itself."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); choose a writable folder") from None
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); {fix}") from None
+
+
+def discard_new_run_dir(cfg: Config, run: Path) -> None:
+    """Undo `prepare_run_dir` for a new run that failed before its first step (a model that cannot load,
+    an engine that cannot start): its config.yaml alone would make output_dir "already hold files" and
+    refuse the corrected command. Only what `prepare_run_dir` wrote goes, and folders left empty; a
+    named output_dir itself stays (the user may have made it, and empty it takes the next run)."""
+    (run / "config.yaml").unlink(missing_ok=True)
+    for folder in (run / "checkpoints", run / "samples", *([] if cfg.output_dir else [run])):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there): keep it
+            pass
 
 
 def check_output_dir(output_dir: str, alternative: str | None = None) -> Path:

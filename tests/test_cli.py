@@ -100,6 +100,24 @@ def test_missing_dataset_column_names_the_columns(grpo, tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_that_blocks_the_fix(grpo, tmp_path: Path,
+                                                                                  tiny_model_dir: Path) -> None:
+    """The run directory is made before the model loads: a model that cannot load there left config.yaml
+    behind, and the corrected command then failed with "already holds files"."""
+    tiny = ["recipe=quickstart", f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=1",
+            "trainer.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=4", "rollout.engine=hf"]
+    run = tmp_path / "run"
+    line = _one_line_error(grpo("train", *tiny, "model.attn_implementation=bogus", f"output_dir={run}", cwd=tmp_path))
+    assert "attn_implementation=\"bogus\"" in line
+    assert not run.exists() or not any(run.iterdir())
+    line = _one_line_error(grpo("train", *tiny, "rollout.max_prompt_tokens=5", cwd=tmp_path))  # no output_dir
+    assert line.startswith("error: every prompt is longer than 5 tokens")
+    assert not any((tmp_path / "runs" / "quickstart").iterdir())  # its fresh runs/quickstart/<time> is gone too
+    result = grpo("train", *tiny, f"output_dir={run}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-000001").is_dir()
+
+
 def test_existing_run_is_never_overwritten(grpo, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

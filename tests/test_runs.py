@@ -143,6 +143,25 @@ def test_an_unwritable_output_folder_fails_before_anything_loads(tmp_path: Path,
         check_run_dir(cfg)
 
 
+def test_an_unwritable_working_directory_fails_before_anything_loads(tmp_path: Path, monkeypatch) -> None:
+    """Without output_dir the run goes under ./runs: where that cannot be written, fresh_dir's mkdir
+    raised a traceback once the data had loaded."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(UserError) as caught:
+        check_run_dir(compose(["recipe=quickstart"]))
+    assert str(caught.value) == (f"the run directory (under runs/quickstart, as no output_dir is set): cannot write in "
+                                 f"{tmp_path} (Read-only file system); set output_dir to a writable folder, or run "
+                                 "grpo from one")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_metrics_cut_short_by_a_kill_are_dropped_on_resume(tmp_path: Path) -> None:
     from grpo_cli.logging import _truncate_after
 
