@@ -58,7 +58,7 @@ from grpo_cli.rewards import RewardSet, build_reward_set, shown
 from grpo_cli.rewards.extract import extract_answer
 from grpo_cli.rewards.mathcheck import CORRECT, default_checker
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
-from grpo_cli.runs import atomic_write_text, check_output_dir, fresh_dir
+from grpo_cli.runs import atomic_write_text, check_output_dir, check_writable, fresh_dir
 from grpo_cli.schema import Config, DatasetConfig
 
 if TYPE_CHECKING:
@@ -728,6 +728,21 @@ def _named_output_dir(cfg: Config) -> Path | None:
     return check_output_dir(cfg.output_dir) if cfg.output_dir else None
 
 
+def check_output(target: Target) -> None:
+    """The results' folder (`output_dir`) must be new or empty, and where it goes writable: checked
+    before the work, which may take hours, not when the results are written."""
+    named = _named_output_dir(target.cfg)
+    if named is not None:
+        where, what, fix = named, f"output_dir={target.cfg.output_dir}", "choose a writable folder"
+    elif target.run is not None and target.checkpoint is not None:
+        where, what = target.run / "eval", f"the results' folder (under {target.run / 'eval'})"
+        fix = "set output_dir to a writable folder"
+    else:
+        where, what = Path("runs") / "eval", "the results' folder (under runs/eval, as no output_dir is set)"
+        fix = "set output_dir to a writable folder, or run grpo from one"
+    check_writable(next(p for p in (where, *where.parents) if p.exists()).resolve(), what, fix)
+
+
 def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[SetResult]]:
     """`grpo eval`: evaluate, write results.json and samples.jsonl; returns their folder and the results."""
     import torch
@@ -737,7 +752,7 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
 
     cfg = target.cfg
     start = time.perf_counter()
-    _named_output_dir(cfg)  # one that already holds files fails now, not after the work
+    check_output(target)  # one that already holds files, or cannot be written, fails now, not after the work
     if target.checkpoint is not None:
         _check_checkpoint(target)
     tokenizer = load_tokenizer(cfg.model)

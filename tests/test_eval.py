@@ -552,6 +552,41 @@ def test_named_output_dir_must_be_empty(tmp_path: Path) -> None:
         output_dir(load_target([f"output_dir={tmp_path / 'results.json'}"], None))
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["recipe=quickstart"], "the results' folder (under runs/eval, as no output_dir is set): cannot write in {tmp} "
+                            "(Read-only file system); set output_dir to a writable folder, or run grpo from one"),
+    (["recipe=quickstart", "output_dir={tmp}/out"], "output_dir={tmp}/out: cannot write in {tmp} (Read-only file "
+                                                    "system); choose a writable folder"),
+    (["eval.run={run}"], "the results' folder (under {run}/eval): cannot write in {run} (Read-only file system); "
+                         "set output_dir to a writable folder"),
+])
+def test_an_unwritable_results_folder_fails_before_anything_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  args: list[str], message: str) -> None:
+    """The results were written only after the whole evaluation: a folder that cannot be written lost it
+    all to a traceback."""
+    import errno
+    import tempfile
+
+    import grpo_cli.models
+    from grpo_cli.evaluate import run_eval
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before checking where the results go")
+
+    run = _fake_run(tmp_path, [2])
+    target = load_target([a.format(tmp=tmp_path, run=run) for a in args], None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(grpo_cli.models, "load_tokenizer", must_not_load)
+    monkeypatch.setattr("grpo_cli.evaluate._check_checkpoint", lambda target: None)  # a fake run's checkpoint
+    with pytest.raises(UserError) as caught:
+        run_eval(target, say=print)
+    assert str(caught.value) == message.format(tmp=tmp_path, run=run)
+
+
 def test_a_damaged_or_empty_checkpoint_fails_before_vllm_reads_it(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
