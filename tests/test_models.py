@@ -56,3 +56,22 @@ def test_auto_dtype_is_fp32_on_cpu_and_bf16_on_cuda() -> None:
     assert torch_dtype("auto", torch.device("cpu")) == torch.float32
     assert torch_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert torch_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_a_cache_that_cannot_be_written_is_named_before_the_built_in_model_is_converted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion (~20 s) wrote into GRPO_CACHE only at its end: a cache that cannot be written (HOME
+    read-only, GRPO_CACHE mistyped) was a traceback, from mkdir or after the conversion."""
+    import grpo_cli.models as models
+
+    def must_not_convert(*args, **kwargs):
+        raise AssertionError("converted before checking the cache")
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", must_not_convert)
+    with pytest.raises(UserError) as caught:
+        models.resolve("smollm2-135m-instruct")
+    assert str(caught.value) == (f"built-in model smollm2-135m-instruct: cannot write its converted copy in "
+                                 f"{tmp_path / 'file' / 'cache' / 'models'} (Not a directory); set GRPO_CACHE to a "
+                                 "writable folder")
