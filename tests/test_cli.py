@@ -118,6 +118,31 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_that_blocks_the_f
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-000001").is_dir()
 
 
+def test_a_tensor_parallel_size_the_machine_lacks_is_one_line(grpo, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """On a CPU (2 cores, one NUMA node) vLLM raised an AssertionError about NUMA nodes, with a traceback,
+    after the model had loaded; a GPU machine with fewer GPUs than the size is told how many it has."""
+    line = _one_line_error(grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}",
+                                "rollout.tensor_parallel_size=64", "rollout.cpu_kv_cache_mib=64",
+                                f"output_dir={tmp_path / 'run'}", timeout=600))
+    assert line.startswith("error: rollout.tensor_parallel_size=64: ")
+    assert "set rollout.tensor_parallel_size=1" in line or "GPU(s) visible here; set it to at most" in line
+    assert not any((tmp_path / "run").iterdir())  # nothing left to block the corrected command
+
+
+def test_a_tensor_parallel_size_above_the_visible_gpus_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from grpo_cli.errors import UserError
+    from grpo_cli.rollout.vllm import _check_parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _check_parallel(2, cuda=True)
+    with pytest.raises(UserError) as caught:
+        _check_parallel(4, cuda=True)
+    assert str(caught.value) == ("rollout.tensor_parallel_size=4: 2 GPU(s) visible here; set it to at most 2, or make "
+                                 "more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+
 def test_existing_run_is_never_overwritten(grpo, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -43,6 +43,7 @@ import gc
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,6 +67,22 @@ def _model_max_len(model_path: str, model_cfg: ModelConfig) -> int | None:
     except (OSError, ValueError):
         return None  # vLLM reports the problem itself, with its own words
     return context_length(config)
+
+
+def _check_parallel(size: int, cuda: bool) -> None:
+    """rollout.tensor_parallel_size that this machine cannot give the engine: vLLM fails with a traceback
+    once the model is loaded (on CPU, an assertion about NUMA nodes)."""
+    if cuda:
+        count = torch.cuda.device_count()
+        if size > count:
+            raise UserError(f"rollout.tensor_parallel_size={size}: {count} GPU(s) visible here; set it to at most "
+                            f"{count}, or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    elif size > 1 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+        if size > nodes:  # vLLM's CPU backend binds one worker to each NUMA node
+            raise UserError(f"rollout.tensor_parallel_size={size}: vLLM on a CPU runs one worker per NUMA node and "
+                            f"this machine has {nodes}; set rollout.tensor_parallel_size=1 (it counts GPUs on a "
+                            "GPU machine)")
 
 
 class _DropChunkedPrefillWarning(logging.Filter):
@@ -105,6 +122,7 @@ class VLLMEngine:
                  seed: int = 0, max_model_len: int | None = None, llm_args: dict[str, Any] | None = None) -> None:
         """`llm_args`: further `vllm.LLM` arguments (the rollout server's: max_logprobs, weight transfer)."""
         self.cuda = torch.cuda.is_available()
+        _check_parallel(rollout_cfg.tensor_parallel_size, self.cuda)
         self.dtype = torch_dtype(model_cfg.dtype, torch.device("cuda" if self.cuda else "cpu"))
         self.sleep_mode = bool(self.cuda and rollout_cfg.sleep_mode)
         self.sleeping = False  # KV cache released (GPU with sleep mode only)
