@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli import distributed
-from grpo_cli.errors import UserError
+from grpo_cli.errors import UserError, first_line
 from grpo_cli.logprobs import (
     Packed,
     Segments,
@@ -484,7 +484,15 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
         targets = "all-linear"  # every linear layer except the output layer
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. a target module the model does not have (peft's NoMatchingPeftModuleError)
+        output = model.get_output_embeddings()  # a Linear too, but no place for an adapter ("all-linear" skips it)
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and m is not output})
+        problem = first_line(e).rstrip(".")
+        raise UserError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: {problem}; this model's linear "
+                        f"layers are {', '.join(linear)} (or use [all-linear])") from None
 
 
 def _schedule(kind: str, warmup: int, total: int):  # noqa: ANN202

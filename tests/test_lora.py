@@ -114,3 +114,18 @@ def test_check_sync_measures_the_push_not_the_dropout(tiny_model_dir: Path) -> N
     assert learner.policy.training
     assert check_sync(engine, learner, probe)["sync/logprob_diff_max"] < 1e-5
     assert learner.policy.training  # the learner trains on in train mode
+
+
+def test_a_target_module_the_model_lacks_is_one_line_naming_its_layers(tiny_model_dir: Path) -> None:
+    """peft's NoMatchingPeftModuleError came out as a traceback, once the model had loaded."""
+    from grpo_cli.errors import UserError
+
+    cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.lora_rank=4", "model.lora_target_modules=[qproj]"])
+    with pytest.raises(UserError) as caught:
+        Learner(cfg, CPU, pad_id=0)
+    message = str(caught.value)
+    assert message.startswith("model.lora_target_modules=['qproj']: Target modules {'qproj'} not found in the base "
+                              "model.")
+    assert message.endswith("; this model's linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+                            "v_proj (or use [all-linear])")  # not lm_head, the output layer
+    assert "\n" not in message
