@@ -234,6 +234,10 @@ def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     folder = Path(cfg.path).expanduser()
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         return _saved(folder, split)
+    if cfg.path.startswith(("/", "./", "../", "~")) and not folder.is_dir():  # a path, not a Hub id (org/name)
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"dataset.path={cfg.path}: {what}; pass a dataset folder (save_to_disk, or data files) or a "
+                        "Hub id (org/name); a .jsonl file takes dataset=jsonl")
     try:
         ds = datasets.load_dataset(cfg.path, cfg.name, split=split)
     except ValueError as e:  # most often an unknown split or configuration name

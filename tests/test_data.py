@@ -332,6 +332,18 @@ def test_jsonl_with_a_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> N
     assert [(r["problem"], r["answer"]) for r in rows] == [("caf\u00e9 1+1", 2), ("2+2", 4)]
 
 
+@pytest.mark.parametrize(("path", "what"), [("./no-such-data", "no such folder"), ("{tmp}/data.jsonl", "not a folder")])
+def test_an_hf_path_that_names_no_local_folder_is_not_looked_up_on_the_hub(tmp_path: Path, path: str, what: str) -> None:
+    """A path (./, ../, /, ~) that is no folder was passed on to the Hub: offline the error named a
+    connection, online an invalid repository id."""
+    (tmp_path / "data.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    path = path.format(tmp=tmp_path)
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="hf", path=path))
+    assert str(caught.value) == (f"dataset.path={path}: {what}; pass a dataset folder (save_to_disk, or data files) "
+                                 "or a Hub id (org/name); a .jsonl file takes dataset=jsonl")
+
+
 def test_hf_source_reads_a_local_dataset_folder(tmp_path: Path) -> None:
     _jsonl(tmp_path / "train.jsonl", [{"q": "1+2", "a": "3"}])
     _jsonl(tmp_path / "test.jsonl", [{"q": "2+2", "a": "4"}])
