@@ -726,3 +726,95 @@ def test_reward_model_with_a_chat_template_sees_the_problem_not_the_policys_prom
     reward = build_reward("reward_model", model_name_or_path=str(plain), batch_size=3, device="cpu")
     assert reward(COMPLETIONS, prompt=rendered, problem=PROMPTS) == pytest.approx(expected_plain, abs=1e-5)
     assert reward(COMPLETIONS, prompt=rendered, problem=conversations) == pytest.approx(expected_plain, abs=1e-5)
+
+
+def _save_tiny_classifier(path, architecture="seq", tokenizer_kwargs=None, **config_kwargs):
+    """A tiny random classifier (or causal LM, architecture="causal"; BERT, "bert") with a word-level
+    tokenizer over the fixture's words plus "[EOS]", saved to `path`; returns `path`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
+
+    words = ["[PAD]", "[UNK]", "[BOS]", "what", "is", "2", "+", "?", "4", "5", "the", "answer", "[EOS]"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]",
+                                        **(tokenizer_kwargs or {"pad_token": "[PAD]"}))
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_labels=1)
+    if architecture == "bert":
+        model = BertForSequenceClassification(BertConfig(**sizes, **config_kwargs))
+    else:
+        cls = LlamaForCausalLM if architecture == "causal" else LlamaForSequenceClassification
+        model = cls(LlamaConfig(**sizes, num_key_value_heads=2, max_position_embeddings=64, **config_kwargs))
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_model_pads_with_the_models_pad_token(tmp_path):
+    """The classifier reads each row's score at its last token that is not the *model's* pad id
+    (config.pad_token_id). A tokenizer without a pad token was given its eos as pad: a short row
+    padded with eos was read at a pad position, so its score depended on what it was batched with."""
+    path = _save_tiny_classifier(tmp_path / "rm", tokenizer_kwargs={"eos_token": "[EOS]"}, pad_token_id=0)
+    texts = ["what is 2 + 2 ? 4", "what is 2 + 2 ? the answer is 4 4 4 4 4 4"]
+    expected = _manual_scores(path, texts)  # one at a time: no padding
+    reward = build_reward("reward_model", model_name_or_path=str(path), batch_size=2, device="cpu")
+    assert reward([" 4", " the answer is 4 4 4 4 4 4"], prompt=["what is 2 + 2 ?"] * 2) == pytest.approx(
+        expected, abs=1e-5)
+
+
+def test_reward_model_caps_max_length_at_the_models_positions(tmp_path):
+    """A BERT-style classifier has 16 learned positions; the default max_length (4096) let a longer
+    text through and the forward raised, so every long completion scored 0 as an error. Such a text
+    is cut from the left to the model's 16 positions, as an explicit max_length=16 would."""
+    path = _save_tiny_classifier(tmp_path / "bert", architecture="bert", max_position_embeddings=16, pad_token_id=0)
+    completion = " the answer is" + " 4" * 20  # 6 + 23 = 29 tokens
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = tokenizer("what is 2 + 2 ?" + completion, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 29
+    with torch.no_grad():
+        expected = model(input_ids=ids[:, -16:]).logits[0, 0].item()
+    reward = build_reward("reward_model", model_name_or_path=str(path), batch_size=2, device="cpu")
+    assert reward([completion, " 4"], prompt=["what is 2 + 2 ?"] * 2)[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_path_errors(tmp_path):
+    """A local path that is no folder, a folder without a model, and a model that is no classifier
+    (AutoModelForSequenceClassification loads a causal LM with a *random* score head, so every reward
+    would be noise) fail when the reward is built, in one line."""
+    with pytest.raises(ValueError, match=r"no such folder"):
+        build_reward("reward_model", model_name_or_path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"no model \(no config.json\)"):
+        build_reward("reward_model", model_name_or_path=str(tmp_path))
+    causal = _save_tiny_classifier(tmp_path / "lm", architecture="causal")
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM, not a sequence-classification model"):
+        build_reward("reward_model", model_name_or_path=str(causal))
+
+
+def test_reward_model_without_its_head_weights_raises_on_load(tmp_path):
+    """A checkpoint whose config does not name its architecture (a Hub id cannot be checked before it
+    loads) is checked on load: a head missing from the checkpoint raises, and the load is not retried
+    for each completion."""
+    import json
+
+    causal = _save_tiny_classifier(tmp_path / "lm", architecture="causal")
+    config = json.loads((causal / "config.json").read_text())
+    del config["architectures"]
+    (causal / "config.json").write_text(json.dumps(config))
+    reward = build_reward("reward_model", model_name_or_path=str(causal), device="cpu")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"lacks score.weight"):
+            reward([" 4"], prompt=["what is 2 + 2 ?"])

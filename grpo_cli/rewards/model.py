@@ -6,16 +6,23 @@ the dataset's `problem` (the question itself, not the policy's rendered prompt, 
 the policy's own template and special tokens), the assistant turn the completion; a conversational
 dataset's problem (a list of messages) is the conversation the completion answers. Without one, the
 text is the plain concatenation prompt + completion: what the policy saw, then what it wrote.
-The model is loaded lazily, once, on first use.
-Batches are right-padded: with left padding, models that number positions 0..n-1 regardless
-of the attention mask would score a padded sequence differently from the same one alone.
-Over-long inputs are truncated from the left so the scored final token is the completion's.
+The model is loaded lazily, once, on first use; a local folder is checked when the reward is
+built (it exists and holds a ...ForSequenceClassification model: a causal LM would load with a random
+score head), a Hub id on load (a head missing from the checkpoint raises).
+Batches are right-padded with the model's own pad id (config.pad_token_id, the id it looks for to find
+each row's last token): with left padding, models that number positions 0..n-1 regardless of the
+attention mask would score a padded sequence differently from the same one alone.
+Over-long inputs are truncated from the left so the scored final token is the completion's, to
+`max_length` or the model's own limit (config.max_position_embeddings, tokenizer.model_max_length),
+whichever is shorter: past its learned positions a BERT-style model raises.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .base import RewardFn
@@ -28,32 +35,56 @@ class _Scorer:
         self.max_length, self.label_index = max_length, label_index
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any] | None = None
+        self._failed: Exception | None = None  # a failed load is not retried for each completion
 
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             if self._loaded is None:
-                import torch
-                from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-                device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                tokenizer = AutoTokenizer.from_pretrained(self.path)
-                model = AutoModelForSequenceClassification.from_pretrained(self.path).to(device).eval()
-                if tokenizer.pad_token is None:
-                    if tokenizer.eos_token is None:
-                        raise ValueError(f"tokenizer of {self.path!r} has neither a pad nor an eos token")
-                    tokenizer.pad_token = tokenizer.eos_token
-                if model.config.pad_token_id is None:
-                    # Needed by the model to find the last non-padding token of each row.
-                    model.config.pad_token_id = tokenizer.pad_token_id
-                tokenizer.padding_side = "right"
-                tokenizer.truncation_side = "left"
-                num_labels = model.config.num_labels
-                if num_labels != 1 and self.label_index is None:
-                    raise ValueError(f"{self.path!r} has {num_labels} labels: set label_index")
-                if self.label_index is not None and not 0 <= self.label_index < num_labels:
-                    raise ValueError(f"label_index {self.label_index} out of range for {num_labels} labels")
-                self._loaded = (tokenizer, model)
+                try:
+                    self._loaded = self._load_once()
+                except Exception as e:
+                    self._failed = e
+                    raise
             return self._loaded
+
+    def _load_once(self) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(self.path, output_loading_info=True)
+        if info["missing_keys"]:
+            raise ValueError(f"{self.path!r} lacks {', '.join(sorted(info['missing_keys'])[:3])}: it is not a "
+                             "sequence-classification model (its head would be random weights)")
+        model = model.to(device).eval()
+        text_config = model.config.get_text_config()
+        if text_config.pad_token_id is not None:
+            # The model finds each row's last token by this id: pad with it, not the tokenizer's own.
+            pad = tokenizer.convert_ids_to_tokens(text_config.pad_token_id)
+            if pad is None:
+                raise ValueError(f"{self.path!r}: config.pad_token_id {text_config.pad_token_id} is not "
+                                 "in its tokenizer's vocabulary")
+            tokenizer.pad_token = pad
+        else:
+            if tokenizer.pad_token is None:
+                if tokenizer.eos_token is None:
+                    raise ValueError(f"tokenizer of {self.path!r} has neither a pad nor an eos token")
+                tokenizer.pad_token = tokenizer.eos_token
+            text_config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.padding_side = "right"
+        tokenizer.truncation_side = "left"
+        for limit in (getattr(text_config, "max_position_embeddings", None), tokenizer.model_max_length):
+            if isinstance(limit, int) and limit > 0:
+                self.max_length = min(self.max_length, limit)
+        num_labels = model.config.num_labels
+        if num_labels != 1 and self.label_index is None:
+            raise ValueError(f"{self.path!r} has {num_labels} labels: set label_index")
+        if self.label_index is not None and not 0 <= self.label_index < num_labels:
+            raise ValueError(f"label_index {self.label_index} out of range for {num_labels} labels")
+        return tokenizer, model
 
     def texts(self, tokenizer: Any, prompts: Sequence[Any], completions: Sequence[str],
               problems: Sequence[Any] | None = None) -> list[str]:
@@ -105,4 +136,25 @@ def reward_model(model_name_or_path: str, batch_size: int = 8, device: str | Non
         raise ValueError(f"device must be a string such as 'cuda:0' or 'cpu', got {device!r}")
     if label_index is not None and (isinstance(label_index, bool) or not isinstance(label_index, int)):
         raise ValueError(f"label_index must be an integer, got {label_index!r}")
+    _check_folder(model_name_or_path)
     return _Scorer(model_name_or_path, batch_size, device, max_length, label_index)
+
+
+def _check_folder(path: str) -> None:
+    """A local folder must hold a sequence-classification model; a Hub id is checked when it loads."""
+    folder = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) and not folder.is_dir():  # a path, not a Hub id (org/name)
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise ValueError(f"model_name_or_path={path}: {what}; pass a reward model's folder or a Hub id (org/name)")
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model_name_or_path={path}: the folder holds no model (no config.json)")
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # transformers says what is wrong with it when it loads
+    if architectures and not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"model_name_or_path={path} is a {architectures[0]}, not a sequence-classification model "
+                         "(...ForSequenceClassification): loaded as one, its score head would be random weights; "
+                         "pass a reward model")
