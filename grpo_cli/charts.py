@@ -18,7 +18,9 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
 DASHES = ("", "6 3", "2 3", "8 3 2 3")  # SVG stroke-dasharray: solid, dashed, dotted, dash-dot
 
 WIDTH, HEIGHT = 560, 260
-LEFT, RIGHT, TOP, BOTTOM = 58, 14, 12, 38  # margins around the plotting area, in pixels
+# Margins around the plotting area, in pixels. RIGHT holds half the last x tick's label, centred on the
+# axis' end: up to 7 digits (1,000,000 steps) at about 7 px each.
+LEFT, RIGHT, TOP, BOTTOM = 58, 26, 12, 38
 MARKERS_UP_TO = 12  # a line with this few points also gets a dot per point (sparse series such as evals)
 
 

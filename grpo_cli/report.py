@@ -27,6 +27,9 @@ from grpo_cli.runs import atomic_write_text
 
 EDGE_STEPS = 5          # the summary's start/end reward: mean over this many first/last logged steps
 MAX_SAMPLE_STEPS = 100  # sample tables of longer runs show this many steps, spread evenly (first and last kept)
+# A longer series is drawn as the means of runs of consecutive points: thousands of noisy steps drawn
+# one by one fill a 500 px chart with a solid band, and the page with points nobody can see.
+MAX_POINTS = 250
 EVAL_KEY = re.compile(r"eval/(?P<dataset>[^/]+)/(?P<metric>(?:pass|maj|avg)@\d+)")
 
 
@@ -254,18 +257,30 @@ def _duration(seconds: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def thinned(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> tuple[list[tuple[float, float]], int]:
+    """`points` as at most `limit` (mean step, mean value) pairs of runs of consecutive points, and how
+    many points each pair stands for (1: `points` as they are)."""
+    size = math.ceil(len(points) / limit)
+    if size <= 1:
+        return points, 1
+    chunks = [points[i:i + size] for i in range(0, len(points), size)]
+    return [(_mean([x for x, _ in c]), _mean([y for _, y in c])) for c in chunks], size
+
+
 def _figure(spec: PlotSpec, runs: Sequence[Run]) -> str:
     """One <figure id="plot-..."> with the chart and its legend, or a 'no data' note.
 
     One run: a colour per series. Several: a colour per run and a dash pattern per series."""
     lines = []
+    sizes = set()  # how many logged steps a drawn point stands for, per line
     for r, run in enumerate(runs):
         keys = list(dict.fromkeys(k for record in run.records for k in record))
         drawn = spec.series(keys)
         for s, (key, name) in enumerate(drawn):
-            points = series(run.records, key)
+            points, size = thinned(series(run.records, key))
             if not points:
                 continue
+            sizes.add(size)
             if len(runs) == 1:
                 lines.append(Line(name, points, PALETTE[s % len(PALETTE)]))
             else:
@@ -273,6 +288,9 @@ def _figure(spec: PlotSpec, runs: Sequence[Run]) -> str:
                 lines.append(Line(label, points, PALETTE[r % len(PALETTE)], DASHES[s % len(DASHES)]))
     body = (line_chart(lines, "step", spec.y_range) + legend(lines) if lines
             else '<p class="no-data">no data: not in metrics.jsonl</p>')
+    if max(sizes, default=1) > 1:
+        body += (f'<p class="note">Each point: the mean of {"up to " * (len(sizes) > 1)}{max(sizes)} consecutive '
+                 'logged steps.</p>')
     return f'<figure class="plot" id="plot-{spec.id}"><figcaption>{html.escape(spec.title)}</figcaption>{body}</figure>'
 
 

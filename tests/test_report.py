@@ -93,6 +93,19 @@ def test_nice_ticks_fall_on_round_numbers_and_span_the_data() -> None:
     assert nice_ticks(0, 0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # all zero: a 0..1 axis
 
 
+def test_the_last_step_label_fits_in_the_chart() -> None:
+    """A 10,000-step run: the last x tick, "10000", is centred on the right end of the axis; with a 14 px
+    margin its right half (5 digits of about 7 px at 11 px) was cut off by the chart's edge."""
+    from grpo_cli.charts import WIDTH, Line, line_chart
+
+    for last in (10_000, 100_000):
+        svg = line_chart([Line("r", [(1.0, 0.0), (float(last), 1.0)], "#000")], "step")
+        x, label = re.findall(r'<text class="tick" x="([0-9.]+)" y="[0-9.]+" text-anchor="middle">([^<]*)</text>',
+                              svg)[-1]
+        assert label == str(last)
+        assert float(x) + 7 * len(label) / 2 <= WIDTH
+
+
 # ----------------------------------------------------------------------------- synthetic runs
 def _write_run(path: Path, scale: float, eval_steps: tuple[int, ...] = (), correct_field: bool = True) -> Path:
     """10 steps: reward/mean = step * scale, 100 tokens and 2 s per step; no correct completion at
@@ -217,6 +230,28 @@ def test_a_step_logged_twice_counts_once_as_last_written(tmp_path: Path) -> None
     assert facts["steps"] == "3 (1 to 3)" and facts["tokens"] == "300 generated" and facts["wall time"] == "6.0s"
     page = build_report([run])[0].read_text()
     assert _polyline_lengths(_figure(page, "reward")) == [3]
+
+
+def test_a_long_run_is_charted_as_means_of_consecutive_steps(tmp_path: Path) -> None:
+    """10,000 noisy steps drawn point by point filled the chart with a solid band of ink (and 10,000
+    points per line into the page). A series longer than MAX_POINTS is drawn as the means of runs of
+    consecutive logged steps, and the figure says so."""
+    from grpo_cli.report import MAX_POINTS
+
+    run = tmp_path / "long"
+    run.mkdir()
+    # accuracy alternates 0, 1: each mean over an even run of steps is exactly 0.5.
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "accuracy": float(s % 2), "kl": 0.5})
+                                               + "\n" for s in range(1, 10_001)))
+    page = build_report([run])[0].read_text()
+    figure = _figure(page, "accuracy")
+    size = -(-10_000 // MAX_POINTS)  # ceil: steps per point
+    assert size % 2 == 0 and _polyline_lengths(figure) == [-(-10_000 // size)]
+    points = re.search(r'<polyline [^>]*points="([^"]*)"', figure).group(1).split()
+    assert len({p.split(",")[1] for p in points}) == 1  # every point 0.5: one height
+    assert f"mean of {size} consecutive logged steps" in figure
+    # Few steps: drawn as they are, with no note.
+    assert "consecutive" not in _figure(build_report([_write_run(tmp_path / "short", 0.1)])[0].read_text(), "accuracy")
 
 
 def test_the_evaluation_before_training_is_no_training_step(tmp_path: Path) -> None:
