@@ -244,10 +244,12 @@ def summary(run: Run) -> dict[str, str]:
             best.append(f"{dataset} {metric} {value:.3f} {where}" + (" (grpo eval)" if source == "grpo eval" else ""))
     if best:
         out["best eval"] = "; ".join(best)
+    # logging.log_every > 1: the sums are of the logged steps only, not the run's totals.
+    part = f" in the {len(steps)} logged steps of {steps[-1]}" if steps and len(steps) < steps[-1] else ""
     tokens = sum(v for _, v in series(run.records, "tokens/generated"))
-    out["tokens"] = f"{tokens:,.0f} generated"
+    out["tokens"] = f"{tokens:,.0f} generated{part}"
     seconds = sum(v for key in ("time/step", "time/eval") for _, v in series(run.records, key))
-    out["wall time"] = _duration(seconds)
+    out["wall time"] = _duration(seconds) + part
     return out
 
 

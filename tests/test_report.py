@@ -254,6 +254,22 @@ def test_a_long_run_is_charted_as_means_of_consecutive_steps(tmp_path: Path) -> 
     assert "consecutive" not in _figure(build_report([_write_run(tmp_path / "short", 0.1)])[0].read_text(), "accuracy")
 
 
+def test_tokens_and_time_of_a_run_not_logged_every_step_say_so(tmp_path: Path) -> None:
+    """logging.log_every=10: metrics.jsonl holds steps 10, 20, ..., 50, each with that step's tokens and time.
+    The summary's sums (500 tokens, 10 s) are of those 5 steps, not of the 50 run: it said so for
+    neither, and the page's table read as the run's totals."""
+    run = tmp_path / "sparse"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.5, "tokens/generated": 100.0,
+                                                           "time/step": 2.0}) + "\n" for s in range(10, 51, 10)))
+    facts = summary(load_run(run))
+    assert facts["steps"] == "5 (10 to 50)"
+    assert facts["tokens"] == "500 generated in the 5 logged steps of 50"
+    assert facts["wall time"] == "10.0s in the 5 logged steps of 50"
+    page = build_report([run])[0].read_text()
+    assert "<td>500 generated in the 5 logged steps of 50</td>" in page
+
+
 def test_the_evaluation_before_training_is_no_training_step(tmp_path: Path) -> None:
     """trainer.eval_before_train logs step 0 with eval figures only: it is charted, not counted."""
     run = tmp_path / "baseline"
