@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from grpo_cli.charts import DASHES, PALETTE, Line, legend, line_chart
-from grpo_cli.errors import UserError, utf8_lines
+from grpo_cli.errors import UserError, first_line, utf8_lines
 from grpo_cli.runs import atomic_write_text
 
 EDGE_STEPS = 5          # the summary's start/end reward: mean over this many first/last logged steps
@@ -466,7 +466,11 @@ def build_report(paths: Sequence[Path], output: Path | None = None) -> tuple[Pat
     out = output or default_output(paths)
     if out.is_dir():
         raise UserError(f"--output {out} is a directory; give a file name, e.g. {out / 'report.html'}")
-    atomic_write_text(out, render(runs))
+    try:
+        atomic_write_text(out, render(runs))
+    except OSError as e:  # a run directory one may read but not write, an --output under a file, a full disk
+        raise UserError(f"cannot write the report to {out} ({type(e).__name__}: {first_line(e)}); pass --output FILE "
+                        "in a folder you can write") from None
     return out, runs
 
 

@@ -329,6 +329,16 @@ def test_bad_runs_are_one_line_errors(grpo, tmp_path: Path, setup: str, message:
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_a_report_that_cannot_be_written_is_a_one_line_error(grpo, runs: tuple[Path, Path]) -> None:
+    """A run directory one may read but not write (another user's run, a read-only mount), or an --output
+    under a file: the page could not be written and the command ended in a traceback."""
+    out = runs[0] / "metrics.jsonl" / "report.html"
+    result = grpo("report", str(runs[0]), "-o", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: cannot write the report to {out} (FileExistsError: [Errno 17] File exists: "
+                                     f"'{runs[0] / 'metrics.jsonl'}'); pass --output FILE in a folder you can write")
+
+
 def test_unreadable_runs_name_the_file_and_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
