@@ -126,7 +126,8 @@ class _Scorer:
 def reward_model(model_name_or_path: str, batch_size: int = 8, device: str | None = None,
                  max_length: int = 4096, label_index: int | None = None) -> RewardFn:
     """Logit of a sequence-classification model as the reward. `label_index` picks the logit
-    for models with several labels (required then); `device` defaults to cuda if available."""
+    for models with several labels (required then); `device` defaults to cuda if available;
+    `max_length` (tokens, cut from the left) is capped at the model's own limit."""
     if not isinstance(model_name_or_path, str) or not model_name_or_path:
         raise ValueError(f"model_name_or_path must be a non-empty string, got {model_name_or_path!r}")
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
@@ -148,6 +149,8 @@ def _check_folder(path: str) -> None:
         raise ValueError(f"model_name_or_path={path}: {what}; pass a reward model's folder or a Hub id (org/name)")
     if not folder.is_dir():
         return
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return  # a PEFT adapter: transformers loads its base model, and the head is checked on load
     if not (folder / "config.json").is_file():
         raise ValueError(f"model_name_or_path={path}: the folder holds no model (no config.json)")
     try:
