@@ -16,7 +16,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo_cli.rewards import REWARDS, FlaggedScores, RewardScores, build_reward, build_reward_set
+from grpo_cli.rewards import REWARDS, FlaggedScores, RewardScores, base, build_reward, build_reward_set
 from grpo_cli.rewards.extract import (
     answer_or_text,
     extract_answer,
@@ -181,7 +181,7 @@ def _flaky(completions, **_):
     return out
 
 
-def test_fault_isolation_per_completion(monkeypatch):
+def test_fault_isolation_per_completion(monkeypatch, caplog):
     calls = []
 
     def flaky(completions, **columns):
@@ -201,6 +201,7 @@ def test_fault_isolation_per_completion(monkeypatch):
     monkeypatch.setitem(REWARDS, "nan", lambda: nan_reward)
     monkeypatch.setitem(REWARDS, "short", lambda: wrong_length)
     monkeypatch.setitem(REWARDS, "flags", lambda: flags)
+    monkeypatch.setattr(base, "_MALFORMED_WARNED", set())
     rs = build_reward_set({"flaky": {"weight": 2.0}, "nan": {}, "short": {}, "flags": {}})
     scores = rs.score(["a", "boom", "bb", "ccc"], gold=["x", "y", None, "z"])
     assert calls == [4, 1, 1, 1, 1]  # whole batch, then one call per completion
@@ -213,6 +214,13 @@ def test_fault_isolation_per_completion(monkeypatch):
     assert scores.invalid == [False, False, True, False] and scores.invalid_counts["flags"] == 1
     # total = 2*flaky + nan + short + flags
     assert scores.total == [2 + 1 + 1 + 1, 0 + 1 + 1 + 1, 4 + 0 + 1 + 1, 6 + 1 + 1 + 1]
+    # The wrong length is no row's error (each completion alone scores), so it is a warning, once per
+    # reward: the function is wrong, and every step now calls it once per completion.
+    malformed = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert malformed == ["reward short: reward returned 1 scores for 4 completions; scoring one completion "
+                         "per call instead (slower). Return one score (or None) per completion"]
+    rs.score(["a", "b"], gold=["x", "y"])
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
     m = scores.metrics()
     assert m["reward/flaky/errors"] == 1.0 and m["reward/nan/errors"] == 1.0
     # Means skip the invalid row 2: flaky over rows 0, 1, 3 = (1 + 0 + 3) / 3

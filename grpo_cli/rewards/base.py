@@ -136,19 +136,36 @@ def _as_row_values(out: Any, n: int) -> tuple[list[float], list[bool], list[str 
     return values, invalid, row_errors
 
 
+_MALFORMED_WARNED: set[str] = set()  # rewards already warned of a malformed batch result
+
+
 def call_isolated(
-    fn: RewardFn, completions: Sequence[str], columns: Mapping[str, Sequence[Any]]
+    fn: RewardFn, completions: Sequence[str], columns: Mapping[str, Sequence[Any]], name: str | None = None
 ) -> tuple[list[float], list[bool], list[str | None]]:
     """Call `fn` on the batch; if it raises (or returns a malformed result), call it once per
     completion so only the completions that really fail get 0. Returns values, the invalid
-    mask and the per-row error message (None where the row scored fine)."""
+    mask and the per-row error message (None where the row scored fine). A malformed batch
+    result (wrong length, not a list) is warned of once per `name` (default: the function's)."""
     n = len(completions)
     try:
-        return _as_row_values(fn(list(completions), **{k: list(v) for k, v in columns.items()}), n)
+        out = fn(list(completions), **{k: list(v) for k, v in columns.items()})
     except Exception as exc:  # noqa: BLE001 - untrusted reward code must not stop training
         if n <= 1:
             return [0.0] * n, [False] * n, [_format_error(exc)] * n
         logger.debug("reward %r failed on the batch, retrying per completion: %s", fn, exc)
+    else:
+        try:
+            return _as_row_values(out, n)
+        except (TypeError, ValueError) as exc:
+            if n <= 1:
+                return [0.0] * n, [False] * n, [_format_error(exc)] * n
+            # Each completion alone may then score, so no row counts as an error: say once that the
+            # function is wrong, and that every step now makes one call per completion.
+            name = name or getattr(fn, "__name__", repr(fn))
+            if name not in _MALFORMED_WARNED:
+                _MALFORMED_WARNED.add(name)
+                logger.warning("reward %s: %s; scoring one completion per call instead (slower). Return "
+                               "one score (or None) per completion", name, exc)
     values, invalid, row_errors = [], [], []
     for i in range(n):
         try:
@@ -238,7 +255,7 @@ class RewardSet:
         first_error: dict[str, str] = {}
         invalid_counts: dict[str, int] = {}
         for term in self.terms:
-            values, inv, row_errors = call_isolated(term.reward, completions, columns)
+            values, inv, row_errors = call_isolated(term.reward, completions, columns, term.label)
             messages = [e for e in row_errors if e is not None]
             errors[term.label] = len(messages)
             if messages:
