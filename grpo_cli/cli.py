@@ -7,7 +7,10 @@ line and code 1; bugs keep their traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,13 +69,14 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
 
     overrides = overrides or []
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
-    if resume:
-        if config_dir is not None:
-            raise UserError("--config-dir does not apply with resume=: a resumed run uses its saved config.yaml; "
-                            "drop --config-dir")
-        cfg = resume_config(resume[-1], [o for o in overrides if not o.startswith("resume=")])
-    else:
-        cfg = compose(overrides, config_dir)
+    with _once_per_node():
+        if resume:
+            if config_dir is not None:
+                raise UserError("--config-dir does not apply with resume=: a resumed run uses its saved "
+                                "config.yaml; drop --config-dir")
+            cfg = resume_config(resume[-1], [o for o in overrides if not o.startswith("resume=")])
+        else:
+            cfg = compose(overrides, config_dir)
     from grpo_cli.distributed import launched_rank
     from grpo_cli.learner import TrainingError  # torch and transformers: only once the config is good
     from grpo_cli.loop import finished_step
@@ -123,7 +127,8 @@ def evaluate(
     overrides = [f"eval.{o}" if o.startswith(shorthands) else o for o in overrides or []]
     if limit is not None:
         overrides.append(f"eval.limit={limit}")
-    target = load_target(overrides, config_dir)
+    with _once_per_node():
+        target = load_target(overrides, config_dir)
     out, results = run_eval(target, say=lambda line: typer.echo(line, err=True))
     typer.echo(format_table({r.label: {"problems": r.problems, **r.metrics} for r in results}))
     typer.echo(f"results: {out / 'results.json'}")
@@ -209,6 +214,19 @@ def rollout_server(
     # The server hosts an in-process engine, whatever `rollout.engine` the training run uses.
     cfg = compose([*(overrides or []), "rollout.engine=vllm"], config_dir)
     serve(cfg, host, port, say=lambda line: typer.echo(line, err=True))
+
+
+@contextmanager
+def _once_per_node() -> Iterator[None]:
+    """Under torchrun every process composes the same config from the same files: the first process
+    of each node (LOCAL_RANK 0) reports a mistake in it, the others exit with the same code quietly,
+    so that the error is not printed once per GPU."""
+    try:
+        yield
+    except UserError:
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            raise typer.Exit(2) from None
+        raise
 
 
 def main() -> None:

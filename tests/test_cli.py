@@ -62,6 +62,23 @@ def test_unknown_key_exits_2_naming_it(grpo) -> None:
     assert "trainer.not_a_key" in line
 
 
+@pytest.mark.parametrize(("command", "named"), [(["train", "trainer.not_a_key=1"], "trainer.not_a_key"),
+                                               (["eval", "run=no/such/run"], "run=no/such/run")])
+def test_under_torchrun_a_config_mistake_is_said_once_per_node(command: list[str], named: str, monkeypatch) -> None:
+    """torchrun starts one process per GPU, each composing the same config: only LOCAL_RANK 0 says what
+    is wrong; the others exit with the same code and print nothing."""
+    import subprocess
+    import sys
+
+    def run(local_rank: str) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        return subprocess.run([sys.executable, "-m", "grpo_cli", *command], capture_output=True, text=True, timeout=120)
+
+    first, other = run("0"), run("1")
+    assert named in _one_line_error(first)
+    assert (other.returncode, other.stdout, other.stderr) == (2, "", "")
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["config", "trainer.lr=fast"], "'fast' is not a valid float"),
     (["config", "optimizer.master_weights=maybe"], "use true or false (or null: the default)"),
