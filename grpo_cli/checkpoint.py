@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -36,11 +37,12 @@ TMP_PREFIX = ".tmp-step-"  # a checkpoint being written: .tmp-step-NNNNNN-PID, r
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first. Only step-NNNNNN folders: a copy the user made beside
+    them (step-000040-best) is theirs, never resumed from nor pruned by keep_last."""
     folder = run / "checkpoints"
     if not folder.is_dir():
         return []
-    done = [p for p in folder.glob("step-*") if (p / STATE_FILE).is_file()]
+    done = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
     return sorted(done, key=step_of)
 
 

@@ -253,6 +253,33 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir:
     assert synced[-1] == (tmp_path / "checkpoints").resolve()  # the rename made durable
 
 
+class _Tokenizer:
+    def save_pretrained(self, folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{}")
+
+
+def test_keep_last_prunes_only_the_run_s_own_checkpoints(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A copy the user made beside the checkpoints (step-000004-best) was counted as a step-4 checkpoint
+    and deleted by keep_last; a folder named step-abc holding a trainer_state.pt stopped every save."""
+    import shutil
+
+    import torch
+
+    from grpo_cli import checkpoint
+    from grpo_cli.learner import Learner
+
+    learner = Learner(compose([f"model.name_or_path={tiny_model_dir}"]), torch.device("cpu"), pad_id=0)
+    for step in (2, 4):
+        checkpoint.save(tmp_path, step, learner, _Tokenizer(), keep_last=0, data_position=0)
+    folder = tmp_path / "checkpoints"
+    for name in ("step-000004-best", "step-abc", "step-000010.tmp"):
+        shutil.copytree(folder / "step-000004", folder / name)
+    checkpoint.save(tmp_path, 6, learner, _Tokenizer(), keep_last=1, data_position=0)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000006"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000004-best", "step-000006", "step-000010.tmp",
+                                                        "step-abc"]
+
+
 def test_atomic_write_text_makes_the_rename_durable(tmp_path: Path, monkeypatch) -> None:
     synced: list[Path] = []
     real_fsync = os.fsync
