@@ -107,13 +107,25 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
                             f"free disk space there, then resume the run: {resume_point(run)}") from None
     if main:
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)  # the rename itself, before older checkpoints go
         for old in checkpoint_dirs(run)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     distributed.barrier()  # no rank goes on (or reads it back) before the checkpoint is complete
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: first renamed to an unfinished one's name (at once, whole), so a kill
+    while its files go leaves a folder the next resume clears (remove_unfinished), never a step-N that
+    still lists as complete with some of its files gone."""
+    doomed = checkpoint.with_name(f"{TMP_PREFIX}{checkpoint.name.removeprefix('step-')}-{os.getpid()}-old")
+    try:
+        os.replace(checkpoint, doomed)
+    except OSError:
+        doomed = checkpoint
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resume_point(run: Path) -> str:

@@ -280,6 +280,36 @@ def test_keep_last_prunes_only_the_run_s_own_checkpoints(tiny_model_dir: Path, t
                                                         "step-abc"]
 
 
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_listed(tiny_model_dir: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """keep_last deleted an old checkpoint's files in place: a kill part-way left a step-N that still
+    listed as complete (trainer_state.pt there) without its model.safetensors, for eval and resume."""
+    import shutil
+
+    import torch
+
+    from grpo_cli import checkpoint
+    from grpo_cli.learner import Learner
+
+    learner = Learner(compose([f"model.name_or_path={tiny_model_dir}"]), torch.device("cpu"), pad_id=0)
+    checkpoint.save(tmp_path, 2, learner, _Tokenizer(), keep_last=1, data_position=0)
+    real_rmtree = shutil.rmtree
+
+    def killed_part_way(path: Path, ignore_errors: bool = False) -> None:
+        if (Path(path) / "model.safetensors").is_file():
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 4, learner, _Tokenizer(), keep_last=1, data_position=0)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000004"]
+    checkpoint.remove_unfinished(tmp_path)  # what a resume does first
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
+
+
 def test_atomic_write_text_makes_the_rename_durable(tmp_path: Path, monkeypatch) -> None:
     synced: list[Path] = []
     real_fsync = os.fsync
