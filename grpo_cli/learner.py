@@ -367,11 +367,14 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule is this run's: a resume may raise trainer.max_steps (or change trainer.lr), and
         # the next step's lr comes from the schedule over the new length, not the one saved. Unchanged,
-        # it is the lr that was saved.
+        # it is the lr that was saved. So are the optimizer's settings, which load_state_dict sets back to
+        # the saved ones: a resume with optimizer.weight_decay=0.1 ran the old value under the new config.
+        opt = self.cfg.optimizer
         self.scheduler.base_lrs = [self.cfg.trainer.lr] * len(self.optimizer.param_groups)
         for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
             group["initial_lr"] = self.cfg.trainer.lr
             group["lr"] = self.cfg.trainer.lr * lr_lambda(self.scheduler.last_epoch)
+            group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
         self._load_weights(weights_dir)
         if self.masters is not None:  # the saved fp32 copies; from a run without them, the weights themselves
             self._copy(self.masters, state.get("master_weights") or self.trainable)

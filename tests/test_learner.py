@@ -702,6 +702,21 @@ def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model_dir:
     assert resumed.optimizer.param_groups[0]["lr"] == long.optimizer.param_groups[0]["lr"]
 
 
+def test_a_resume_steps_with_the_optimizer_settings_of_its_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """torch's load_state_dict sets betas, eps and weight_decay back to the saved ones: a resume with
+    optimizer.weight_decay=0.1 wrote it into config.yaml and stepped with the old 0.0."""
+    saved = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
+    saved.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], torch.tensor([1.0, -0.5, 0.25, -0.75]))
+    state = saved.state_dict()
+    saved.save_weights(tmp_path)
+    resumed = Learner(_config(tiny_model_dir, "loss.beta=0", "optimizer.weight_decay=0.1", "optimizer.betas=[0.5,0.9]",
+                              "optimizer.eps=1e-6"), CPU, pad_id=0)
+    resumed.load_state_dict(state, tmp_path)
+    (group,) = resumed.optimizer.param_groups
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.1, (0.5, 0.9), 1e-6)
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 1  # the saved moments and count are kept
+
+
 @pytest.mark.parametrize("kind", ["gpt2 dropout modules", "llama attention_dropout", "mixtral router jitter",
                                   "phimoe sampled routing"])
 def test_the_learner_trains_without_dropout(kind: str, tmp_path: Path) -> None:
