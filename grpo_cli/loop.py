@@ -32,6 +32,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -111,6 +112,7 @@ def train(cfg: Config) -> Path:
     completed, completed_position = start, position  # the last step whose update finished, and its data position
     logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
+    sigterm = _SigtermStop()
     try:
         if evaluation is not None and cfg.trainer.eval_before_train and start == 0:
             # The starting weights' scores, as step 0: the baseline the run's evaluations compare with.
@@ -187,8 +189,13 @@ def train(cfg: Config) -> Path:
             logged = step
 
             # ---------------------------------------------------------------- checkpoint
-            if step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps:
+            saves = step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps
+            if saves:
                 checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position)
+            if step < cfg.trainer.max_steps and sigterm.requested(world):  # preempted: keep this step, then stop
+                if not saves:
+                    checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position)
+                raise KeyboardInterrupt
             if os.environ.get("GRPO_CRASH_AFTER_STEP") == str(step):  # tests: a hard kill at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
             if os.environ.get("GRPO_INTERRUPT_AFTER_STEP") == str(step):  # tests: Ctrl-C at a known point
@@ -218,10 +225,39 @@ def train(cfg: Config) -> Path:
                                 "above; torchrun's summary names it as the root cause)") from None
         raise
     finally:
+        sigterm.restore()
         logger.close()
         engine.close()
         distributed.teardown()
     return run
+
+
+class _SigtermStop:
+    """SIGTERM (a cluster preempting the job, `kill PID`) stops the run at the end of the step under way,
+    with that step saved, then as Ctrl-C does (the resume command printed); a second SIGTERM stops it at
+    once. By default SIGTERM ended the process mid-step, losing every step since the last checkpoint
+    without a word. Off the main thread Python cannot take signals: SIGTERM keeps its default there."""
+
+    def __init__(self) -> None:
+        self.received = False
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(signal.SIGTERM, self._handle) if main else None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        # os.write: a signal handler may run in the middle of the console's own printing.
+        os.write(2, b"SIGTERM: stopping at the end of this step, once it is saved (send SIGTERM again to stop at once)\n")
+
+    def requested(self, world: int) -> bool:
+        """Whether to stop after this step; with several learner processes, whether any rank got the
+        signal (every rank calls it, in step, so they all stop at the same step)."""
+        return bool(distributed.all_reduce([float(self.received)], "max")[0]) if world > 1 else self.received
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def check_resumable(run: Path) -> None:

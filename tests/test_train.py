@@ -102,6 +102,31 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir: Path, tmp
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
 
 
+def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """A cluster preempts a job with SIGTERM: it ended the process mid-step, with every step since the
+    last checkpoint lost (here, all of them) and no word on how to go on."""
+    import time
+
+    run = tmp_path / "run"
+    args = [*_args(tiny_model_dir, run, steps=500), "trainer.save_every=1000", "rollout=hf"]
+    process = subprocess.Popen([sys.executable, "-m", "grpo_cli", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second step"
+        time.sleep(0.05)
+    process.terminate()  # SIGTERM, during step 3 or later
+    _, stderr = process.communicate(timeout=300)
+    last = _metrics(run)[-1]["step"]
+    assert process.returncode != 0 and "Traceback" not in stderr and 3 <= last < 500
+    assert f"interrupted after step {last}; continue with: grpo train resume={run} (it continues after " \
+           f"step-{last:06d})" in stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{last:06d}"]
+    resumed = _train("train", f"resume={run}", f"trainer.max_steps={last + 1}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["step"] for m in _metrics(run)] == list(range(1, last + 2))
+
+
 def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     # A random model never stops within 12 tokens: every completion is truncated, so with
