@@ -42,8 +42,11 @@ class RunLogger:
         W&B that cannot start stops the run at once)."""
         self.run, self.cfg = run, cfg
         self.metrics_path = run / "metrics.jsonl"
-        _truncate_after(self.metrics_path, start_step)
-        _drop_samples_after(run / "samples", start_step)
+        # From the start (a run killed before its first checkpoint) nothing is kept: its step-0 evaluation
+        # (trainer.eval_before_train) runs and is logged again too, and was logged twice.
+        kept = start_step if start_step else -1
+        _truncate_after(self.metrics_path, kept)
+        _drop_samples_after(run / "samples", kept)
         self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -190,6 +190,22 @@ def test_samples_past_the_resumed_checkpoint_are_dropped(tmp_path: Path) -> None
                                                           "step-000004.jsonl", "step-000005.jsonl"]
 
 
+def test_a_resume_from_the_start_drops_the_step_0_evaluation_it_runs_again(tmp_path: Path) -> None:
+    """A run with trainer.eval_before_train killed before its first checkpoint resumes at step 0 and
+    evaluates the starting weights again: metrics.jsonl held two step-0 lines."""
+    from grpo_cli.logging import RunLogger
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "eval-step-000000.jsonl").write_text("{}\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/chain_sum/pass@1": 0.5}\n{"step": 1, "loss": 0.25}\n')
+    cfg = dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path))
+    logger = RunLogger(tmp_path, cfg, 0)
+    logger.log(0, {"eval/chain_sum/pass@1": 0.5})
+    logger.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "eval/chain_sum/pass@1": 0.5}\n'
+    assert list((tmp_path / "samples").iterdir()) == []
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
     import torch
