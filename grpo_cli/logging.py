@@ -79,7 +79,10 @@ class RunLogger:
 
     def close(self) -> None:
         self.progress.stop()
-        self.metrics_file.close()
+        try:
+            self.metrics_file.close()
+        except OSError:  # it flushes again the line whose write failed (a full disk): that error is reported already
+            pass
         if self.wandb is not None:
             self.wandb.finish()
 

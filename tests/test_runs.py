@@ -206,6 +206,23 @@ def test_a_resume_from_the_start_drops_the_step_0_evaluation_it_runs_again(tmp_p
     assert list((tmp_path / "samples").iterdir()) == []
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_metrics_line_that_hits_a_full_disk_fails_once(tmp_path: Path) -> None:
+    """The failed line stayed in the file's buffer and closing the logger (the training loop's `finally`)
+    raised ENOSPC again: a traceback in place of the one-line full-disk error, and the engine left open."""
+    import errno
+
+    from grpo_cli.logging import RunLogger
+
+    logger = RunLogger(tmp_path, dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path)), 0)
+    logger.metrics_file.close()
+    logger.metrics_file = open("/dev/full", "a", encoding="utf-8")  # every write: no space left on device
+    with pytest.raises(OSError) as caught:
+        logger.log(1, {"loss": 0.25})
+    assert caught.value.errno == errno.ENOSPC
+    logger.close()
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
     import torch
