@@ -12,6 +12,7 @@ save, so a run resumes on any number of ranks.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -103,8 +104,11 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and not _write_failure(e):
             raise
+        # torch.save's RuntimeError does not say why; a full disk is the common cause.
+        full = isinstance(e, RuntimeError) or e.errno in (errno.ENOSPC, errno.EDQUOT)
         raise TrainingError(f"could not write checkpoint step-{step:06d} in {run / 'checkpoints'} ({first_line(e)}); "
-                            f"free disk space there, then resume the run: {resume_point(run)}") from None
+                            f"{'free disk space there' if full else 'make it writable'}, then resume the run: "
+                            f"{resume_point(run)}") from None
     if main:
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             _remove(final)

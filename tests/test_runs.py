@@ -225,6 +225,8 @@ def test_a_metrics_line_that_hits_a_full_disk_fails_once(tmp_path: Path) -> None
 
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
+    import errno
+
     import torch
 
     from grpo_cli import checkpoint
@@ -246,6 +248,15 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_di
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(TrainingError, match=re.escape("could not write checkpoint step-000002 in ")
                        + ".*free disk space there, then resume the run: it continues after its start"):
+        checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+    # A folder that turned read-only (a filesystem remounted read-only after an error): no space to free.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.raises(TrainingError, match=re.escape("Read-only file system); make it writable, then resume")):
         checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
