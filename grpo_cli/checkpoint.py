@@ -79,6 +79,8 @@ def damage(folder: Path, trainer_state: bool = True) -> str | None:
 
 def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerBase, keep_last: int,
          data_position: int) -> Path:
+    from safetensors import SafetensorError
+
     from grpo_cli.learner import TrainingError
 
     final = run / "checkpoints" / f"step-{step:06d}"
@@ -100,12 +102,13 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
             }
             torch.save(state, tmp / STATE_FILE)
             fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk reaches torch.save as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, RuntimeError) and not _write_failure(e):
+        if not isinstance(e, OSError) and not _write_failure(e):
             raise
         # torch.save's RuntimeError does not say why; a full disk is the common cause.
-        full = isinstance(e, RuntimeError) or e.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = (e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError)
+                else not any(cause in str(e) for cause in ("Permission denied", "Read-only")))
         raise TrainingError(f"could not write checkpoint step-{step:06d} in {run / 'checkpoints'} ({first_line(e)}); "
                             f"{'free disk space there' if full else 'make it writable'}, then resume the run: "
                             f"{resume_point(run)}") from None
@@ -138,9 +141,13 @@ def resume_point(run: Path) -> str:
     return f"it continues after {last[0].name}" if last else "it continues after its start (no checkpoint yet)"
 
 
-def _write_failure(error: RuntimeError) -> bool:
-    """torch.save's writer reports a failed write (a full disk, say) as a RuntimeError."""
-    return "PytorchStreamWriter" in str(error) or "inline_container" in str(error)
+def _write_failure(error: Exception) -> bool:
+    """A failed write (a full disk, say) that is not an OSError: torch.save's writer reports it as a
+    RuntimeError, safetensors (the model's weights) as a SafetensorError naming the I/O error."""
+    text = str(error)
+    if isinstance(error, RuntimeError):
+        return "PytorchStreamWriter" in text or "inline_container" in text
+    return "I/O error" in text
 
 
 def remove_unfinished(run: Path) -> None:

@@ -260,6 +260,20 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_di
         checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
+    # The weights are written first, by safetensors, whose error for a full disk is no OSError: it stopped
+    # the run with a traceback and left the half-written checkpoint on the full disk.
+    from safetensors import SafetensorError
+
+    def full_disk_weights(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(learner, "save_weights", full_disk_weights)
+    with pytest.raises(TrainingError, match=re.escape("No space left on device (os error 28)); free disk space there")):
+        checkpoint.save(tmp_path, 2, learner, Tokenizer(), keep_last=0, data_position=0)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
 
 def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tiny_model_dir: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
