@@ -28,7 +28,7 @@ from rich.progress import (
 
 from grpo_cli.config import to_container
 from grpo_cli.errors import UserError, first_line
-from grpo_cli.runs import atomic_write_text
+from grpo_cli.runs import atomic_write_text, explained_write_errors
 from grpo_cli.schema import Config
 
 WANDB_STEP = "train/step"  # the x-axis of every W&B chart: the run's step (not W&B's own count of log calls)
@@ -45,9 +45,10 @@ class RunLogger:
         # From the start (a run killed before its first checkpoint) nothing is kept: its step-0 evaluation
         # (trainer.eval_before_train) runs and is logged again too, and was logged twice.
         kept = start_step if start_step else -1
-        _truncate_after(self.metrics_path, kept)
-        _drop_samples_after(run / "samples", kept)
-        self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
+        with explained_write_errors(run, f"resume={run}" if cfg.resume else "the run directory"):
+            _truncate_after(self.metrics_path, kept)
+            _drop_samples_after(run / "samples", kept)
+            self.metrics_file = self.metrics_path.open("a", encoding="utf-8")
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),

@@ -7,6 +7,8 @@ import errno
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from grpo_cli.config import to_yaml
@@ -85,13 +87,28 @@ def prepare_run_dir(cfg: Config) -> Path:
     check_run_dir(cfg)
     if cfg.resume:  # its config as this run goes on (overrides such as a raised trainer.max_steps included)
         run = Path(cfg.resume).expanduser()
-        atomic_write_text(run / "config.yaml", to_yaml(dataclasses.replace(cfg, resume=None)))
+        with explained_write_errors(run, f"resume={cfg.resume}"):
+            atomic_write_text(run / "config.yaml", to_yaml(dataclasses.replace(cfg, resume=None)))
         return run
     run = Path(cfg.output_dir).expanduser() if cfg.output_dir else fresh_dir(default_parent(cfg))
-    for sub in ("checkpoints", "samples"):
-        (run / sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", to_yaml(cfg))
+    with explained_write_errors(run, "the run directory"):
+        for sub in ("checkpoints", "samples"):
+            (run / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", to_yaml(cfg))
     return run
+
+
+@contextmanager
+def explained_write_errors(folder: Path, what: str) -> Iterator[None]:
+    """A write under `folder` before training starts that fails for a full or read-only disk, as a
+    UserError naming the fix: it ended `grpo train` (a resume after a full disk, say) with a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror or e}); free space there (or make it "
+                        "writable), then run the command again") from None
 
 
 def check_run_dir(cfg: Config) -> None:

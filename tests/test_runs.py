@@ -223,6 +223,32 @@ def test_a_metrics_line_that_hits_a_full_disk_fails_once(tmp_path: Path) -> None
     logger.close()
 
 
+def test_a_full_disk_at_the_start_of_a_run_or_resume_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """Resumed after a full disk stopped it, without freeing enough: writing config.yaml (or cutting
+    metrics.jsonl back to the checkpoint) raised ENOSPC out of `grpo train` as a traceback."""
+    import errno
+
+    from grpo_cli import logging as run_logging
+    from grpo_cli import runs
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path / "run"))
+    run = prepare_run_dir(cfg)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.setattr(runs, "atomic_write_text", full)
+    monkeypatch.setattr(run_logging, "atomic_write_text", full)
+    resumed = dataclasses.replace(cfg, output_dir=None, resume=str(run))
+    fix = "(No space left on device); free space there (or make it writable), then run the command again"
+    with pytest.raises(UserError, match=re.escape(f"resume={run}: cannot write in {run} {fix}")):
+        prepare_run_dir(resumed)
+    with pytest.raises(UserError, match=re.escape(f"resume={run}: cannot write in {run} {fix}")):
+        run_logging.RunLogger(run, resumed, 0)
+    with pytest.raises(UserError, match=re.escape(f"the run directory: cannot write in {tmp_path / 'new'} {fix}")):
+        prepare_run_dir(dataclasses.replace(cfg, output_dir=str(tmp_path / "new")))
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(tiny_model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
     import errno
