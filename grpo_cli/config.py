@@ -141,6 +141,12 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
     except OmegaConfBaseException as e:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
+    for key in FIXED_ON_RESUME:  # the overrides came in as written: compare the values they resolve to
+        was, now = OmegaConf.select(OmegaConf.merge(schema, run_config), key), OmegaConf.select(merged, key)
+        if was != now:
+            raise UserError(f"resume={run_dir}: {key} cannot change on resume (the run's weights and optimizer "
+                            f"state have {key}={was}); start a new run for {key}={now}, from this run's weights "
+                            f"with model.name_or_path={Path(run_dir) / 'checkpoints'}/step-NNNNNN if you like")
     validate(cfg)
     return _absolute_paths(cfg)
 
@@ -156,6 +162,11 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
         except yaml.YAMLError as e:
             raise UserError(_unparsable(o, f"'{o}' is not a valid value ({_yaml_problem(e)})")) from None
     return OmegaConf.from_dotlist(overrides)
+
+
+# What shapes a checkpoint's trainable parameters, and so its optimizer state: a resume that changed one
+# stopped with a traceback from torch's optimizer (a parameter group that doesn't match ...) or from peft.
+FIXED_ON_RESUME = ("model.lora_rank", "model.lora_target_modules")
 
 
 def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:

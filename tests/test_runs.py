@@ -129,6 +129,20 @@ def test_a_resume_writes_its_overrides_into_the_runs_config(tmp_path: Path) -> N
     assert resume_config(str(run), []).trainer.max_steps == 6
 
 
+@pytest.mark.parametrize(("override", "was"), [("model.lora_rank=8", "0"), ("model.lora_target_modules=[q_proj]",
+                                                                               "['all-linear']")])
+def test_a_resume_that_changes_the_trainable_parameters_is_a_user_error(tmp_path: Path, override: str,
+                                                                       was: str) -> None:
+    """The checkpoint's optimizer state is for the run's trainable parameters: a resume with LoRA switched
+    on stopped at the optimizer's load_state_dict with a traceback."""
+    run = prepare_run_dir(dataclasses.replace(compose(["recipe=quickstart"]), output_dir=str(tmp_path / "run")))
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=re.escape(f"resume={run}: {key} cannot change on resume (the run's weights "
+                                                  f"and optimizer state have {key}={was}); start a new run")):
+        resume_config(str(run), [override])
+    assert resume_config(str(run), ["model.lora_rank=0", "model.lora_dropout=0.1"]).model.lora_dropout == 0.1
+
+
 def test_an_unwritable_output_folder_fails_before_anything_loads(tmp_path: Path, monkeypatch) -> None:
     import errno
     import tempfile
