@@ -53,7 +53,7 @@ from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
 from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
-from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir
+from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir, unlock_run
 from grpo_cli.schema import Config
 from grpo_cli.sync import engine_logprob_diff, push_weights
 
@@ -229,6 +229,7 @@ def train(cfg: Config) -> Path:
         logger.close()
         engine.close()
         distributed.teardown()
+        unlock_run(run)
     return run
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from grpo_cli.config import to_yaml
 from grpo_cli.errors import UserError
@@ -87,6 +88,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     check_run_dir(cfg)
     if cfg.resume:  # its config as this run goes on (overrides such as a raised trainer.max_steps included)
         run = Path(cfg.resume).expanduser()
+        lock_run(run, f"resume={cfg.resume}")
         with explained_write_errors(run, f"resume={cfg.resume}"):
             atomic_write_text(run / "config.yaml", to_yaml(dataclasses.replace(cfg, resume=None)))
         return run
@@ -95,7 +97,48 @@ def prepare_run_dir(cfg: Config) -> Path:
         for sub in ("checkpoints", "samples"):
             (run / sub).mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", to_yaml(cfg))
+    lock_run(run, "the run directory")
     return run
+
+
+LOCK_FILE = ".lock"
+_locks: dict[Path, IO[str]] = {}  # the runs this process writes: their lock files, open (so locked) until it ends
+
+
+def lock_run(run: Path, what: str) -> None:
+    """One process writes a run at a time. A second `grpo train resume=RUN` while the first still ran (a job
+    requeued before the old one stopped, say) deleted the first's checkpoint in progress, and the first's
+    metrics then went to a file cut from the run. An OS lock (flock), so a killed process holds none; where
+    the filesystem has no locks (some network mounts) the run goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    key = run.resolve()
+    if key in _locks:  # this process's own (a test's second call)
+        return
+    f = (run / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"{what}: another `grpo train` (process {holder or '?'}) is writing {run}; wait for it "
+                            "to end, or stop it, then run this again") from None
+        return  # no locks on this filesystem
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _locks[key] = f
+
+
+def unlock_run(run: Path) -> None:
+    f = _locks.pop(run.resolve(), None)
+    if f is not None:
+        f.close()
 
 
 @contextmanager

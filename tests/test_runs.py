@@ -143,6 +143,26 @@ def test_a_resume_that_changes_the_trainable_parameters_is_a_user_error(tmp_path
     assert resume_config(str(run), ["model.lora_rank=0", "model.lora_dropout=0.1"]).model.lora_dropout == 0.1
 
 
+def test_a_run_another_process_is_writing_cannot_be_resumed(tiny_model_dir: Path, tmp_path: Path, grpo) -> None:
+    """A second `grpo train resume=RUN` while the first still ran (a job requeued before the old one
+    stopped) trained on: it deleted the first's checkpoint in progress and cut its metrics.jsonl away."""
+    cfg = dataclasses.replace(compose(["recipe=quickstart", f"model.name_or_path={tiny_model_dir}", "rollout=hf",
+                                       "trainer.max_steps=1", "trainer.prompts_per_step=1", "rollout.group_size=2",
+                                       "rollout.max_new_tokens=2", "dataset.size=4"]), output_dir=str(tmp_path / "run"))
+    run = prepare_run_dir(cfg)  # this process now writes the run, as a `grpo train` would
+    result = grpo("train", f"resume={run}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == (f"error: resume={run}: another `grpo train` (process {os.getpid()}) is writing {run}; "
+                             "wait for it to end, or stop it, then run this again\n")
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "samples"]
+    from grpo_cli.runs import unlock_run
+
+    unlock_run(run)  # as `grpo train` does when it ends
+    result = grpo("train", f"resume={run}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "checkpoints" / "step-000001").is_dir()
+
+
 def test_an_unwritable_output_folder_fails_before_anything_loads(tmp_path: Path, monkeypatch) -> None:
     import errno
     import tempfile
