@@ -190,8 +190,11 @@ def discard_new_run_dir(cfg: Config, run: Path) -> None:
     """Undo `prepare_run_dir` for a new run that failed before its first step (a model that cannot load,
     an engine that cannot start): its config.yaml alone would make output_dir "already hold files" and
     refuse the corrected command. Only what `prepare_run_dir` wrote goes, and folders left empty; a
-    named output_dir itself stays (the user may have made it, and empty it takes the next run)."""
+    named output_dir itself stays (the user may have made it, and empty it takes the next run). The run's
+    lock goes too: held by this process until it ends, its file would also block the corrected command."""
     (run / "config.yaml").unlink(missing_ok=True)
+    unlock_run(run)
+    (run / LOCK_FILE).unlink(missing_ok=True)
     for folder in (run / "checkpoints", run / "samples", *([] if cfg.output_dir else [run])):
         try:
             folder.rmdir()
