@@ -129,3 +129,20 @@ def test_a_target_module_the_model_lacks_is_one_line_naming_its_layers(tiny_mode
     assert message.endswith("; this model's linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
                             "v_proj (or use [all-linear])")  # not lm_head, the output layer
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("targets", "named"), [("[q_proj,lm_head]", "lm_head"),
+                                                ("[embed_tokens,q_proj]", "embed_tokens")])
+def test_an_adapter_on_a_tied_embedding_is_one_line(tiny_model_dir: Path, targets: str, named: str) -> None:
+    """The tiny model ties lm_head to embed_tokens (as SmolLM2 and the small Qwen2.5 do): the merged
+    weights hold one tensor for both, so such an adapter was merged into one of them and lost in the
+    other; vLLM then scored a probe 3.6 (lm_head) or 0.24 (embed_tokens) nats off the learner."""
+    from grpo_cli.errors import UserError
+
+    cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.lora_rank=4", f"model.lora_target_modules={targets}"])
+    with pytest.raises(UserError) as caught:
+        Learner(cfg, CPU, pad_id=0)
+    assert str(caught.value) == (
+        f"model.lora_target_modules={targets[1:-1].split(',')}: this model ties its output layer to its input "
+        f"embedding (tie_word_embeddings), so an adapter on {named} cannot be merged into the one weight they share; "
+        f"leave {named} out (e.g. [all-linear])")
