@@ -303,7 +303,8 @@ class Learner:
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """(HF name, tensor) pairs of the policy in state-dict order, for a rollout engine or a
         checkpoint. With LoRA: the base weights with each adapter's update merged in, under the
-        base model's own names (the adapters themselves are left out).
+        base model's own names (the adapters themselves are left out), each in its base weight's dtype
+        (the fp32 adapters' update rounded in: a bf16 model's checkpoint stays bf16, as the engine holds it).
 
         Sharded: whole tensors on every rank, each gathered as it is reached, so all ranks must
         iterate together to the end (a weight push does: each rank fills its own engine)."""
@@ -322,7 +323,7 @@ class Learner:
                 module, leaf = name.split(".base_layer.")
                 if leaf == "weight":
                     with torch.no_grad():
-                        tensor = tensor + adapters[module].get_delta_weight("default")
+                        tensor = (tensor + adapters[module].get_delta_weight("default")).to(tensor.dtype)
                 name = f"{module}.{leaf}"
             yield name, tensor.detach()
 

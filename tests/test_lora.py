@@ -146,3 +146,24 @@ def test_an_adapter_on_a_tied_embedding_is_one_line(tiny_model_dir: Path, target
         f"model.lora_target_modules={targets[1:-1].split(',')}: this model ties its output layer to its input "
         f"embedding (tie_word_embeddings), so an adapter on {named} cannot be merged into the one weight they share; "
         f"leave {named} out (e.g. [all-linear])")
+
+
+def test_a_bf16_model_is_merged_and_saved_in_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """peft keeps the adapters in fp32; base + delta promoted every adapted weight to fp32, so a bf16
+    model's checkpoints held its linear layers at twice their size (0.48 GB instead of 0.27 for SmolLM2)."""
+    from safetensors.torch import load_file
+
+    cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.lora_rank=4", "model.dtype=bfloat16",
+                   "loss.beta=0", "trainer.lr=1e-2", "rollout.max_new_tokens=4"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    for _ in range(2):
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    learner.save_weights(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    q = learner.policy.model.layers[0].self_attn.q_proj
+    scale = cfg.model.lora_alpha / cfg.model.lora_rank
+    lora_a, lora_b = q.lora_A["default"].weight, q.lora_B["default"].weight  # fp32 (peft's default)
+    assert lora_b.abs().max() > 1e-3  # the update is there to round in
+    want = (q.base_layer.weight.float() + (lora_b @ lora_a) * scale).to(torch.bfloat16)
+    torch.testing.assert_close(saved["model.layers.0.self_attn.q_proj.weight"], want, rtol=0, atol=0)
