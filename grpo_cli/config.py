@@ -355,6 +355,12 @@ def _validate_model(m: ModelConfig) -> None:
         raise UserError(f"model.lora_rank={m.lora_rank}: use 0 (train every weight) or a LoRA rank such as 16")
     if not 0 <= m.lora_dropout < 1:
         raise UserError(f"model.lora_dropout={m.lora_dropout}: a probability, at least 0 and below 1 (e.g. 0.05)")
+    if m.lora_alpha <= 0:  # the update is scaled by lora_alpha / lora_rank: at 0 nothing trains
+        raise UserError(f"model.lora_alpha={m.lora_alpha}: must be above 0 (the update is scaled by "
+                        "lora_alpha / lora_rank; e.g. twice the rank)")
+    if "all-linear" in m.lora_target_modules and len(m.lora_target_modules) > 1:  # peft took it as a layer name
+        raise UserError(f"model.lora_target_modules={list(m.lora_target_modules)}: all-linear stands alone (every "
+                        "linear layer but the output layer); use [all-linear], or list the layers, e.g. [q_proj,v_proj]")
 
 
 def _validate_optimizer(o: OptimizerConfig) -> None:

@@ -142,6 +142,10 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["trainer.keep_last=-1"], "trainer.keep_last=-1: use the number of latest checkpoints to keep, or 0 to keep them all"),
     (["loss.adv_eps=-1"], "loss.adv_eps=-1.0: must be above 0"),
     (["model.lora_dropout=2"], "model.lora_dropout=2.0: a probability, at least 0 and below 1"),
+    # at alpha 0 the adapters never moved; all-linear in a list matched no layer (only q_proj got an adapter)
+    (["model.lora_alpha=0"], "model.lora_alpha=0.0: must be above 0 (the update is scaled by lora_alpha / lora_rank"),
+    (["model.lora_target_modules=[all-linear,q_proj]"], "model.lora_target_modules=['all-linear', 'q_proj']: "
+     "all-linear stands alone (every linear layer but the output layer); use [all-linear], or list the layers"),
     # torch's AdamW refuses these only after the model has loaded (a traceback); eps=0 divides 0 by 0
     (["optimizer.eps=-1"], "optimizer.eps=-1.0: must be above 0 (e.g. 1e-8)"),
     (["optimizer.eps=0"], "optimizer.eps=0.0: must be above 0 (e.g. 1e-8)"),
