@@ -341,7 +341,9 @@ class Learner:
             self.policy.save_pretrained(folder, safe_serialization=True)
             return
         self.policy.save_pretrained(folder, state_dict=dict(self.named_weights()), safe_serialization=True)
-        self.peft.save_pretrained(folder / "adapter")
+        # The embeddings are never resized: without this peft looks the base model's config up at each
+        # save (a Hub request for a Hub model, two warnings without a network) to check that they were not.
+        self.peft.save_pretrained(folder / "adapter", save_embedding_layers=False)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and schedule, and the fp32 master weights where there are (the saved model holds

@@ -167,3 +167,18 @@ def test_a_bf16_model_is_merged_and_saved_in_bf16(tiny_model_dir: Path, tmp_path
     assert lora_b.abs().max() > 1e-3  # the update is there to round in
     want = (q.base_layer.weight.float() + (lora_b @ lora_a) * scale).to(torch.bfloat16)
     torch.testing.assert_close(saved["model.layers.0.self_attn.q_proj.weight"], want, rtol=0, atol=0)
+
+
+def test_saving_the_adapter_asks_no_hub(trained: Learner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's save_pretrained looked the base model's config.json up on the Hub at every checkpoint of
+    a Hub model (to see whether the vocabulary was resized, which grpo never does); offline, that was
+    two warnings."""
+    import peft.utils.save_and_load as save_and_load
+
+    asked: list[str] = []
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", lambda repo, name, **kw: asked.append(repo))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    trained.peft.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trained.save_weights(tmp_path)
+    assert asked == []
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
