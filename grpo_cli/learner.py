@@ -359,6 +359,8 @@ class Learner:
         return state
 
     def load_state_dict(self, state: dict[str, Any], weights_dir: Path) -> None:
+        # The weights first: a checkpoint of other adapters is named, not the optimizer's size mismatch.
+        self._load_weights(weights_dir)
         optimizer = state["optimizer"]
         if self.sharded:  # whole tensors in the file: each rank keeps its own piece
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -378,7 +380,6 @@ class Learner:
             group["initial_lr"] = self.cfg.trainer.lr
             group["lr"] = self.cfg.trainer.lr * lr_lambda(self.scheduler.last_epoch)
             group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
-        self._load_weights(weights_dir)
         if self.masters is not None:  # the saved fp32 copies; from a run without them, the weights themselves
             self._copy(self.masters, state.get("master_weights") or self.trainable)
 
@@ -386,16 +387,19 @@ class Learner:
         from safetensors.torch import load_file
 
         if self.peft is not None:
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
             adapter = weights_dir / "adapter" / "adapter_model.safetensors"
             if not adapter.is_file():
                 raise TrainingError(f"checkpoint {weights_dir} has no LoRA adapter (adapter/): it was not "
                                     "trained with model.lora_rank > 0")
-            result = set_peft_model_state_dict(self.peft, load_file(adapter, device=str(self.device)))
-            if result.unexpected_keys:
-                raise TrainingError(f"checkpoint {adapter} does not match model.lora_*: unexpected "
-                                    f"{result.unexpected_keys[:3]}")
+            saved = load_file(adapter, device=str(self.device))
+            wanted = get_peft_model_state_dict(self.peft)
+            if saved.keys() != wanted.keys():  # e.g. [all-linear] now, [q_proj,v_proj] when it trained
+                raise TrainingError(f"checkpoint {weights_dir} holds adapters on {_adapted(saved)}, and "
+                                    f"model.lora_target_modules={list(self.cfg.model.lora_target_modules)} puts them "
+                                    f"on {_adapted(wanted)}; resume with the run's own. {_KEEP_LORA}")
+            set_peft_model_state_dict(self.peft, saved)
             return
         tensors: dict[str, Tensor] = {}
         for shard in sorted(weights_dir.glob("*.safetensors")):
@@ -413,6 +417,52 @@ class Learner:
         if missing or unexpected:
             raise TrainingError(f"checkpoint {weights_dir} does not match the model: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")
+
+
+_KEEP_LORA = "model.lora_rank, lora_alpha and lora_target_modules stay as the run trained: start a new run to change them"
+
+
+def _adapted(adapter_state: dict[str, Any] | Sequence[str]) -> str:
+    """The kinds of layer an adapter state dict's keys put adapters on: 'k_proj, q_proj, v_proj'."""
+    return ", ".join(sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapter_state}))
+
+
+def check_resume_lora(model: ModelConfig, checkpoint: Path) -> None:
+    """Resuming from `checkpoint`: model.lora_* must make the adapters it holds (LoRA or not, the rank,
+    the alpha, and, for a list of target modules, their layers), checked before anything loads. A
+    changed setting failed with a traceback once the model had loaded, after the run's config.yaml had
+    taken it (so the plain resume failed too); a changed lora_alpha silently rescaled the policy.
+    Targets against [all-linear] need the model: Learner.load_state_dict checks those."""
+    import json
+
+    from safetensors import safe_open
+
+    adapter = checkpoint / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        if model.lora_rank > 0:
+            raise UserError(f"model.lora_rank={model.lora_rank}: checkpoint {checkpoint} holds no LoRA adapter (the "
+                            f"run trained every weight); resume with model.lora_rank=0. {_KEEP_LORA}")
+        return
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    for key, value, trained in (("lora_rank", model.lora_rank, saved["r"]),
+                                ("lora_alpha", model.lora_alpha, saved["lora_alpha"])):
+        if value != trained:
+            raise UserError(f"model.{key}={value}: checkpoint {checkpoint} holds LoRA adapters trained with "
+                            f"model.{key}={trained}; resume with that. {_KEEP_LORA}")
+    targets = list(model.lora_target_modules)
+    if targets == ["all-linear"]:
+        return
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    modules = {key.split(".lora_")[0] for key in keys}
+
+    def matches(module: str, target: str) -> bool:  # peft's rule for a list of names
+        return module == target or module.endswith(f".{target}")
+
+    if (any(not any(matches(m, t) for m in modules) for t in targets)
+            or any(not any(matches(m, t) for t in targets) for m in modules)):
+        raise UserError(f"model.lora_target_modules={targets}: checkpoint {checkpoint} holds adapters on "
+                        f"{_adapted(keys)}; resume with the run's own. {_KEEP_LORA}")
 
 
 # policy_loss's per-token statistics averaged over all of a step's iterations (ratio_min / _max: the
