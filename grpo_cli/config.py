@@ -166,7 +166,7 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
 
 # What shapes a checkpoint's trainable parameters, and so its optimizer state: a resume that changed one
 # stopped with a traceback from torch's optimizer (a parameter group that doesn't match ...) or from peft.
-FIXED_ON_RESUME = ("model.lora_rank", "model.lora_target_modules")
+FIXED_ON_RESUME = ("model.lora_rank", "model.lora_alpha", "model.lora_target_modules")  # alpha: the scale of the trained update
 
 
 def check_saved_config_overrides(flag: str, overrides: list[str], example: str, hint: str) -> None:

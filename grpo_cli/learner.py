@@ -427,44 +427,6 @@ def _adapted(adapter_state: dict[str, Any] | Sequence[str]) -> str:
     return ", ".join(sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapter_state}))
 
 
-def check_resume_lora(model: ModelConfig, checkpoint: Path) -> None:
-    """Resuming from `checkpoint`: model.lora_* must make the adapters it holds (LoRA or not, the rank,
-    the alpha, and, for a list of target modules, their layers), checked before anything loads. A
-    changed setting failed with a traceback once the model had loaded, after the run's config.yaml had
-    taken it (so the plain resume failed too); a changed lora_alpha silently rescaled the policy.
-    Targets against [all-linear] need the model: Learner.load_state_dict checks those."""
-    import json
-
-    from safetensors import safe_open
-
-    adapter = checkpoint / "adapter"
-    if not (adapter / "adapter_model.safetensors").is_file():
-        if model.lora_rank > 0:
-            raise UserError(f"model.lora_rank={model.lora_rank}: checkpoint {checkpoint} holds no LoRA adapter (the "
-                            f"run trained every weight); resume with model.lora_rank=0. {_KEEP_LORA}")
-        return
-    saved = json.loads((adapter / "adapter_config.json").read_text())
-    for key, value, trained in (("lora_rank", model.lora_rank, saved["r"]),
-                                ("lora_alpha", model.lora_alpha, saved["lora_alpha"])):
-        if value != trained:
-            raise UserError(f"model.{key}={value}: checkpoint {checkpoint} holds LoRA adapters trained with "
-                            f"model.{key}={trained}; resume with that. {_KEEP_LORA}")
-    targets = list(model.lora_target_modules)
-    if targets == ["all-linear"]:
-        return
-    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-    modules = {key.split(".lora_")[0] for key in keys}
-
-    def matches(module: str, target: str) -> bool:  # peft's rule for a list of names
-        return module == target or module.endswith(f".{target}")
-
-    if (any(not any(matches(m, t) for m in modules) for t in targets)
-            or any(not any(matches(m, t) for t in targets) for m in modules)):
-        raise UserError(f"model.lora_target_modules={targets}: checkpoint {checkpoint} holds adapters on "
-                        f"{_adapted(keys)}; resume with the run's own. {_KEEP_LORA}")
-
-
 # policy_loss's per-token statistics averaged over all of a step's iterations (ratio_min / _max: the
 # extremes over all of them).
 _PER_ITERATION = ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean")

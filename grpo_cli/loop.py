@@ -46,7 +46,7 @@ from grpo_cli import checkpoint, distributed
 from grpo_cli.data import fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
-from grpo_cli.learner import Learner, TrainingError, _logprobs, check_resume_lora, keep_freed_host_memory
+from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
@@ -63,9 +63,6 @@ def train(cfg: Config) -> Path:
     check_run_dir(cfg)  # a bad output_dir, or a damaged checkpoint to resume, fails before anything loads
     if cfg.resume:
         check_resumable(Path(cfg.resume).expanduser())
-        last = checkpoint.checkpoint_dirs(Path(cfg.resume).expanduser())[-1:]
-        if last:  # before the run's config.yaml takes this run's settings
-            check_resume_lora(cfg.model, last[0])
     device = distributed.setup()  # under torchrun: this rank's device, in the process group
     world, rank = distributed.world(), distributed.rank()
     if world > 1:

@@ -129,8 +129,8 @@ def test_a_resume_writes_its_overrides_into_the_runs_config(tmp_path: Path) -> N
     assert resume_config(str(run), []).trainer.max_steps == 6
 
 
-@pytest.mark.parametrize(("override", "was"), [("model.lora_rank=8", "0"), ("model.lora_target_modules=[q_proj]",
-                                                                               "['all-linear']")])
+@pytest.mark.parametrize(("override", "was"), [("model.lora_rank=8", "0"), ("model.lora_alpha=16", "32.0"),
+                                               ("model.lora_target_modules=[q_proj]", "['all-linear']")])
 def test_a_resume_that_changes_the_trainable_parameters_is_a_user_error(tmp_path: Path, override: str,
                                                                        was: str) -> None:
     """The checkpoint's optimizer state is for the run's trainable parameters: a resume with LoRA switched
