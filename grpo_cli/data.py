@@ -77,6 +77,11 @@ def _check_row(row: dict[str, Any], number: int, cfg: DatasetConfig) -> None:
             raise UserError(f"dataset row {number} {what} column '{column}' (dataset.{role}); "
                             "fill it in or remove that row")
     problem = row[cfg.problem_column]
+    if isinstance(problem, str) and not problem.strip():
+        # A gap, as null is: the model would be asked nothing, and a plain prompt of no tokens at all
+        # has no token to predict the first completion token from (the hf engine sampled it from padding).
+        raise UserError(f"dataset row {number} has empty text in column '{cfg.problem_column}' "
+                        "(dataset.problem_column); fill it in or remove that row")
     where = f"dataset row {number}: column '{cfg.problem_column}' (dataset.problem_column)"
     if isinstance(problem, list):
         fault = _conversation_fault(problem)

@@ -232,6 +232,8 @@ def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
      "dataset row 2 has no column 'question' (dataset.problem_column); fill it in or remove that row"),
     ([{"question": "1+1", "answer": 2}, {"question": "2+2", "answer": None}],
      "dataset row 2 has null in column 'answer' (dataset.answer_column); fill it in or remove that row"),
+    ([{"question": "1+1", "answer": 2}, {"question": " \n", "answer": 4}],
+     "dataset row 2 has empty text in column 'question' (dataset.problem_column); fill it in or remove that row"),
     ([{"question": "1+1", "answer": 2}, {"question": [{"role": "user", "content": "1+1"}], "answer": "2"}],
      "dataset row 2: column 'question' (dataset.problem_column) holds a conversation (a list of messages), which "
      "only the model's chat template can render; set dataset.template=chat (it is r1_zero)"),
@@ -241,8 +243,10 @@ def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
 ])
 def test_a_bad_row_past_the_first_is_a_user_error_naming_it(tmp_path: Path, rows: list[dict], message: str) -> None:
     """Only the first row's columns were checked: a later row without one raised KeyError, a null
-    answer made the accuracy reward raise on every completion of that prompt, and a list of chat
-    messages (under a template other than chat) became its Python repr inside the prompt."""
+    answer made the accuracy reward raise on every completion of that prompt, an empty problem under
+    template plain was a prompt of no tokens (the hf engine sampled its completions from padding, and
+    the learner read the first token's log-prob off that token itself), and a list of chat messages
+    (under a template other than chat) became its Python repr inside the prompt."""
     data = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError) as caught:
         load_rows(DatasetConfig(source="jsonl", path=str(data)))
