@@ -108,6 +108,20 @@ def _conversation_fault(messages: list[Any]) -> str | None:
     return None
 
 
+# A chat template that opens the reasoning itself: DeepSeek-R1's distills and QwQ end the generation
+# prompt with "<think>\n". The tag then starts the model's answer, as a prefill does.
+_OPENED_THINK_RE = re.compile(r"<think>\s*\Z")
+
+
+def opened_answer(prompt: str, prefill: str) -> str:
+    """The start of the model's answer that `prompt` already holds, which the rewards score in front of
+    each completion: the prefill, after a `<think>` (and the whitespace after it) that the chat template
+    wrote itself. Without that tag, `format` scored 0 a perfect "... </think> <answer>...</answer>"."""
+    head = prompt[: len(prompt) - len(prefill)] if prefill and prompt.endswith(prefill) else prompt
+    opened = _OPENED_THINK_RE.search(head)
+    return (opened.group(0) if opened else "") + prefill
+
+
 def render_prompt(problem: str | list[dict[str, str]], cfg: DatasetConfig,
                   tokenizer: PreTrainedTokenizerBase | None) -> str:
     """The text the model continues: the problem in its template, then the assistant prefill. A
@@ -128,11 +142,15 @@ def render_prompt(problem: str | list[dict[str, str]], cfg: DatasetConfig,
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cfg.prefill
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as e:  # e.g. Gemma's template: "System role not supported"
         hint = "; set dataset.system_prompt=null" if cfg.system_prompt else ""
         raise UserError(f"dataset.template=chat: the model's chat template refused the prompt ({first_line(e)})"
                         f"{hint}") from None
+    if cfg.prefill.lstrip().startswith("<think>") and _OPENED_THINK_RE.search(rendered):
+        raise UserError(f"dataset.prefill={cfg.prefill!r} repeats the <think> that the model's chat template already "
+                        "ends the prompt with; set dataset.prefill='' (the rewards see the template's <think>)")
+    return rendered + cfg.prefill
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase | None) -> str:

@@ -35,6 +35,41 @@ def test_chat_template_with_system_prompt_and_prefill(tiny_model_dir: Path) -> N
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n<think>")
 
 
+# The generation prompt of DeepSeek-R1's distills (and QwQ), in the tiny model's tokens: it opens the reasoning.
+_THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def test_a_think_the_chat_template_opens_is_scored_and_not_prefilled_twice(tiny_model_dir: Path) -> None:
+    """The rewards see the template's "<think>\n" in front of each completion, as they see a prefill:
+    without it `format` scored 0 on a perfect answer. A prefill "<think>" on top would repeat it."""
+    from transformers import AutoTokenizer
+
+    from grpo_cli.data import opened_answer
+    from grpo_cli.rewards import build_reward_set
+    from grpo_cli.rollout import Sample
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = _THINKING_TEMPLATE
+    prompt = render_prompt("2+3?", DatasetConfig(template="chat"), tokenizer)
+    assert prompt == "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert opened_answer(prompt, "") == "<think>\n"
+    assert opened_answer(prompt + "Let me", "Let me") == "<think>\nLet me"  # a prefill after the tag
+    # A prefill "<think>" of its own (r1_zero, or a template that does not open it) is the prefill alone.
+    r1 = render_prompt("2+3?", DatasetConfig(template="r1_zero", prefill="<think>"), None)
+    assert opened_answer(r1, "<think>") == "<think>"
+    assert opened_answer(r1[: -len(" <think>")], "") == ""  # "... Assistant:"
+    with pytest.raises(UserError, match=r"^dataset.prefill='<think>' repeats the <think> that the model's chat "
+                                        r"template already ends the prompt with; set dataset.prefill=''"):
+        render_prompt("2+3?", DatasetConfig(template="chat", prefill="<think>"), tokenizer)
+
+    rewards = build_reward_set({"format": {}})
+    sample = Sample(prompt_index=0, prompt_ids=[], completion_ids=[1], text="5 </think> <answer>5</answer>",
+                    logprobs=[0.0], truncated=False)
+    texts, scores = rewards.score_samples([sample], [{"prompt": prompt, "problem": "2+3?", "answer": "5"}])
+    assert texts == ["<think>\n5 </think> <answer>5</answer>"] and scores.total == [1.0]
+
+
 def test_plain_template() -> None:
     assert render_prompt("2+3 =", DatasetConfig(template="plain", prefill=" "), None) == "2+3 = "
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_cli.data import opened_answer
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[float | None]]
@@ -228,9 +230,13 @@ class RewardSet:
                       prefill: str = "") -> tuple[list[str], RewardScores]:
         """Score rollout samples (`grpo_cli.rollout.Sample`: .text, .prompt_index, .completion_ids)
         against the dataset rows of their prompts, as training and evaluation both do: the
-        assistant prefill is put back in front of each text, every row column is aligned with the
-        completions, and the SAMPLE_COLUMNS are added. Returns the scored texts and the scores."""
-        completions = [prefill + s.text for s in samples]
+        assistant prefill (after a <think> the chat template opened: `data.opened_answer`) is put
+        back in front of each text, every row column is aligned with the completions, and the
+        SAMPLE_COLUMNS are added. Returns the scored texts and the scores."""
+        # Per prompt: a chat template may open the answer itself (e.g. with "<think>\n").
+        prefixes = {i: opened_answer(str(rows[i].get("prompt", "")), prefill)
+                    for i in {s.prompt_index for s in samples}}
+        completions = [prefixes[s.prompt_index] + s.text for s in samples]
         columns = {key: [rows[s.prompt_index][key] for s in samples] for key in _row_columns(rows)}
         columns["completion_tokens"] = [len(s.completion_ids) for s in samples]
         columns["completion_ids"] = [list(s.completion_ids) for s in samples]
