@@ -90,7 +90,7 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return out + [f"{key}={value}" for key, value in flags.items() if value is not None]
 
 
-def check_comparable(cfg: Any) -> None:
+def check_comparable(cfg: Any, gpu: bool = False) -> None:
     """Settings TRL's arguments in trl_grpo.py cannot mirror: refuse rather than compare unlike work."""
     same = {"loss.agg": (cfg.loss.agg, "seq_mean_token_mean"), "loss.kl": (cfg.loss.kl, "k3"),
             "loss.adv_scale": (cfg.loss.adv_scale, "group"), "loss.ratio_level": (cfg.loss.ratio_level, "token"),
@@ -99,7 +99,12 @@ def check_comparable(cfg: Any) -> None:
             "trainer.warmup_steps": (cfg.trainer.warmup_steps, 0), "rollout.stop": (list(cfg.rollout.stop), []),
             "trainer.mask_truncated": (cfg.trainer.mask_truncated, False),
             "trainer.dynamic_sampling": (cfg.trainer.dynamic_sampling, False), "model.lora_rank": (cfg.model.lora_rank, 0),
-            "dataset.prefill": (cfg.dataset.prefill, "")}
+            "dataset.prefill": (cfg.dataset.prefill, ""),
+            # TRL generates every step with the weights it just stepped, and loads the model's default attention.
+            "rollout.sync_every": (cfg.rollout.sync_every, 1), "rollout.check_sync": (cfg.rollout.check_sync, False),
+            "model.attn_implementation": (cfg.model.attn_implementation, None)}
+    if cfg.model.dtype in ("bfloat16", "float16") or (cfg.model.dtype == "auto" and gpu):
+        same["optimizer.master_weights"] = (cfg.optimizer.master_weights, False)  # TRL steps the half weights
     for key, (value, wanted) in same.items():
         if value != wanted:
             raise SystemExit(f"bench: {key}={value!r} has no TRL counterpart here; the benchmark needs {wanted!r}")
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     grpo_over = overrides(args, run_dir / "grpo")
     cfg = compose(grpo_over, HERE)
-    check_comparable(cfg)
+    check_comparable(cfg, args.gpu)
     spec = build_spec(cfg, args, run_dir)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))

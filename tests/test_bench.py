@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +30,37 @@ def test_the_trl_side_gets_grpo_trains_prompts_in_its_order(tmp_path: Path) -> N
         stream += [rows[i]["prompt"] for i in indices]
     assert [r["prompt"] for r in workload["rows"]] == stream
     assert len(stream) == 3 * P and (workload["steps"], workload["prompts_per_step"]) == (3, P)
+
+
+def _bench():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize(("override", "gpu", "named"), [
+    ("rollout.sync_every=2", False, "rollout.sync_every=2"),  # grpo would skip half its weight pushes
+    ("rollout.check_sync=true", False, "rollout.check_sync=True"),  # an extra forward per step, inside time/step
+    ("model.attn_implementation=eager", False, "model.attn_implementation='eager'"),  # TRL loads the default
+    ("model.dtype=bfloat16", False, "optimizer.master_weights=None"),  # an fp32 copy TRL does not keep
+    ("model.dtype=auto", True, "optimizer.master_weights=None"),  # auto is bf16 on a GPU
+])
+def test_settings_trl_does_not_mirror_are_refused(tmp_path: Path, override: str, gpu: bool, named: str) -> None:
+    from grpo_cli.config import compose
+
+    bench = _bench()
+    args = bench.parse_args([])
+    bench.check_comparable(compose(bench.overrides(args, tmp_path), bench.HERE), gpu)  # the recipe itself passes
+    cfg = compose([*bench.overrides(args, tmp_path), override], bench.HERE)
+    with pytest.raises(SystemExit, match=f"^bench: {re.escape(named)} has no TRL counterpart"):
+        bench.check_comparable(cfg, gpu)
+
+
+def test_fp32_and_the_gpu_recipe_keep_their_master_weights_setting(tmp_path: Path) -> None:
+    from grpo_cli.config import compose
+
+    bench = _bench()
+    bench.check_comparable(compose(bench.overrides(bench.parse_args(["--gpu"]), tmp_path), bench.HERE), True)
+    cpu = compose([*bench.overrides(bench.parse_args([]), tmp_path), "optimizer.master_weights=true"], bench.HERE)
+    bench.check_comparable(cpu, False)  # fp32 weights: no master copy either way
