@@ -118,7 +118,6 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
     """What TRL and the ceilings need: grpo's composed settings and the prompts of the first S + 1
     steps in the order grpo's loop takes them (the warm-up step's first)."""
     import torch
-    from transformers import AutoConfig
 
     from grpo_cli.data import load_prompts
     from grpo_cli.loop import prompt_indices
@@ -133,7 +132,6 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
         indices, position = prompt_indices(position, P, [True] * len(rows), cfg.seed)
         picked += [rows[i] for i in indices]
     model = resolve(cfg.model.name_or_path)
-    model_config = AutoConfig.from_pretrained(model)
     return {
         "repo": str(ROOT), "rollout": cfg.rollout.engine, "model": model, "model_name": cfg.model.name_or_path, "device": device.type,
         "dtype": str(torch_dtype(cfg.model.dtype, device)).removeprefix("torch."),
@@ -148,9 +146,7 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
         "seed": cfg.seed, "pad_id": tokenizer.pad_token_id,
         "rewards": {label: vars(term) for label, term in cfg.rewards.items()},
         "task": f"{cfg.dataset.source}/{cfg.dataset.task}",
-        "engine": {"enforce_eager": cfg.rollout.enforce_eager, "cpu_kv_cache_mib": cfg.rollout.cpu_kv_cache_mib,
-                   "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-                   "model_max_len": int(getattr(model_config.get_text_config(), "max_position_embeddings", 1 << 30))},
+        "overrides": overrides(args, run_dir / "grpo"),  # grpo's config: the vLLM ceiling makes grpo's own engine
         "output_dir": str(run_dir / "trl"),
     }
 

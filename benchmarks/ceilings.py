@@ -4,8 +4,9 @@
     python benchmarks/ceilings.py hf      SPEC.json RESULT.json
     python benchmarks/ceilings.py learner SPEC.json RESULT.json
 
-vllm:    an `LLM` with the engine settings `grpo train` uses (dtype, eager mode, max_model_len,
-         KV-cache bound, processed log-probs), generating G samples of each step's prompts with the
+vllm:    the `LLM` of grpo's own vLLM engine, made from grpo train's config (so every engine
+         argument is the one grpo train uses: dtype, eager mode, max_model_len, KV-cache bound,
+         processed log-probs, CPU scheduling, GPU sleep mode), generating G samples of each step's prompts with the
          sampled tokens' log-probs, and nothing else: no weight pushes, no rewards.
 hf:      transformers `generate` on the same model and dtype, one call per step of the P x G
          left-padded prompts (as grpo's hf engine and TRL batch them), plain sampling, nothing else:
@@ -57,21 +58,17 @@ def _prompt_ids(spec: dict) -> list[list[list[int]]]:
 
 # ----------------------------------------------------------------------------- vLLM generation
 def vllm_ceiling(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from grpo_cli.schema import RolloutConfig
+    from grpo_cli.config import compose
+    from grpo_cli.rollout import make_engine
 
-    engine = spec["engine"]
-    kwargs = dict(model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], enforce_eager=engine["enforce_eager"],
-                  max_model_len=min(spec["max_new_tokens"] + RolloutConfig.max_prompt_tokens, engine["model_max_len"]),
-                  logprobs_mode="processed_logprobs")
-    if spec["device"] == "cuda":
-        kwargs.update(gpu_memory_utilization=engine["gpu_memory_utilization"])
-    else:
-        kwargs.update(kv_cache_memory_bytes=engine["cpu_kv_cache_mib"] << 20)
+    # The `LLM` grpo train's engine makes (from the same config), used bare: every engine argument is
+    # grpo's own (on CPU: no chunked prefill and its token budget; on a GPU: sleep mode), never a copy.
+    cfg = compose(spec["overrides"], Path(__file__).resolve().parent)
     start = time.perf_counter()
-    llm = LLM(**kwargs)
+    llm = make_engine(cfg.rollout, cfg.model, spec["model"]).llm
     startup = time.perf_counter() - start
     G = spec["group_size"]
     steps = []

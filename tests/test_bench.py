@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -64,3 +65,39 @@ def test_fp32_and_the_gpu_recipe_keep_their_master_weights_setting(tmp_path: Pat
     bench.check_comparable(compose(bench.overrides(bench.parse_args(["--gpu"]), tmp_path), bench.HERE), True)
     cpu = compose([*bench.overrides(bench.parse_args([]), tmp_path), "optimizer.master_weights=true"], bench.HERE)
     bench.check_comparable(cpu, False)  # fp32 weights: no master copy either way
+
+
+def test_the_vllm_ceiling_makes_the_engine_grpo_train_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw generation is measured on an `LLM` made with grpo's own engine arguments (on CPU they include
+    no chunked prefill and its token budget, which a hand-made copy of them lacked)."""
+    import vllm
+
+    from grpo_cli.config import compose
+    from grpo_cli.models import resolve
+    from grpo_cli.rollout.vllm import VLLMEngine
+
+    made: list[dict] = []
+
+    class Made(Exception):
+        pass
+
+    def fake_llm(**kwargs: object) -> None:
+        made.append(kwargs)
+        raise Made
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    bench = _bench()
+    spec = importlib.util.spec_from_file_location("ceilings", REPO / "benchmarks" / "ceilings.py")
+    ceilings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceilings)
+    args = bench.parse_args(["--steps", "1", "--max-new-tokens", "32"])
+    cfg = compose([*bench.overrides(args, tmp_path / "grpo"), "rollout.max_prompt_tokens=1000"], bench.HERE)
+    workload = json.loads(json.dumps(bench.build_spec(cfg, args, tmp_path)))  # as ceilings.py reads it
+    workload["overrides"].append("rollout.max_prompt_tokens=1000")
+    with pytest.raises(Made):
+        ceilings.vllm_ceiling(workload)
+    with pytest.raises(Made):
+        VLLMEngine(resolve(cfg.model.name_or_path), cfg.rollout, cfg.model)
+    ceiling, grpo = made
+    assert ceiling == grpo
+    assert grpo["max_model_len"] == 1032 and grpo["enable_chunked_prefill"] is False
