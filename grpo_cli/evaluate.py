@@ -774,6 +774,13 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     rollout = dataclasses.replace(cfg.rollout, max_new_tokens=sampling.max_new_tokens)
     engine = make_engine(rollout, cfg.model, resolve(cfg.model.name_or_path), policy=policy)
     try:
+        if getattr(engine, "holds_other_weights", False):  # rollout servers: nothing here pushes to them
+            server, info = next((s, i) for s, i in zip(engine.servers, engine.info, strict=True)
+                                if i.get("model") != cfg.model.name_or_path or str(i.get("weights_version")) != "0")
+            raise UserError(f"rollout server {server} holds other weights than {cfg.model.name_or_path} (it "
+                            f"serves {info.get('model')}, weights version {info.get('weights_version')}): evaluate "
+                            f"on a server started with model.name_or_path={cfg.model.name_or_path}, or with "
+                            "rollout.engine=vllm")
         results = []
         for eval_set in sets:
             with _Progress(eval_set.label, len(eval_set.rows)) as advance:

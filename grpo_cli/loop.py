@@ -96,8 +96,8 @@ def train(cfg: Config) -> Path:
         if device.type == "cpu":
             keep_freed_host_memory()
         # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
-        # hold an earlier run's pushes (weights_version > 0): give them this run's.
-        if start or getattr(engine, "weights_version", 0):
+        # hold an earlier run's pushes, or another checkpoint of the model: give them this run's.
+        if start or getattr(engine, "holds_other_weights", False):
             push_weights(engine, learner.named_weights())
         logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes
     except BaseException:  # nothing trained: a new run's directory would only block the corrected command

@@ -196,11 +196,11 @@ def _push_to_servers(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str
     if not distributed.is_main():
         for _ in named_tensors:
             pass
-        distributed.barrier()
+        engine.weights_ids = distributed.broadcast_object(None)  # the weights every server now holds
         engine.weights_version += 1
         return
     _push_from_here(engine, named_tensors, bucket_bytes)
-    distributed.barrier()  # a no-op in one process
+    distributed.broadcast_object(engine.weights_ids)  # also the barrier the other ranks wait at
 
 
 def _push_from_here(engine: VLLMServerEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],

@@ -10,6 +10,7 @@ The last test kills the server.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -184,11 +185,12 @@ class FakeServer:
     """A stand-in rollout server in this process: answers /health as ready, records every request,
     and stays silent for `silent_s` seconds on the paths in `silent`."""
 
-    def __init__(self, world_size: int = 1, silent: tuple[str, ...] = (), silent_s: float = 0.0) -> None:
+    def __init__(self, world_size: int = 1, silent: tuple[str, ...] = (), silent_s: float = 0.0, **health) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         fake = self
         self.requests: list[tuple[str, dict]] = []
+        self.health = health  # /health fields in place of the defaults below
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
@@ -200,8 +202,9 @@ class FakeServer:
                 fake.requests.append((self.path, body))
                 if self.path in silent:
                     time.sleep(silent_s)
-                reply = {"status": "ready", "model": "m", "dtype": "float32", "tied_embeddings": False,
-                         "max_model_len": 1024, "world_size": world_size, "cuda": True, "weights_version": 7}
+                reply = {"status": "ready", "protocol": 2, "model": "m", "dtype": "float32", "tied_embeddings": False,
+                         "max_model_len": 4096, "world_size": world_size, "cuda": True, "weights_version": 7,
+                         "weights_id": "w7", **fake.health}
                 data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -430,7 +433,7 @@ class _CountingEngine:
     """What RolloutServer needs of a VLLMEngine to answer /health and /generate: each prompt's n
     samples are its text, and every generate_many call is recorded."""
 
-    cuda, dtype, max_model_len = False, "float32", 1024
+    cuda, dtype, max_model_len = False, "float32", 4096
 
     def __init__(self) -> None:
         from types import SimpleNamespace
@@ -446,7 +449,7 @@ class _CountingEngine:
                 for prompts, s, _ in jobs]
 
 
-def _serve_fake(wait_s: float):
+def _serve_fake(wait_s: float, port: int = 0):
     from http.server import ThreadingHTTPServer
     from types import SimpleNamespace
 
@@ -456,7 +459,7 @@ def _serve_fake(wait_s: float):
     server = RolloutServer(cfg)
     server.engine = _CountingEngine()
     server.batches.wait_s = wait_s
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return server, httpd, f"127.0.0.1:{httpd.server_address[1]}"
@@ -533,3 +536,69 @@ def test_each_launch_tags_its_requests_with_an_id_rank_0_draws(monkeypatch) -> N
         assert VLLMServerEngine(cfg).batch_tag != VLLMServerEngine(cfg).batch_tag
     finally:
         fake.close()
+
+
+# ----------------------------------------------------------------------------- whose weights a server holds
+def test_a_restarted_or_shared_server_is_never_sampled_from_silently(monkeypatch, tmp_path: Path) -> None:
+    """A server that restarted (back on its base weights) or took another trainer's push: the next
+    rollout of the run whose weights it lost fails, naming the server; the pusher's goes on."""
+    from grpo_cli import sync
+
+    port = free_port()
+    sampling = SamplingSettings(n=1, max_new_tokens=8, temperature=1.0, seed=1)
+    server, httpd, address = _serve_fake(wait_s=1.0, port=port)
+    try:
+        cfg = RolloutConfig(engine="vllm_server", servers=[address], max_new_tokens=8)
+        run_a = VLLMServerEngine(cfg)
+        assert [s.text for s in run_a.generate(["a"], sampling)] == ["a"]
+        httpd.shutdown()
+        httpd.server_close()
+        server, httpd, _ = _serve_fake(wait_s=1.0, port=port)  # the same address, a fresh process's weights
+        with pytest.raises(RolloutServerError, match=f"rollout server {address} answered /generate with other "
+                                                     "weights .*restarted, or another trainer pushed"):
+            run_a.generate(["a"], sampling)
+
+        run_a, run_b = VLLMServerEngine(cfg), VLLMServerEngine(cfg)  # two trainers on one server
+        monkeypatch.setattr(sync, "push_weights", lambda engine, pairs: 0.5)
+        monkeypatch.setattr(sync, "read_weight_files", lambda path: iter(()))
+        run_b.load_weights(tmp_path, 1)  # run b pushes its weights
+        assert [s.text for s in run_b.generate(["b"], sampling)] == ["b"]
+        with pytest.raises(RolloutServerError, match="other weights"):
+            run_a.generate(["a"], sampling)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_server_of_another_model_dtype_context_or_version_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from grpo_cli.schema import ModelConfig
+
+    sizes = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "max_position_embeddings": 8192}
+    ours = SimpleNamespace(**sizes)
+    cfg = RolloutConfig(engine="vllm_server", max_new_tokens=64, max_prompt_tokens=512)
+
+    def engine(model: str = "m", model_dtype: str = "float32", **health):
+        fake = FakeServer(**{"cuda": False, "architecture": sizes, **health})
+        try:
+            return VLLMServerEngine(dataclasses.replace(cfg, servers=[fake.address]),
+                                    model=ModelConfig(name_or_path=model, dtype=model_dtype), model_config=ours)
+        finally:
+            fake.close()
+
+    assert engine(weights_version=0).holds_other_weights is False  # the run's own model, never pushed to
+    assert engine(model="m-instruct", weights_version=0).holds_other_weights is True  # pushed before step 1
+    with pytest.raises(UserError, match=r"hosts m, another model than this run's \(vocab_size 151936 there, "
+                                        r"49152 here\): start it with this run's model.name_or_path"):
+        engine(architecture={**sizes, "vocab_size": 151936})
+    with pytest.raises(UserError, match=r"runs its model in bfloat16, but this run's model.dtype=auto means "
+                                        r"float32 there: start it with model.dtype=auto"):
+        engine(model_dtype="auto", dtype="bfloat16")  # a CPU server: auto is float32
+    with pytest.raises(UserError, match=r"holds at most 300 tokens per sequence, not enough for "
+                                        r"rollout.max_prompt_tokens=512 \+ rollout.max_new_tokens=64"):
+        engine(max_model_len=300)
+    assert engine(max_model_len=512 + 64).weights_version == 7  # room enough, exactly
+    with pytest.raises(UserError, match="speaks protocol None, this grpo 2: run the same grpo version"):
+        engine(protocol=None)  # a server of an older grpo

@@ -138,7 +138,7 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str,
     if rollout.engine == "vllm_server":
         from grpo_cli.rollout.vllm_server import VLLMServerEngine
 
-        return VLLMServerEngine(rollout, run_dir=run_dir)
+        return VLLMServerEngine(rollout, run_dir=run_dir, model=model, model_config=getattr(policy, "config", None))
     if rollout.engine == "vllm":
         from grpo_cli.rollout.vllm import VLLMEngine
 

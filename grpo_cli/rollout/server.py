@@ -10,13 +10,15 @@ call, so vLLM batches the ranks' sequences together instead of running R smaller
 Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400, 409, 500 or
 503 while the model is loading):
 
-    GET  /health        status (loading | ready), model, weights_version, dtype, tied_embeddings,
-                        max_model_len, world_size (GPUs of this server), cuda
+    GET  /health        status (loading | ready), protocol, model, weights_version, weights_id, dtype,
+                        tied_embeddings, max_model_len, architecture (the model config's sizes),
+                        world_size (GPUs of this server), cuda
     POST /generate      {prompts: [str], sampling: SamplingSettings fields, prompt_offset: int,
                          batch: {key: str, of: int} (optional)}
                         -> {samples: [Sample fields]}; prompt_offset seeds as if the prompts sat at
                         that index of a larger batch (the client splits batches across servers);
-                        requests with the same batch key run together once `of` have arrived
+                        requests with the same batch key run together once `of` have arrived;
+                        the reply names the weights the samples came from (weights_id)
     POST /logprobs      {prompt_ids, completion_ids, temperature} -> {logprobs}: the completion
                         tokens' log-probs under the current weights (checks a weight sync)
     POST /load_weights  {path, version}: shared-filesystem sync; load the safetensors file(s) at
@@ -34,6 +36,12 @@ exactly as it would drive `vllm serve`; the broadcast lands in this server's wor
 
 Between /start_weight_update and /finish_weight_update the weights are half new: /generate and
 /logprobs answer 409 until the update finishes.
+
+`weights_id` is drawn afresh when the server starts and whenever its weights change (a load, an NCCL
+update, one that failed half way too); /generate and /logprobs reply with the id of the weights they
+ran on. A client compares it with the id its own last push got back, so that a server that restarted
+(back on the base weights) or took another trainer's weights is noticed, never sampled from silently.
+`protocol` is bumped whenever a request or a reply changes meaning.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("grpo.rollout_server")
 
+# The model config's sizes in /health: a trainer checks that the server hosts its model's architecture.
+ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+
+PROTOCOL = 2  # the client refuses a server that speaks another (grpo_cli/rollout/vllm_server.py)
 GATHER_S = 60.0  # longest a /generate waits for the other requests of its batch (learner ranks run in step)
 
 
@@ -79,6 +93,7 @@ class RolloutServer:
         self.engine: VLLMEngine | None = None
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_version: int | str = 0
+        self.weights_id = _new_id()  # these weights, in this process (module docstring)
         self.updating = False  # between /start_weight_update and /finish_weight_update
         self.batches = Coalescer(self._generate_together, GATHER_S)
         self.counts = {"generate_requests": 0, "engine_generate_calls": 0}  # in /health: how well requests batch
@@ -113,13 +128,14 @@ class RolloutServer:
     # ------------------------------------------------------------------ endpoints
     def health(self, _: dict[str, Any]) -> dict[str, Any]:
         engine = self.engine
-        info: dict[str, Any] = {"status": "ready" if engine is not None else "loading",
+        info: dict[str, Any] = {"status": "ready" if engine is not None else "loading", "protocol": PROTOCOL,
                                 "model": self.cfg.model.name_or_path, "weights_version": self.weights_version,
-                                "updating": self.updating, **self.counts}
+                                "weights_id": self.weights_id, "updating": self.updating, **self.counts}
         if engine is not None:
             hf_config = engine.llm.llm_engine.model_config.hf_text_config
             info.update(dtype=str(engine.dtype).removeprefix("torch."), max_model_len=engine.max_model_len,
                         tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                        architecture={key: getattr(hf_config, key, None) for key in ARCHITECTURE},
                         world_size=self.cfg.rollout.tensor_parallel_size, cuda=engine.cuda)
         return info
 
@@ -142,18 +158,20 @@ class RolloutServer:
         job = ([str(p) for p in prompts], sampling, int(body.get("prompt_offset", 0)))
         batch = body.get("batch")
         if batch is None:
-            samples = self._generate_together([job])[0]
+            samples, weights = self._generate_together([job])[0]
         else:
             if not isinstance(batch, dict) or not isinstance(batch.get("key"), str) or not isinstance(batch.get("of"), int):
                 raise RequestError(HTTPStatus.BAD_REQUEST, "'batch': expected {key: str, of: int}")
-            samples = self.batches.submit(batch["key"], batch["of"], job)
-        return {"samples": [dataclasses.asdict(s) for s in samples], "weights_version": self.weights_version}
+            samples, weights = self.batches.submit(batch["key"], batch["of"], job)
+        return {"samples": [dataclasses.asdict(s) for s in samples], **weights}
 
-    def _generate_together(self, jobs: list[tuple[list[str], Any, int]]) -> list[list[Any]]:
+    def _generate_together(self, jobs: list[tuple[list[str], Any, int]]) -> list[tuple[list[Any], dict[str, Any]]]:
+        """Each job's samples, and the weights they came from (read under the lock, as they ran)."""
         with self._engine() as engine:
             self.counts["generate_requests"] += len(jobs)
             self.counts["engine_generate_calls"] += any(prompts for prompts, _, _ in jobs)  # none: vLLM is not called
-            return engine.generate_many(jobs)
+            weights = self._weights()
+            return [(samples, weights) for samples in engine.generate_many(jobs)]
 
     def logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt_ids = [int(t) for t in _field(body, "prompt_ids", list)]
@@ -161,7 +179,7 @@ class RolloutServer:
         temperature = float(body.get("temperature", 1.0))
         with self._engine() as engine:
             values = engine.prompt_logprobs(prompt_ids, completion_ids, temperature)
-        return {"logprobs": values, "weights_version": self.weights_version}
+            return {"logprobs": values, **self._weights()}
 
     def load_weights(self, body: dict[str, Any]) -> dict[str, Any]:
         from grpo_cli.sync import push_weights, read_weight_files
@@ -171,10 +189,12 @@ class RolloutServer:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"{path}: no such file or folder on this server; rollout."
                                "sync_dir must be a folder the learner and every server see at the same path")
         with self._engine() as engine:
+            self.weights_id = _new_id()  # a load that fails half way leaves neither the old weights nor the new
             seconds = push_weights(engine, read_weight_files(path))
             self.weights_version = body.get("version", self.weights_version)
+            reply = {**self._weights(), "seconds": seconds}
         log.info("loaded weights version %s from %s in %.2f s", self.weights_version, path, seconds)
-        return {"weights_version": self.weights_version, "seconds": seconds}
+        return reply
 
     # NCCL (GPU): vLLM's RL weight-transfer calls on the hosted engine, as `vllm serve` exposes them.
     def init_weight_transfer_engine(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +205,7 @@ class RolloutServer:
 
     def start_weight_update(self, _: dict[str, Any]) -> dict[str, Any]:
         with self._engine(cuda=True, during_update=True) as engine:
+            self.weights_id = _new_id()
             engine.llm.start_weight_update()
             self.updating = True
         return {"message": "weight update started"}
@@ -211,7 +232,8 @@ class RolloutServer:
             self.updating = False
             version = body.get("weight_version")
             self.weights_version = int(version) if str(version).isdigit() else (version or self.weights_version)
-        return {"weights_version": self.weights_version}
+            self.weights_id = _new_id()
+            return self._weights()
 
     def shutdown_weight_transfer_engine(self, _: dict[str, Any]) -> dict[str, Any]:
         with self._engine(cuda=True, during_update=True) as engine:
@@ -220,6 +242,9 @@ class RolloutServer:
         return {"message": "weight transfer shut down"}
 
     # ------------------------------------------------------------------ helpers
+    def _weights(self) -> dict[str, Any]:
+        return {"weights_version": self.weights_version, "weights_id": self.weights_id}
+
     def _engine(self, cuda: bool = False, during_update: bool = False) -> _EngineLease:
         if self.engine is None:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "the server is still loading the model")
@@ -309,6 +334,10 @@ class _EngineLease:
 
     def __exit__(self, *_: object) -> None:
         self.server.lock.release()
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 def _field(body: dict[str, Any], key: str, kind: type) -> Any:

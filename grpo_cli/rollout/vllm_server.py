@@ -8,7 +8,14 @@ batch, so the samples do not depend on how many servers there are.
 
 Every HTTP call waits at most `rollout.server_timeout_s` for its reply; a refused connection, a
 time-out, a dropped connection or an error reply raises `RolloutServerError`, whose one-line message
-names the server. Creating the engine waits (up to that time-out) until every server reports ready.
+names the server. Creating the engine waits (up to that time-out) until every server reports ready,
+then checks that each speaks this grpo's protocol and hosts the trainer's model: its architecture, dtype
+and a context long enough for rollout.max_prompt_tokens + max_new_tokens.
+
+Every /generate and /logprobs reply names the weights it ran on (`weights_id`, drawn by the server
+whenever its weights change); a reply whose id is not the one this client's last push got back is a
+`RolloutServerError`: the server restarted (back on its base weights) or another trainer pushed to it,
+and samples from other weights than the learner's must never be trained on silently.
 
 Weights reach the servers through grpo_cli.sync.push_weights: `rollout.sync_method=file` writes
 safetensors into `rollout.sync_dir` (default <run dir>/weight-sync), which every server then loads;
@@ -40,7 +47,7 @@ from grpo_cli.rollout import Sample, SamplingSettings
 if TYPE_CHECKING:
     import torch
 
-    from grpo_cli.schema import RolloutConfig
+    from grpo_cli.schema import ModelConfig, RolloutConfig
 
 _HINT = "is `grpo rollout-server` running there? (rollout.servers)"
 
@@ -113,7 +120,12 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 class VLLMServerEngine:
     """`Engine` over `grpo rollout-server` processes (see the module docstring)."""
 
-    def __init__(self, rollout_cfg: RolloutConfig, run_dir: Path | None = None) -> None:
+    def __init__(self, rollout_cfg: RolloutConfig, run_dir: Path | None = None, model: ModelConfig | None = None,
+                 model_config: Any = None) -> None:
+        """model: the trainer's model settings, model_config: its HF config (the learner's `config`);
+        given, the servers must host that model, in that dtype."""
+        from grpo_cli.rollout.server import ARCHITECTURE, PROTOCOL
+
         self.servers = [Server.parse(a) for a in rollout_cfg.servers]
         if not self.servers:
             raise UserError("rollout.engine=vllm_server needs rollout.servers, e.g. rollout.servers=[127.0.0.1:8000]")
@@ -142,15 +154,43 @@ class VLLMServerEngine:
 
         self.info = self.wait_until_ready()
         first = self.info[0]
+        if model_config is not None and hasattr(model_config, "get_text_config"):
+            model_config = model_config.get_text_config()
         for server, info in zip(self.servers, self.info, strict=True):
+            if info.get("protocol") != PROTOCOL:
+                raise UserError(f"rollout server {server} speaks protocol {info.get('protocol')}, this grpo "
+                                f"{PROTOCOL}: run the same grpo version on the servers and the trainer")
             if (info.get("model"), info.get("dtype")) != (first.get("model"), first.get("dtype")):
                 raise UserError(f"rollout servers {self.servers[0]} and {server} host different models "
                                 f"({first.get('model')} {first.get('dtype')}, {info.get('model')} {info.get('dtype')}): "
                                 "start every server with the same model.* settings")
-            if int(info.get("max_model_len", 0)) <= rollout_cfg.max_new_tokens:
+            arch = info.get("architecture") or {}
+            if model_config is not None:
+                ours = {key: getattr(model_config, key, None) for key in ARCHITECTURE}
+                differ = [f"{key} {arch.get(key)} there, {ours[key]} here" for key in ARCHITECTURE
+                          if ours[key] is not None and arch.get(key) is not None and arch[key] != ours[key]]
+                if differ:
+                    raise UserError(f"rollout server {server} hosts {info.get('model')}, another model than this "
+                                    f"run's ({'; '.join(differ)}): start it with this run's model.name_or_path")
+            if model is not None:
+                import torch
+
+                from grpo_cli.models import torch_dtype
+
+                wanted = str(torch_dtype(model.dtype, torch.device("cuda" if info.get("cuda") else "cpu")))
+                if f"torch.{info.get('dtype')}" != wanted:
+                    raise UserError(f"rollout server {server} runs its model in {info.get('dtype')}, but this run's "
+                                    f"model.dtype={model.dtype} means {wanted.removeprefix('torch.')} there: start "
+                                    f"it with model.dtype={model.dtype}")
+            # As the in-process engine: room for the longest prompt and completion, within the model's context.
+            needed = rollout_cfg.max_prompt_tokens + rollout_cfg.max_new_tokens
+            if arch.get("max_position_embeddings"):
+                needed = min(needed, int(arch["max_position_embeddings"]))
+            if int(info.get("max_model_len", 0)) < needed:
                 raise UserError(f"rollout server {server} holds at most {info.get('max_model_len')} tokens per "
-                                f"sequence, not enough for rollout.max_new_tokens={rollout_cfg.max_new_tokens}: "
-                                "start it with the training run's rollout.max_new_tokens")
+                                f"sequence, not enough for rollout.max_prompt_tokens={rollout_cfg.max_prompt_tokens} "
+                                f"+ rollout.max_new_tokens={rollout_cfg.max_new_tokens}: start it with the run's "
+                                "rollout.max_prompt_tokens and rollout.max_new_tokens")
             if self.sync_method == "nccl" and not info.get("cuda"):
                 raise UserError(f"rollout.sync_method=nccl: rollout server {server} runs on CPU; use "
                                 "rollout.sync_method=file")
@@ -158,6 +198,11 @@ class VLLMServerEngine:
         self.tied = bool(first.get("tied_embeddings"))
         # Continue the servers' numbering: a version names one set of weights on every server.
         self.weights_version = max(_version(i.get("weights_version")) for i in self.info)
+        self.weights_ids = {s: str(i.get("weights_id")) for s, i in zip(self.servers, self.info, strict=True)}
+        # Weights the trainer's must replace before the first rollout: an earlier run's pushes, or
+        # another checkpoint of the same architecture (loop.py pushes at start when this is set).
+        self.holds_other_weights = self.weights_version > 0 or (
+            model is not None and any(i.get("model") != model.name_or_path for i in self.info))
 
     # ------------------------------------------------------------------ Engine
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
@@ -177,7 +222,8 @@ class VLLMServerEngine:
                 body["batch"] = {"key": f"{self.batch_tag}#{self.calls}", "of": self.world}
         replies = self._fan_out("/generate", requests)
         samples: list[Sample] = []
-        for (start, end), reply in zip(chunks, replies, strict=True):
+        for (start, end), (server, _), reply in zip(chunks, requests, replies, strict=True):
+            self._check_weights(server, "/generate", reply)
             part = [Sample(**{**s, "prompt_index": s["prompt_index"] + start}) for s in reply["samples"]]
             if len(part) != (end - start) * sampling.n:
                 raise RolloutServerError(f"rollout server returned {len(part)} samples for {end - start} prompts "
@@ -244,15 +290,29 @@ class VLLMServerEngine:
 
     def load_weights(self, folder: Path, version: int) -> None:
         """Every server loads the safetensors in `folder` (a path they share with this process)."""
-        self._post_all("/load_weights", {"path": str(Path(folder).resolve()), "version": version})
+        replies = self._post_all("/load_weights", {"path": str(Path(folder).resolve()), "version": version})
         self.weights_version = version
+        self.took_weights(replies)
+
+    def took_weights(self, replies: list[dict[str, Any]]) -> None:
+        """Record the weights each server holds after a push (its reply's weights_id)."""
+        self.weights_ids = {s: str(r.get("weights_id")) for s, r in zip(self.servers, replies, strict=True)}
+
+    def _check_weights(self, server: Server, path: str, reply: dict[str, Any]) -> None:
+        if str(reply.get("weights_id")) != self.weights_ids.get(server):
+            raise RolloutServerError(
+                f"rollout server {server} answered {path} with other weights (version {reply.get('weights_version')}) "
+                f"than this run's version {self.weights_version}: it restarted, or another trainer pushed to it. "
+                "Serve one run per server; resume the run (grpo train resume=RUN_DIR) to push its weights again")
 
     def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
                         server: int = 0) -> list[float]:
         """The completion tokens' log-probs under server `server`'s current weights (checks a sync;
         `VLLMEngine.prompt_logprobs` on that server)."""
         body = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "temperature": temperature}
-        return call(self.servers[server], "POST", "/logprobs", body, self.timeout)["logprobs"]
+        reply = call(self.servers[server], "POST", "/logprobs", body, self.timeout)
+        self._check_weights(self.servers[server], "/logprobs", reply)
+        return reply["logprobs"]
 
     def sync_dir(self) -> Path:
         """rollout.sync_dir, else <run dir>/weight-sync, else a temporary folder (one machine only)."""
@@ -385,7 +445,9 @@ class _FanOutSyncClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         version = weight_version if weight_version is not None else self.version
-        self.engine._post_all("/finish_weight_update", {"weight_version": None if version is None else str(version)})
+        replies = self.engine._post_all("/finish_weight_update",
+                                        {"weight_version": None if version is None else str(version)})
+        self.engine.took_weights(replies)
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.engine._post_all("/shutdown_weight_transfer_engine", {})
