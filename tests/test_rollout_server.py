@@ -602,3 +602,21 @@ def test_a_server_of_another_model_dtype_context_or_version_is_refused() -> None
     assert engine(max_model_len=512 + 64).weights_version == 7  # room enough, exactly
     with pytest.raises(UserError, match="speaks protocol None, this grpo 2: run the same grpo version"):
         engine(protocol=None)  # a server of an older grpo
+
+
+def test_eval_refuses_a_server_holding_other_weights(grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Nothing in `grpo eval` pushes weights: a server holding a run's pushes (or another model)
+    would be scored in place of model.name_or_path."""
+    fake = FakeServer(cuda=False, model=str(tiny_model_dir), weights_version=3)
+    try:
+        result = grpo("eval", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", "model.dtype=float32",
+                      "eval.limit=2", f"output_dir={tmp_path / 'out'}", "rollout=vllm_server",
+                      f"rollout.servers=[{fake.address}]")
+    finally:
+        fake.close()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: rollout server {fake.address} holds other weights than {tiny_model_dir} (it serves {tiny_model_dir}, "
+        f"weights version 3): evaluate on a server started with model.name_or_path={tiny_model_dir}, or with "
+        "rollout.engine=vllm")
+    assert not [p for p, _ in fake.requests if p == "/generate"]
