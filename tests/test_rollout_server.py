@@ -297,6 +297,27 @@ def test_generate_contract_seeds_and_split(server, tokenizer, base_model) -> Non
     assert engine.generate([], SAMPLING) == []
 
 
+def test_a_resumed_run_removes_the_pushes_a_killed_one_left(server, tmp_path: Path) -> None:
+    """A kill skips close(): the last push (and a half-written one) stayed in <run>/weight-sync, a whole
+    copy of the weights per crash. The run's next engine removes them, and nothing else there."""
+    _, address = server
+    sync = tmp_path / "run" / "weight-sync"
+    for name in ("weights-v000003", ".weights-v000004.k2j4"):
+        (sync / name).mkdir(parents=True)
+        (sync / name / "part-00000.safetensors").write_bytes(b"x" * 1000)
+    (sync / "notes.txt").write_text("mine")
+    engine = client(address, run_dir=tmp_path / "run")
+    try:
+        assert sorted(p.name for p in sync.iterdir()) == ["notes.txt"]
+    finally:
+        engine.close()
+    shared = tmp_path / "shared"  # a folder the user names may hold other runs' pushes: left alone
+    (shared / "weights-v000001").mkdir(parents=True)
+    VLLMServerEngine(RolloutConfig(engine="vllm_server", servers=[address], max_new_tokens=64, sync_dir=str(shared)),
+                     run_dir=tmp_path / "run").close()
+    assert (shared / "weights-v000001").is_dir()
+
+
 def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model, tmp_path: Path) -> None:
     _, address = server
     engine = client(address, run_dir=tmp_path / "run")

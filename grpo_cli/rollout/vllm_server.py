@@ -117,6 +117,15 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _remove_leftover_pushes(folder: Path) -> None:
+    """The pushes a killed run left in its own sync folder (<run dir>/weight-sync): a whole copy of the
+    weights each, which close() never got to remove, one more on every crash of a resumed run. The
+    servers read a push only while it is loaded, so none of them is still needed."""
+    if folder.is_dir():
+        for old in [*folder.glob("weights-v*"), *folder.glob(".weights-v*")]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 class VLLMServerEngine:
     """`Engine` over `grpo rollout-server` processes (see the module docstring)."""
 
@@ -136,6 +145,8 @@ class VLLMServerEngine:
         self.sync_folders: list[Path] = []  # written by grpo_cli.sync, removed on close
         self._temp_dir: Path | None = None
         self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine once the group is formed
+        if self._sync_dir is None and run_dir is not None and os.environ.get("RANK", "0") == "0":
+            _remove_leftover_pushes(self._sync_dir_default())
         self._nccl_broken = False
         # Under torchrun, each rank's share of a step's prompts goes to every server as one request
         # tagged with the launch (its rendezvous address, the same on every rank and node) and the call's
