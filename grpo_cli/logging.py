@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import string
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,10 @@ def start_wandb(run: Path, cfg: Config) -> Any:
     session.define_metric(WANDB_STEP)
     session.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
     return session
+
+
+def discard_wandb(run: Path) -> None:
+    """Undo `start_wandb` for a new run that failed before its first step (with `discard_new_run_dir`):
+    its wandb/ and wandb_id made output_dir "already hold files" and refused the corrected command."""
+    shutil.rmtree(run / "wandb", ignore_errors=True)
+    (run / "wandb_id").unlink(missing_ok=True)

@@ -47,7 +47,7 @@ from grpo_cli.data import fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
-from grpo_cli.logging import RunLogger, start_wandb
+from grpo_cli.logging import RunLogger, discard_wandb, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
@@ -77,6 +77,7 @@ def train(cfg: Config) -> Path:
     if lacking:
         raise UserError(lacking)
     run = _prepare_run(cfg)
+    wandb_session = None
     try:
         wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
         if cfg.resume and distributed.is_main():
@@ -101,7 +102,10 @@ def train(cfg: Config) -> Path:
             push_weights(engine, learner.named_weights())
         logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes
     except BaseException:  # nothing trained: a new run's directory would only block the corrected command
+        if wandb_session is not None:
+            wandb_session.finish(exit_code=1)  # W&B's run shows as failed
         if not cfg.resume and distributed.is_main():
+            discard_wandb(run)
             discard_new_run_dir(cfg, run)
         raise
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))

@@ -135,6 +135,19 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_that_blocks_the_f
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step-000001").is_dir()
 
 
+def test_a_run_logging_to_wandb_that_fails_before_its_first_step_leaves_nothing_behind(
+        grpo, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B starts before the model loads: a run that then failed left W&B's wandb/ and its wandb_id in
+    output_dir, and the corrected command failed with "already holds files"."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    line = _one_line_error(grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}",
+                                "rollout.engine=hf", "rollout.max_prompt_tokens=5", "logging=wandb",
+                                "logging.wandb_mode=offline", f"output_dir={run}", cwd=tmp_path))
+    assert line.startswith("error: every prompt is longer than 5 tokens")
+    assert not any(run.iterdir())
+
+
 def test_a_tensor_parallel_size_the_machine_lacks_is_one_line(grpo, tmp_path: Path, tiny_model_dir: Path) -> None:
     """On a CPU (2 cores, one NUMA node) vLLM raised an AssertionError about NUMA nodes, with a traceback,
     after the model had loaded; a GPU machine with fewer GPUs than the size is told how many it has."""
