@@ -123,7 +123,11 @@ def _drop_samples_after(folder: Path, step: int) -> None:
 
 def start_wandb(run: Path, cfg: Config) -> Any:
     """The W&B session of a run (logging.wandb), resumed when the run has one already."""
-    import wandb
+    try:
+        import wandb
+    except ImportError as e:  # not installed, or broken (a protobuf its version does not take, say)
+        raise UserError(f"logging=wandb: wandb cannot be imported ({first_line(e)}); install it with "
+                        "`pip install wandb`, or set logging=default") from None
 
     id_file = run / "wandb_id"
     # The W&B run id, kept in the run so that a resume continues the same W&B run. Drawn here: wandb has

@@ -535,3 +535,17 @@ def test_wandb_without_an_api_key_is_a_one_line_error(tmp_path: Path, monkeypatc
     with pytest.raises(UserError, match=r"^logging=wandb: Weights & Biases did not start \(.*API key.*\); log in "
                                         r"with `wandb login`, or set logging.wandb_mode=offline"):
         start_wandb(run, cfg)
+
+
+def test_wandb_that_cannot_be_imported_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """logging=wandb without wandb installed (or with a broken install) was an ImportError traceback."""
+    import sys
+
+    from grpo_cli.logging import start_wandb
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what Python does for a module that cannot be found
+    cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(tmp_path))
+    with pytest.raises(UserError) as caught:
+        start_wandb(tmp_path, cfg)
+    assert str(caught.value) == ("logging=wandb: wandb cannot be imported (import of wandb halted; None in "
+                                 "sys.modules); install it with `pip install wandb`, or set logging=default")
