@@ -79,14 +79,15 @@ class RunLogger:
         # soft_wrap: a long line (a resume command with its path) stays one line, copy-pasteable.
         self.progress.console.print(text, highlight=False, soft_wrap=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run stopped on an error or an interrupt (W&B then shows it as failed, not finished)."""
         self.progress.stop()
         try:
             self.metrics_file.close()
         except OSError:  # it flushes again the line whose write failed (a full disk): that error is reported already
             pass
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
 
 
 def _plain(value: Any) -> Any:

@@ -117,6 +117,7 @@ def train(cfg: Config) -> Path:
     logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
     sigterm = _SigtermStop()
+    finished = False  # the W&B run of one that stops on an error (Ctrl-C included) shows as failed
     try:
         if evaluation is not None and cfg.trainer.eval_before_train and start == 0:
             # The starting weights' scores, as step 0: the baseline the run's evaluations compare with.
@@ -206,6 +207,7 @@ def train(cfg: Config) -> Path:
                 # To this thread: a process-wide kill may land on one of vLLM's or torch's threads, and
                 # the KeyboardInterrupt then surfaces later, wherever the main thread happens to be.
                 signal.raise_signal(signal.SIGINT)
+        finished = True
     except KeyboardInterrupt:
         saved = (run / "checkpoints" / f"step-{completed:06d}").exists()
         # Never save a half-applied update, nor a step whose metrics are not written (stopped in its
@@ -230,7 +232,7 @@ def train(cfg: Config) -> Path:
         raise
     finally:
         sigterm.restore()
-        logger.close()
+        logger.close(failed=not finished)
         engine.close()
         distributed.teardown()
         unlock_run(run)
@@ -349,7 +351,7 @@ class _Silent:
     def message(self, text: str) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 

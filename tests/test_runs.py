@@ -498,7 +498,7 @@ def test_wandb_charts_plot_against_the_run_step_so_a_resume_is_not_dropped(tmp_p
     assert calls[1:] == [("define_metric", ("train/step",), {}),
                          ("define_metric", ("*",), {"step_metric": "train/step", "step_sync": True}),
                          ("log", ({"loss": 0.5, "train/step": 6},), {}),
-                         ("finish", (), {})]
+                         ("finish", (), {"exit_code": 0})]
 
 
 def test_the_installed_wandb_takes_the_logger_s_calls(tmp_path: Path, monkeypatch) -> None:
@@ -549,3 +549,55 @@ def test_wandb_that_cannot_be_imported_is_a_one_line_error(tmp_path: Path, monke
         start_wandb(tmp_path, cfg)
     assert str(caught.value) == ("logging=wandb: wandb cannot be imported (import of wandb halted; None in "
                                  "sys.modules); install it with `pip install wandb`, or set logging=default")
+
+
+def _wandb_records(run: Path) -> list[tuple[list[int], int | None]]:
+    """For each W&B offline run in `run`, oldest first: the train/step of each history row, and the exit code.
+    Read from W&B's own run file (records of the LevelDB log format, each a wandb_internal Record)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for folder in sorted((run / "wandb").glob("offline-run-*")):
+        data = next(folder.glob("*.wandb")).read_bytes()
+        position, part, steps, exit_code = 7, b"", [], None  # after the file's header
+        while position + 7 <= len(data):
+            if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+                position += 32768 - position % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+            part = (part if kind in (3, 4) else b"") + data[position + 7:position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record.FromString(part)
+                if record.HasField("history"):
+                    steps += [json.loads(i.value_json) for i in record.history.item
+                              if (i.key or "/".join(i.nested_key)) == "train/step"]
+                if record.HasField("exit"):
+                    exit_code = record.exit.exit_code
+        found.append((steps, exit_code))
+    return found
+
+
+def test_wandb_run_of_an_interrupted_and_resumed_run(grpo, tmp_path: Path, tiny_model_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real CLI with W&B offline: a run stopped by Ctrl-C after step 1 and resumed is one W&B run (its id
+    in both offline runs), each step logged once against train/step. The stopped part ends as failed:
+    it was marked finished (exit code 0), as a run that ended on an error was."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("GRPO_INTERRUPT_AFTER_STEP", "1")
+    run = tmp_path / "run"
+    args = ["recipe=quickstart", f"model.name_or_path={tiny_model_dir}", "rollout.engine=hf", "trainer.max_steps=2",
+            "trainer.prompts_per_step=1", "rollout.group_size=2", "rollout.max_new_tokens=4", "logging=wandb",
+            "logging.wandb_mode=offline", f"output_dir={run}"]
+    stopped = grpo("train", *args, cwd=tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    monkeypatch.delenv("GRPO_INTERRUPT_AFTER_STEP")
+    resumed = grpo("train", f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_id = (run / "wandb_id").read_text()
+    assert [p.name.rpartition("-")[2] for p in sorted((run / "wandb").glob("offline-run-*"))] == [run_id, run_id]
+    assert _wandb_records(run) == [([1], 1), ([2], 0)]
+    assert not list(tmp_path.glob("wandb"))  # W&B's files are the run's, not the working directory's
