@@ -141,8 +141,9 @@ def start_wandb(run: Path, cfg: Config) -> Any:
                              mode=cfg.logging.wandb_mode, id=run_id, resume="allow", name=run.name, dir=str(run),
                              config=to_container(cfg))
     except wandb.errors.Error as e:  # most often no API key, or no network in online mode
-        raise UserError(f"logging=wandb: Weights & Biases did not start ({first_line(e)}); log in with `wandb login`, "
-                        "or set logging.wandb_mode=offline (upload later with `wandb sync`) or logging=default") from None
+        raise UserError(f"logging=wandb: Weights & Biases did not start ({first_line(e)}); check the network and "
+                        "`wandb login`, or set logging.wandb_mode=offline (upload later with `wandb sync`) or "
+                        "logging=default") from None
     # W&B writes only at its own current or next step. A resumed run redoes the steps after its checkpoint,
     # which W&B's step has passed: given as W&B's step they would be dropped. So W&B counts its own steps
     # and every chart plots against the run's step, logged as WANDB_STEP.

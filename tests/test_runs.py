@@ -532,8 +532,8 @@ def test_wandb_without_an_api_key_is_a_one_line_error(tmp_path: Path, monkeypatc
     run = tmp_path / "run"
     run.mkdir()
     cfg = dataclasses.replace(compose(["recipe=quickstart", "logging=wandb"]), output_dir=str(run))
-    with pytest.raises(UserError, match=r"^logging=wandb: Weights & Biases did not start \(.*API key.*\); log in "
-                                        r"with `wandb login`, or set logging.wandb_mode=offline"):
+    with pytest.raises(UserError, match=r"^logging=wandb: Weights & Biases did not start \(.*API key.*\); check the "
+                                        r"network and `wandb login`, or set logging.wandb_mode=offline"):
         start_wandb(run, cfg)
 
 
