@@ -763,8 +763,10 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     sampling = sampling_settings(cfg, seed=cfg.seed)
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
+    wandb_note = cfg.logging.wandb and ("note: grpo eval writes results.json and samples.jsonl, not to W&B "
+                                        "(logging.wandb); trainer.eval_every=N logs evaluations to a run's W&B")
     for note in (greedy_note(sampling), target.run and training_file_note(cfg), *held_out,
-                 *special_token_notes(sets, tokenizer)):
+                 *special_token_notes(sets, tokenizer), wandb_note):
         if note:
             say(note)
     policy = None

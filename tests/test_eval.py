@@ -687,6 +687,15 @@ def test_evaluations_leave_training_as_it_was(trained_run: Path, tiny_model_dir:
         assert [m[key] for m in with_eval] == [m[key] for m in plain], key
 
 
+def test_grpo_eval_with_wandb_on_says_where_its_results_go(trained_run: Path, tmp_path: Path) -> None:
+    """grpo eval never logs to W&B: with logging.wandb on (a W&B run's saved config, say) it said nothing."""
+    result = _grpo("eval", f"run={trained_run}", "--limit", "1", "logging.wandb=true", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("note: grpo eval writes results.json and samples.jsonl, not to W&B (logging.wandb); "
+            "trainer.eval_every=N logs evaluations to a run's W&B") in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "samples.jsonl"]
+
+
 def test_grpo_eval_of_a_run_writes_results_samples_and_a_table(trained_run: Path) -> None:
     """`grpo eval run=` on the run's last checkpoint. The last step is never synced by the schedule,
     so the periodic eval there had to push the weights itself: its seeded completions must equal
