@@ -58,7 +58,7 @@ from grpo_cli.rewards import RewardSet, build_reward_set, shown
 from grpo_cli.rewards.extract import extract_answer
 from grpo_cli.rewards.mathcheck import CORRECT, default_checker
 from grpo_cli.rollout import Engine, Sample, SamplingSettings
-from grpo_cli.runs import atomic_write_text, check_output_dir, check_writable, fresh_dir
+from grpo_cli.runs import atomic_write_text, check_output_dir, check_writable, fresh_dir, nearest_existing
 from grpo_cli.schema import Config, DatasetConfig
 
 if TYPE_CHECKING:
@@ -740,7 +740,7 @@ def check_output(target: Target) -> None:
     else:
         where, what = Path("runs") / "eval", "the results' folder (under runs/eval, as no output_dir is set)"
         fix = "set output_dir to a writable folder, or run grpo from one"
-    check_writable(next(p for p in (where, *where.parents) if p.exists()).resolve(), what, fix)
+    check_writable(nearest_existing(where).resolve(), what, fix)
 
 
 def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[SetResult]]:
@@ -777,8 +777,7 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     engine = make_engine(rollout, cfg.model, resolve(cfg.model.name_or_path), policy=policy)
     try:
         if getattr(engine, "holds_other_weights", False):  # rollout servers: nothing here pushes to them
-            server, info = next((s, i) for s, i in zip(engine.servers, engine.info, strict=True)
-                                if i.get("model") != cfg.model.name_or_path or str(i.get("weights_version")) != "0")
+            server, info = engine.other_weights[0]
             raise UserError(f"rollout server {server} holds other weights than {cfg.model.name_or_path} (it "
                             f"serves {info.get('model')}, weights version {info.get('weights_version')}): evaluate "
                             f"on a server started with model.name_or_path={cfg.model.name_or_path}, or with "

@@ -163,10 +163,10 @@ def check_run_dir(cfg: Config) -> None:
         check_writable(Path(cfg.resume).expanduser(), f"resume={cfg.resume}")
     elif cfg.output_dir:
         out = check_output_dir(cfg.output_dir, f"continue that run with resume={cfg.output_dir}")
-        check_writable(next(p for p in (out, *out.parents) if p.exists()), f"output_dir={cfg.output_dir}")
+        check_writable(nearest_existing(out), f"output_dir={cfg.output_dir}")
     else:
         parent = default_parent(cfg)
-        check_writable(next(p for p in (parent, *parent.parents) if p.exists()).resolve(),
+        check_writable(nearest_existing(parent).resolve(),
                        f"the run directory (under {parent}, as no output_dir is set)",
                        "set output_dir to a writable folder, or run grpo from one")
 
@@ -174,6 +174,11 @@ def check_run_dir(cfg: Config) -> None:
 def default_parent(cfg: Config) -> Path:
     """Where a run without output_dir gets its fresh directory: runs/<recipe> in the working directory."""
     return Path("runs") / (cfg.recipe or "default")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest ancestor that does: where a folder to be made is written."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def check_writable(folder: Path, what: str, fix: str = "choose a writable folder") -> None:
@@ -205,7 +210,7 @@ def discard_new_run_dir(cfg: Config, run: Path) -> None:
 def check_output_dir(output_dir: str, alternative: str | None = None) -> Path:
     """A named folder for new results must be new or empty (and not a file, nor inside one)."""
     out = Path(output_dir).expanduser()
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = nearest_existing(out)
     if not existing.is_dir():
         what = f"output_dir={output_dir}" + ("" if existing == out else f": {existing}")
         raise UserError(f"{what} is a file, not a folder; choose another output_dir")

@@ -210,10 +210,16 @@ class VLLMServerEngine:
         # Continue the servers' numbering: a version names one set of weights on every server.
         self.weights_version = max(_version(i.get("weights_version")) for i in self.info)
         self.weights_ids = {s: str(i.get("weights_id")) for s, i in zip(self.servers, self.info, strict=True)}
-        # Weights the trainer's must replace before the first rollout: an earlier run's pushes, or
-        # another checkpoint of the same architecture (loop.py pushes at start when this is set).
-        self.holds_other_weights = self.weights_version > 0 or (
-            model is not None and any(i.get("model") != model.name_or_path for i in self.info))
+        # The servers holding weights the trainer's must replace before the first rollout, with their
+        # /health: an earlier run's pushes, or another checkpoint of the same architecture.
+        self.other_weights = [(s, i) for s, i in zip(self.servers, self.info, strict=True)
+                              if _version(i.get("weights_version")) > 0
+                              or (model is not None and i.get("model") != model.name_or_path)]
+
+    @property
+    def holds_other_weights(self) -> bool:
+        """Whether some server holds other weights than the model's (loop.py then pushes at start)."""
+        return bool(self.other_weights)
 
     # ------------------------------------------------------------------ Engine
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
