@@ -141,8 +141,9 @@ def resume_config(run_dir: str, overrides: list[str]) -> Config:
     except OmegaConfBaseException as e:
         raise UserError(explain(e)) from None
     cfg = dataclasses.replace(cfg, rewards=_reward_terms(cfg.rewards), resume=str(run_dir))
+    trained = OmegaConf.merge(schema, run_config)  # the run's own settings, as merged ones resolve
     for key in FIXED_ON_RESUME:  # the overrides came in as written: compare the values they resolve to
-        was, now = OmegaConf.select(OmegaConf.merge(schema, run_config), key), OmegaConf.select(merged, key)
+        was, now = OmegaConf.select(trained, key), OmegaConf.select(merged, key)
         if was != now:
             raise UserError(f"resume={run_dir}: {key} cannot change on resume (the run's weights and optimizer "
                             f"state have {key}={was}); start a new run for {key}={now}, from this run's weights "

@@ -19,7 +19,6 @@ per-reward values, error counts, rows to skip) with faults isolated per completi
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math as _math  # "math" below is this package's math-rewards module
 from collections.abc import Callable, Mapping
@@ -28,7 +27,7 @@ from typing import Any
 # Submodules are imported as modules (not their same-named factories: format, code) so that
 # `grpo_cli.rewards.format` etc. keep meaning the module.
 from . import code, custom, format, gym, language, length, math, model
-from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm, shown
+from .base import FlaggedScores, RewardFn, RewardScores, RewardSet, RewardTerm, shown, suggestion
 
 __all__ = [
     "ANSWER_REWARDS", "REWARDS", "FlaggedScores", "RewardFn", "RewardScores", "RewardSet", "RewardTerm",
@@ -55,11 +54,6 @@ ANSWER_REWARDS = ("accuracy", "cosine_length")
 _TERM_KEYS = ("fn", "weight", "args")
 
 
-def _did_you_mean(name: str, options: Any) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def build_reward(name: str, **args: Any) -> RewardFn:
     """Build the reward registered as `name` with `args`. Unknown names, unknown or missing
     arguments and invalid values raise ValueError naming the reward and the argument. A name
@@ -71,13 +65,13 @@ def build_reward(name: str, **args: Any) -> RewardFn:
             raise ValueError(f"reward {name!r}: {exc}") from None
     factory = REWARDS.get(name)
     if factory is None:
-        raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}{_did_you_mean(name, REWARDS)}")
+        raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}{suggestion(name, REWARDS)}")
     params = inspect.signature(factory).parameters
     for key in args:
         if key not in params:
             accepted = ", ".join(params) or "none"
             raise ValueError(
-                f"reward {name!r}: unknown argument {key!r}{_did_you_mean(key, params)}; accepted: {accepted}"
+                f"reward {name!r}: unknown argument {key!r}{suggestion(key, params)}; accepted: {accepted}"
             )
     for key, param in params.items():
         if param.default is inspect.Parameter.empty and key not in args:
@@ -103,7 +97,7 @@ def build_reward_set(terms: Mapping[str, Mapping[str, Any] | None]) -> RewardSet
         for key in term:
             if key not in _TERM_KEYS:
                 raise ValueError(
-                    f"reward {label!r}: unknown key {key!r}{_did_you_mean(str(key), _TERM_KEYS)}; "
+                    f"reward {label!r}: unknown key {key!r}{suggestion(str(key), _TERM_KEYS)}; "
                     f"allowed: {', '.join(_TERM_KEYS)}"
                 )
         # None means "default" (config dataclasses carry every key).

@@ -8,6 +8,7 @@ call is retried one completion at a time and only the completions that still fai
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import statistics
@@ -84,6 +85,12 @@ def shown(score: float) -> float | None:
     return None if math.isnan(score) else score
 
 
+def suggestion(name: str, options: Any) -> str:
+    """" (did you mean 'x'?)" for the option closest to `name`, else "": rewards' messages name one."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else 0.0
 
@@ -149,25 +156,28 @@ def call_isolated(
     mask and the per-row error message (None where the row scored fine). A malformed batch
     result (wrong length, not a list) is warned of once per `name` (default: the function's)."""
     n = len(completions)
+    malformed = False  # the call returned, but not one score per completion
     try:
         out = fn(list(completions), **{k: list(v) for k, v in columns.items()})
     except Exception as exc:  # noqa: BLE001 - untrusted reward code must not stop training
-        if n <= 1:
-            return [0.0] * n, [False] * n, [_format_error(exc)] * n
-        logger.debug("reward %r failed on the batch, retrying per completion: %s", fn, exc)
+        failure: Exception = exc
     else:
         try:
             return _as_row_values(out, n)
         except (TypeError, ValueError) as exc:
-            if n <= 1:
-                return [0.0] * n, [False] * n, [_format_error(exc)] * n
-            # Each completion alone may then score, so no row counts as an error: say once that the
-            # function is wrong, and that every step now makes one call per completion.
-            name = name or getattr(fn, "__name__", repr(fn))
-            if name not in _MALFORMED_WARNED:
-                _MALFORMED_WARNED.add(name)
-                logger.warning("reward %s: %s; scoring one completion per call instead (slower). Return "
-                               "one score (or None) per completion", name, exc)
+            failure, malformed = exc, True
+    if n <= 1:
+        return [0.0] * n, [False] * n, [_format_error(failure)] * n
+    if not malformed:
+        logger.debug("reward %r failed on the batch, retrying per completion: %s", fn, failure)
+    else:
+        # Each completion alone may then score, so no row counts as an error: say once that the
+        # function is wrong, and that every step now makes one call per completion.
+        name = name or getattr(fn, "__name__", repr(fn))
+        if name not in _MALFORMED_WARNED:
+            _MALFORMED_WARNED.add(name)
+            logger.warning("reward %s: %s; scoring one completion per call instead (slower). Return "
+                           "one score (or None) per completion", name, failure)
     values, invalid, row_errors = [], [], []
     for i in range(n):
         try:

@@ -32,16 +32,17 @@ runs (code-execution rewards) belongs in the sandbox of the `code` reward, never
 from __future__ import annotations
 
 import asyncio
-import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
 import traceback
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .base import suggestion
 
 _COLUMNS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -79,7 +80,7 @@ class UserReward:
         self.named = {p.name for p in rest if p.kind in _COLUMNS}
         for key in self.args:
             if key not in self.named and not self.takes_all:
-                raise ValueError(f"unknown argument {key!r}{_did_you_mean(key, self.named)}; its parameters besides "
+                raise ValueError(f"unknown argument {key!r}{suggestion(key, self.named)}; its parameters besides "
                                  f"the completions: {', '.join(sorted(self.named)) or 'none'}")
         self.required = {p.name for p in rest if p.kind in _COLUMNS and p.default is inspect.Parameter.empty}
         self.required -= {*self.args, "prompts"}  # `prompts` is the `prompt` column, which every row has
@@ -110,15 +111,10 @@ def load(spec: str, args: Mapping[str, Any]) -> UserReward:
     if fn is None:
         defined = sorted(k for k, v in vars(module).items()
                          if inspect.isfunction(v) and v.__module__ == module.__name__ and not k.startswith("_"))
-        raise ValueError(f"{where} has no function '{name}'{_did_you_mean(name, defined)}")
+        raise ValueError(f"{where} has no function '{name}'{suggestion(name, defined)}")
     if not callable(fn):
         raise ValueError(f"{where}: '{name}' is not a function (it holds {fn!r:.40})")
     return UserReward(fn, args, spec)
-
-
-def _did_you_mean(name: str, options: Collection[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _load_file(path: Path) -> Any:
