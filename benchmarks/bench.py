@@ -114,9 +114,9 @@ def check_comparable(cfg: Any, gpu: bool = False) -> None:
                          f"({cfg.trainer.micro_batch_size}), so that TRL's gradient accumulation matches")
 
 
-def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """What TRL and the ceilings need: grpo's composed settings and the prompts of the first S + 1
-    steps in the order grpo's loop takes them (the warm-up step's first)."""
+def build_spec(cfg: Any, grpo_overrides: list[str], args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """What TRL and the ceilings need: grpo's composed settings (`cfg`, composed from `grpo_overrides`)
+    and the prompts of the first S + 1 steps in the order grpo's loop takes them (the warm-up step's first)."""
     import torch
 
     from grpo_cli.data import load_prompts
@@ -146,7 +146,7 @@ def build_spec(cfg: Any, args: argparse.Namespace, run_dir: Path) -> dict[str, A
         "seed": cfg.seed, "pad_id": tokenizer.pad_token_id,
         "rewards": {label: vars(term) for label, term in cfg.rewards.items()},
         "task": f"{cfg.dataset.source}/{cfg.dataset.task}",
-        "overrides": overrides(args, run_dir / "grpo"),  # grpo's config: the vLLM ceiling makes grpo's own engine
+        "overrides": grpo_overrides,  # grpo's config: the vLLM ceiling makes grpo's own engine
         "output_dir": str(run_dir / "trl"),
     }
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     grpo_over = overrides(args, run_dir / "grpo")
     cfg = compose(grpo_over, HERE)
     check_comparable(cfg, args.gpu)
-    spec = build_spec(cfg, args, run_dir)
+    spec = build_spec(cfg, grpo_over, args, run_dir)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     P, G = spec["prompts_per_step"], spec["group_size"]

@@ -23,8 +23,9 @@ def test_the_trl_side_gets_grpo_trains_prompts_in_its_order(tmp_path: Path) -> N
     from grpo_cli.models import load_tokenizer
 
     args = bench.parse_args(["--steps", "2"])
-    cfg = compose(bench.overrides(args, tmp_path / "grpo"), bench.HERE)
-    workload = bench.build_spec(cfg, args, tmp_path)
+    grpo_overrides = bench.overrides(args, tmp_path / "grpo")
+    cfg = compose(grpo_overrides, bench.HERE)
+    workload = bench.build_spec(cfg, grpo_overrides, args, tmp_path)
     rows = load_prompts(cfg.dataset, load_tokenizer(cfg.model))
     P, stream, position = cfg.trainer.prompts_per_step, [], 0
     for _ in range(3):  # the warm-up step and the 2 measured ones, as grpo_cli.loop.train takes them
@@ -92,9 +93,9 @@ def test_the_vllm_ceiling_makes_the_engine_grpo_train_makes(tmp_path: Path, monk
     ceilings = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ceilings)
     args = bench.parse_args(["--steps", "1", "--max-new-tokens", "32"])
-    cfg = compose([*bench.overrides(args, tmp_path / "grpo"), "rollout.max_prompt_tokens=1000"], bench.HERE)
-    workload = json.loads(json.dumps(bench.build_spec(cfg, args, tmp_path)))  # as ceilings.py reads it
-    workload["overrides"].append("rollout.max_prompt_tokens=1000")
+    grpo_overrides = [*bench.overrides(args, tmp_path / "grpo"), "rollout.max_prompt_tokens=1000"]
+    cfg = compose(grpo_overrides, bench.HERE)
+    workload = json.loads(json.dumps(bench.build_spec(cfg, grpo_overrides, args, tmp_path)))  # as ceilings.py reads it
     with pytest.raises(Made):
         ceilings.vllm_ceiling(workload)
     with pytest.raises(Made):
