@@ -48,7 +48,8 @@ class MicroBatch:
     packed: Packed | Segments
     engine_logp: Tensor      # (B, T) the rollout engine's log-probs of the same tokens
     ref_logp: Tensor | None  # (B, T) frozen reference model's log-probs (None when beta = 0)
-    old_logp: Tensor | None  # (B, T) policy before this step's updates (only when num_iterations > 1)
+    old_logp: Tensor | None  # (B, T) the policy that sampled, before this step's updates, without dropout
+                             # (only when num_iterations > 1 or model.lora_dropout > 0; see Learner.update)
     filler: bool = False     # sharded: a stand-in so that every rank runs as many micro-batches; weight 0
 
 
@@ -89,6 +90,8 @@ class Learner:
         self.policy.train()
         if not self.sharded:  # sharded gradients belong to FSDP
             accumulate_in_place(self.policy)
+        # Dropout left on in the policy (the user's model.lora_dropout): the engine samples without it.
+        self.dropout = self.peft is not None and cfg.model.lora_dropout > 0
         self.reference = None
         if cfg.loss.beta != 0 and self.peft is None:  # the reference only feeds the KL term; with LoRA
             # it is the same model with its adapters switched off, so no second copy is loaded
@@ -131,6 +134,14 @@ class Learner:
         num_iterations (with one, the ratio is exactly 1: the old policy is the policy); lr, that of
         the step's first optimizer step. Per-token
         statistics are means over the batch's tokens, however it is cut into micro-batches.
+
+        With model.lora_dropout > 0 the policy's forward is a dropout sample, but the policy that sampled
+        (the engine's) has no dropout. So the old log-probs are computed without it, in eval mode: with
+        num_iterations > 1 the ratio is then new policy (with dropout) over the policy that sampled, and
+        not one dropout sample over another; and the truncated importance weight (loss.tis_cap) and
+        rollout/logprob_diff_* compare the engine with the learner's copy of that same policy, so
+        that they show the engine/learner mismatch, not the dropout noise. With one iteration the ratio
+        stays exactly 1 (the dropout sample's own log-probs, detached).
         """
         cfg = self.cfg
         temperature = cfg.rollout.temperature
@@ -159,10 +170,12 @@ class Learner:
             for mb in batches:
                 logp, entropy = _logprobs(self.policy, mb.packed, temperature)
                 mask = mb.packed.mask
-                old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                # The policy that sampled, as the learner computes it (without dropout: see the docstring).
+                sampled = mb.old_logp if mb.old_logp is not None else logp.detach()
+                old = sampled if iterations > 1 else logp.detach()
                 is_weight = None
                 if cfg.loss.tis_cap is not None:  # the engine sampled; the learner's old policy is what we train
-                    is_weight = torch.exp(old - mb.engine_logp).clamp(max=cfg.loss.tis_cap)
+                    is_weight = torch.exp(sampled - mb.engine_logp).clamp(max=cfg.loss.tis_cap)
                 loss, stats = policy_loss(
                     logp, old, advantages[mb.rows], mask, ref_logp=mb.ref_logp, beta=cfg.loss.beta,
                     clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, agg=cfg.loss.agg,
@@ -195,7 +208,7 @@ class Learner:
                         totals["kl"] = totals.get("kl", 0.0) + stats["kl"] * token_share
                     if not mb.filler:
                         with torch.no_grad():
-                            diff = torch.where(mask, (logp.detach() - mb.engine_logp).abs(), 0.0)
+                            diff = torch.where(mask, (sampled - mb.engine_logp).abs(), 0.0)
                             diffs_max = torch.maximum(diffs_max, diff.max())
                             diffs_sum = diffs_sum + diff.sum()
                             entropy_sum = entropy_sum + torch.where(mask, entropy, 0.0).sum()
@@ -288,9 +301,19 @@ class Learner:
                 if self.cfg.loss.beta != 0:
                     ref = self._reference_logprobs(packed, temperature)
                 old = None
-                if self.cfg.trainer.num_iterations > 1:  # the ratio needs the pre-update policy fixed
-                    old = _logprobs(self.policy, packed, temperature, entropy=False)[0]
+                if self.cfg.trainer.num_iterations > 1 or self.dropout:  # the ratio needs it fixed (see update)
+                    old = self._sampling_logprobs(packed, temperature)
             yield MicroBatch(torch.tensor(rows, device=self.device), packed, engine.to(self.device), ref, old, filler)
+
+    def _sampling_logprobs(self, packed: Packed | Segments, temperature: float) -> Tensor:
+        """The policy's log-probs as the engine samples from it: without dropout (model.lora_dropout)."""
+        if not self.dropout:
+            return _logprobs(self.policy, packed, temperature, entropy=False)[0]
+        self.policy.eval()
+        try:
+            return _logprobs(self.policy, packed, temperature, entropy=False)[0]
+        finally:
+            self.policy.train()
 
     def _reference_logprobs(self, packed: Packed | Segments, temperature: float) -> Tensor:
         if self.peft is not None:

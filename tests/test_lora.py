@@ -226,3 +226,31 @@ def test_a_resume_with_another_rank_leaves_the_run_resumable(tiny_model_dir: Pat
     resumed = grpo("train", f"resume={run}", "trainer.max_steps=2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run / "checkpoints" / "step-000002").is_dir()
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_old_logprobs_are_the_sampling_policy_without_dropout(tiny_model_dir: Path, iterations: int) -> None:
+    """model.lora_dropout > 0: the log-probs the engine is compared with (rollout/logprob_diff_*, the
+    importance weight) and, with num_iterations > 1, the ratio's old policy are the policy as the engine
+    samples it, without dropout; a train-mode forward put 0.1-0.3 nats of dropout noise in them."""
+    cfg = compose([f"model.name_or_path={tiny_model_dir}", "model.lora_rank=4", "model.lora_dropout=0.5",
+                   "loss.beta=0", "trainer.lr=1e-2", "rollout.max_new_tokens=4",
+                   f"trainer.num_iterations={iterations}"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    for _ in range(2):  # non-zero adapters, so dropout changes the policy's output
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    plain = _plain(tiny_model_dir, dict(learner.named_weights()))  # what a correct push gives the engine
+    batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
+    with torch.no_grad():
+        engine = sequence_logprobs(plain, batch, temperature=1.0)[0]
+    engine_lists = [engine[i, : len(c)].tolist() for i, c in enumerate(COMPLETIONS)]
+    (mb,) = learner._micro_batches(PROMPTS, COMPLETIONS, engine_lists)
+    assert mb.old_logp is not None
+    got = torch.zeros_like(engine)
+    got[mb.rows] = torch.where(mb.packed.mask, mb.old_logp, 0.0)
+    torch.testing.assert_close(got, torch.where(batch.mask, engine, 0.0), rtol=0, atol=1e-5)
+    assert learner.policy.training  # the learner trains on in train mode
+    stats = learner.update(PROMPTS, COMPLETIONS, engine_lists, ADVANTAGES)
+    assert stats["rollout/logprob_diff_max"] < 1e-5
+    if iterations == 1:
+        assert stats["ratio_min"] == stats["ratio_max"] == 1.0  # the dropout sample over itself
