@@ -42,18 +42,21 @@ def load_rows(cfg: DatasetConfig, split: str | None = None, limit: int | None = 
         rows = {"hf": _hub, "jsonl": _jsonl}[cfg.source](cfg, split or cfg.split)[:limit]
     if not rows:
         raise UserError(f"dataset {cfg.path or cfg.task}: no rows; check dataset.path / dataset.split / dataset.size")
+    # JSON lines may leave a field out of some rows: the columns are those of any row. A column that
+    # only the first row lacks is that row's gap (_check_row names it), not a misspelt column.
+    columns = dict.fromkeys(key for row in rows for key in row)
     for column, role in ((cfg.problem_column, "problem_column"), (cfg.answer_column, "answer_column")):
-        if column is not None and column not in rows[0]:
-            existing = list(rows[0])
+        if column is not None and column not in columns:
+            existing = list(columns)
             raise UserError(f"dataset has no column '{column}' (dataset.{role}); its columns are: {', '.join(existing)}"
                             f"{did_you_mean(column, existing)}")
     for number, row in enumerate(rows, 1):
         _check_row(row, number, cfg)
         row["problem"] = row[cfg.problem_column]
         row["answer"] = row[cfg.answer_column] if cfg.answer_column is not None else None
-    # JSON lines may leave a field out of some rows: None there, as `datasets` reads such a file, so
-    # every row has the columns rewards are passed (those of the first row of a batch).
-    columns = dict.fromkeys(key for row in rows for key in row)
+    # A field some JSON lines leave out is None there, as `datasets` reads such a file, so every row
+    # has the columns rewards are passed (those of the first row of a batch).
+    columns.update(dict.fromkeys(("problem", "answer")))
     for row in rows:
         if len(row) < len(columns):
             row.update({key: None for key in columns if key not in row})

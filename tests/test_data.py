@@ -262,6 +262,22 @@ def test_missing_column_names_existing_columns(tmp_path: Path) -> None:
                                  "its columns are: question, solution")
 
 
+def test_a_column_only_the_first_row_lacks_is_named_as_that_rows_gap(tmp_path: Path) -> None:
+    """Only the first row's columns were looked at: a file whose first line left out its answer was
+    said to have no 'answer' column at all, the columns of its other lines unnamed."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1"}, {"question": "2+2", "answer": "4"}])
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert str(caught.value) == ("dataset row 1 has no column 'answer' (dataset.answer_column); "
+                                 "fill it in or remove that row")
+    # A column no row has is still a misspelt or missing column, named with those the rows do have.
+    data = _jsonl(tmp_path / "e.jsonl", [{"question": "1+1"}, {"question": "2+2", "level": 1}])
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert str(caught.value) == ("dataset has no column 'answer' (dataset.answer_column); "
+                                 "its columns are: question, level")
+
+
 @pytest.mark.parametrize(("rows", "message"), [
     ([{"question": "1+1", "answer": 2}, {"q": "2+2", "answer": 4}],
      "dataset row 2 has no column 'question' (dataset.problem_column); fill it in or remove that row"),
