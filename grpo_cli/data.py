@@ -260,7 +260,9 @@ def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     folder = Path(cfg.path).expanduser()
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         return _saved(folder, split)
-    if cfg.path.startswith(("/", "./", "../", "~")) and not folder.is_dir():  # a path, not a Hub id (org/name)
+    # A path, not a Hub id (org/name): by its start, or a file that is there (data/train.parquet), which
+    # load_dataset would look up on the Hub.
+    if (cfg.path.startswith(("/", "./", "../", "~")) or folder.exists()) and not folder.is_dir():
         what = "not a folder" if folder.exists() else "no such folder"
         raise UserError(f"dataset.path={cfg.path}: {what}; pass a dataset folder (save_to_disk, or data files) or a "
                         "Hub id (org/name); a .jsonl file takes dataset=jsonl")

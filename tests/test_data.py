@@ -387,11 +387,14 @@ def test_jsonl_with_a_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> N
     assert [(r["problem"], r["answer"]) for r in rows] == [("caf\u00e9 1+1", 2), ("2+2", 4)]
 
 
-@pytest.mark.parametrize(("path", "what"), [("./no-such-data", "no such folder"), ("{tmp}/data.jsonl", "not a folder")])
-def test_an_hf_path_that_names_no_local_folder_is_not_looked_up_on_the_hub(tmp_path: Path, path: str, what: str) -> None:
+@pytest.mark.parametrize(("path", "what"), [("./no-such-data", "no such folder"), ("{tmp}/data.jsonl", "not a folder"),
+                                           ("data.jsonl", "not a folder")])
+def test_an_hf_path_that_names_no_local_folder_is_not_looked_up_on_the_hub(tmp_path: Path, path: str, what: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A path (./, ../, /, ~) that is no folder was passed on to the Hub: offline the error named a
-    connection, online an invalid repository id."""
+    connection, online an invalid repository id. So was a relative path to a file that is there."""
     (tmp_path / "data.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    monkeypatch.chdir(tmp_path)
     path = path.format(tmp=tmp_path)
     with pytest.raises(UserError) as caught:
         load_rows(DatasetConfig(source="hf", path=path))
