@@ -294,6 +294,18 @@ def _saved(folder: Path, split: str) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
+# The file is read as UTF-8, so only a JSON escape (\ud800 to \udfff) can bring in a lone surrogate.
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(row: dict[str, Any]) -> bool:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _jsonl(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     path = Path(str(cfg.path)).expanduser()
     if not path.is_file():
@@ -310,5 +322,9 @@ def _jsonl(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if _SURROGATE_ESCAPE_RE.search(line) and _lone_surrogate(row):
+            raise UserError(f"{path}:{number}: holds half of a UTF-16 surrogate pair (an escape such as \\ud83d "
+                            "without its partner, as text cut in the middle of an emoji), which is no character and "
+                            "no tokenizer takes; fix or remove that text")
         rows.append(row)
     return rows

@@ -379,6 +379,24 @@ def test_jsonl_errors(tmp_path: Path) -> None:
     assert str(caught.value) == f"{latin1} line 2 is not UTF-8 text (byte 0xe9 at column 18); save the file as UTF-8"
 
 
+def test_a_lone_surrogate_escape_in_a_json_line_is_a_user_error(tmp_path: Path) -> None:
+    """JSON's \\ud83d\\ude00 escapes one emoji as a UTF-16 pair; text cut between the two (by a tool
+    counting UTF-16 units) leaves half a pair, which json reads into a str no tokenizer takes: training
+    stopped with a TypeError from the tokenizer when it measured the prompts."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "smile \\ud83d\\ude00 1+1", "answer": "2"}\n'
+                    '{"question": "path C:\\\\ud800", "answer": "3"}\n'  # an escaped backslash, then text
+                    '{"question": "cut \\ud83d", "answer": "4"}\n')
+    with pytest.raises(UserError) as caught:
+        load_rows(DatasetConfig(source="jsonl", path=str(data)))
+    assert str(caught.value) == (f"{data}:3: holds half of a UTF-16 surrogate pair (an escape such as \\ud83d without "
+                                 "its partner, as text cut in the middle of an emoji), which is no character and no "
+                                 "tokenizer takes; fix or remove that text")
+    data.write_text("\n".join(data.read_text().splitlines()[:2]) + "\n")
+    assert [r["problem"] for r in load_rows(DatasetConfig(source="jsonl", path=str(data)))] == [
+        "smile \U0001f600 1+1", "path C:\\ud800"]
+
+
 def test_jsonl_with_a_byte_order_mark_and_windows_line_ends(tmp_path: Path) -> None:
     """Notepad's "UTF-8 with BOM": the first line was refused as not valid JSON."""
     data = tmp_path / "d.jsonl"
