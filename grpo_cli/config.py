@@ -289,6 +289,8 @@ def validate(cfg: Config) -> None:
                        "logging.samples_per_step": cfg.logging.samples_per_step}.items():
         if value < 0:
             raise UserError(f"{key}={value}: must not be negative")
+    if not -(1 << 63) <= cfg.seed < 1 << 64:  # torch.manual_seed's range: past it, a traceback at start-up
+        raise UserError(f"seed={cfg.seed}: out of range; torch takes 64-bit seeds (below 2**64), e.g. seed=42")
     if cfg.trainer.keep_last < 0:
         raise UserError(f"trainer.keep_last={cfg.trainer.keep_last}: use the number of latest checkpoints to keep, "
                         "or 0 to keep them all")

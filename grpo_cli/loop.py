@@ -486,7 +486,10 @@ def prompt_indices(position: int, count: int, fits: Sequence[bool], seed: int) -
     indices: list[int] = []
     while len(indices) < count:
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))[offset:]
+        # Modulo 2**64, the seeds a torch.Generator takes (it reads a negative one as that, too): a large
+        # seed (e.g. from `date +%s%N`) overflowed. Every seed that worked keeps its order.
+        generator = torch.Generator().manual_seed((seed * 7919 + epoch) % (1 << 64))
+        order = torch.randperm(n, generator=generator)[offset:]
         at = usable[order].nonzero()[:, 0]  # where this epoch's usable rows still to come stand in `order`
         if whole_batches and not indices and len(at) < count:
             position = (epoch + 1) * n  # too few left for a whole batch: on to the next epoch

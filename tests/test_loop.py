@@ -32,6 +32,19 @@ def test_prompt_indices_are_one_stream_across_calls_and_epochs() -> None:
     assert _stream(1, 50, [True] * 50, seed=4)[0][0] != two_epochs[:50]  # the seed changes the order
 
 
+def test_any_64_bit_seed_shuffles_and_the_seeds_that_worked_keep_their_order() -> None:
+    """seed * 7919 + epoch went straight to torch.Generator.manual_seed, which takes 64-bit seeds:
+    seed=10**16 (or a `date +%s%N`) stopped the first step with 'Overflow when unpacking long long'."""
+    big = 10**16
+    (batch,), _ = _stream(1, 4, [True] * 4, seed=big)
+    # (10**16 * 7919) mod 2**64 = 79190000000000000000 - 4 * 18446744073709551616 = 5403023705161793536
+    assert (big * 7919) % (1 << 64) == 5403023705161793536
+    assert batch == torch.randperm(4, generator=torch.Generator().manual_seed(5403023705161793536)).tolist()
+    # A negative seed, which torch read as its 64-bit two's complement before: the same order as then.
+    (batch,), _ = _stream(1, 10, [True] * 10, seed=-1)
+    assert batch == torch.randperm(10, generator=torch.Generator().manual_seed(-7919)).tolist()
+
+
 def test_a_batch_never_straddles_two_epochs_so_never_holds_a_row_twice() -> None:
     # 10 rows in batches of 4: each epoch gives two batches, and its last 2 rows are skipped.
     batches, end = _stream(6, 4, [True] * 10)
