@@ -190,11 +190,13 @@ def report(
 @app.command(name="rollout-server", epilog="""
 **Examples**
 
-    grpo rollout-server model.name_or_path=Qwen/Qwen2.5-1.5B --host 0.0.0.0 --port 8000
+    GRPO_ROLLOUT_TOKEN=secret grpo rollout-server model.name_or_path=Qwen/Qwen2.5-1.5B --host 0.0.0.0 --port 8000 \
+        --weights-dir /shared/runs
     CUDA_VISIBLE_DEVICES=4,5 grpo rollout-server recipe=gsm8k rollout.tensor_parallel_size=2 --port 8000
     grpo rollout-server recipe=quickstart rollout.cpu_kv_cache_mib=512 --port 0
 
-Then: `grpo train recipe=gsm8k rollout=vllm_server rollout.servers=[HOST:8000]` (docs/distributed.md, "Rollout servers").
+Then: `grpo train recipe=gsm8k rollout=vllm_server rollout.servers=[HOST:8000]` (docs/distributed.md, "Rollout servers"),
+with the same GRPO_ROLLOUT_TOKEN in the trainer's environment.
 """)
 def rollout_server(
     overrides: Overrides = None,
@@ -202,6 +204,14 @@ def rollout_server(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535,
                                       help="Port to listen on (0: any free one, printed).")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="GRPO_ROLLOUT_TOKEN", show_default=False,
+        help="Shared secret every request but /health must carry (Authorization: Bearer); the trainer reads it "
+             "from GRPO_ROLLOUT_TOKEN. Prefer that variable here too: a command line is visible to other users.")] = None,
+    weights_dir: Annotated[list[Path] | None, typer.Option(
+        "--weights-dir", show_default=False,
+        help="Load pushed weights only from under this folder (repeatable), e.g. the folder holding the runs' "
+             "output_dir. Default: any path the server can read.")] = None,
 ) -> None:
     """Serve rollouts for `rollout=vllm_server`: a vLLM engine behind HTTP that takes weight updates.
 
@@ -213,7 +223,7 @@ def rollout_server(
 
     # The server hosts an in-process engine, whatever `rollout.engine` the training run uses.
     cfg = compose([*(overrides or []), "rollout.engine=vllm"], config_dir)
-    serve(cfg, host, port, say=lambda line: typer.echo(line, err=True))
+    serve(cfg, host, port, say=lambda line: typer.echo(line, err=True), token=token, weights_dirs=weights_dir or ())
 
 
 @contextmanager

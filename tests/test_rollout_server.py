@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from server_process import free_port, start_server, stop_server  # tests/server_
 
 from grpo_cli.errors import RolloutServerError, UserError
 from grpo_cli.rollout import SamplingSettings
+from grpo_cli.rollout.server import PROTOCOL
 from grpo_cli.rollout.vllm_server import VLLMServerEngine, split_evenly
 from grpo_cli.schema import RolloutConfig
 from grpo_cli.sync import layer_key, push_weights, read_weight_files, write_weight_files
@@ -202,7 +204,7 @@ class FakeServer:
                 fake.requests.append((self.path, body))
                 if self.path in silent:
                     time.sleep(silent_s)
-                reply = {"status": "ready", "protocol": 2, "model": "m", "dtype": "float32", "tied_embeddings": False,
+                reply = {"status": "ready", "protocol": PROTOCOL, "model": "m", "dtype": "float32", "tied_embeddings": False,
                          "max_model_len": 4096, "world_size": world_size, "cuda": True, "weights_version": 7,
                          "weights_id": "w7", **fake.health}
                 data = json.dumps(reply).encode()
@@ -461,23 +463,26 @@ class _CountingEngine:
 
         self.llm = SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(hf_text_config=None)))
         self.calls: list[list[list[str]]] = []
+        self.settings: list = []  # the SamplingSettings of each job
 
     def generate_many(self, jobs: list) -> list:
         from grpo_cli.rollout import Sample
 
         self.calls.append([list(prompts) for prompts, _, _ in jobs])
+        self.settings += [s for _, s, _ in jobs]
         return [[Sample(i, [1], [2], p, [0.0], False) for i, p in enumerate(prompts) for _ in range(s.n)]
                 for prompts, s, _ in jobs]
 
 
-def _serve_fake(wait_s: float, port: int = 0):
+def _serve_fake(wait_s: float, port: int = 0, **access):
+    """access: RolloutServer's token and weights_dirs."""
     from http.server import ThreadingHTTPServer
     from types import SimpleNamespace
 
     from grpo_cli.rollout.server import RolloutServer, _handler
 
     cfg = SimpleNamespace(model=SimpleNamespace(name_or_path="m"), rollout=SimpleNamespace(tensor_parallel_size=1))
-    server = RolloutServer(cfg)
+    server = RolloutServer(cfg, **access)
     server.engine = _CountingEngine()
     server.batches.wait_s = wait_s
     httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
@@ -621,7 +626,7 @@ def test_a_server_of_another_model_dtype_context_or_version_is_refused() -> None
                                         r"rollout.max_prompt_tokens=512 \+ rollout.max_new_tokens=64"):
         engine(max_model_len=300)
     assert engine(max_model_len=512 + 64).weights_version == 7  # room enough, exactly
-    with pytest.raises(UserError, match="speaks protocol None, this grpo 2: run the same grpo version"):
+    with pytest.raises(UserError, match=f"speaks protocol None, this grpo {PROTOCOL}: run the same grpo version"):
         engine(protocol=None)  # a server of an older grpo
 
 
@@ -641,3 +646,216 @@ def test_eval_refuses_a_server_holding_other_weights(grpo, tiny_model_dir: Path,
         f"weights version 3): evaluate on a server started with model.name_or_path={tiny_model_dir}, or with "
         "rollout.engine=vllm")
     assert not [p for p, _ in fake.requests if p == "/generate"]
+
+
+# ----------------------------------------------------------------------------- input limits and access control
+def _raw(address: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 10) -> tuple[int, dict, dict]:
+    """One request as any HTTP client may send it: (status, JSON reply, reply headers)."""
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.putrequest(method, path)
+        for key, value in {**({"Content-Length": str(len(body))} if body is not None else {}), **(headers or {})}.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def test_malformed_oversized_or_absurd_requests_get_a_4xx_and_the_server_lives_on(monkeypatch) -> None:
+    from grpo_cli.rollout import server as server_module
+
+    server, httpd, address = _serve_fake(wait_s=1.0)
+    good = {"n": 2, "max_new_tokens": 8, "temperature": 1.0}
+    try:
+        def refused(status: int, match: str, method: str = "POST", path: str = "/generate", body: object = None,
+                    raw: bytes | None = None, headers: dict | None = None) -> None:
+            start = time.monotonic()
+            data = raw if raw is not None else json.dumps(body).encode()
+            got, reply, _ = _raw(address, method, path, data, headers)
+            assert (got, time.monotonic() - start < 5) == (status, True), reply
+            assert re.search(match, reply["error"]), reply["error"]
+
+        big = server_module.MAX_BODY_BYTES + 1  # announced, never sent: refused unread, at once
+        refused(413, rf"the request body has {big} bytes, more than this server's limit of 67108864 \(64 MiB\)",
+                raw=b"", headers={"Content-Length": str(big)})
+        refused(400, "Content-Length '-1' is not a byte count", raw=b"", headers={"Content-Length": "-1"})
+        refused(400, "Content-Length 'ten' is not a byte count", raw=b"", headers={"Content-Length": "ten"})
+        refused(411, "chunked", raw=b"", headers={"Transfer-Encoding": "chunked"})
+        refused(400, "not JSON", raw=b"{prompts: [")
+        refused(400, "not JSON", raw=b"[" * 100_000 + b"]" * 100_000)  # too deep for the parser
+        refused(400, "must be a JSON object", raw=b'["a", "b"]')
+        refused(400, "'prompts': expected a list of strings", body={"prompts": ["a", {"b": 1}], "sampling": good})
+        refused(400, r"sampling: missing fields \['max_new_tokens', 'n', 'temperature'\]",
+                body={"prompts": ["a"], "sampling": {}})
+        for field, value, match in (("n", 0, "n: expected an integer from 1 to 262144"),
+                                    ("n", 10**9, "n: expected an integer from 1 to 262144"),
+                                    ("n", "4", "n: expected an integer"), ("n", True, "n: expected an integer"),
+                                    ("max_new_tokens", -5, "max_new_tokens: expected an integer >= 1"),
+                                    ("temperature", float("nan"), "temperature: expected a number >= 0"),
+                                    ("temperature", -1, "temperature: expected a number >= 0"),
+                                    ("top_p", 0, "top_p: expected a number above 0 and at most 1"),
+                                    ("top_k", -1, "top_k: expected an integer >= 0"),
+                                    ("stop", "END", "stop: expected a list of strings"),
+                                    ("seed", 1.5, "seed: expected an integer or null")):
+            refused(400, f"sampling.{match}", body={"prompts": ["a"], "sampling": {**good, field: value}})
+        refused(400, r"600 prompts x n=500 is more than the 262144 sequences",
+                body={"prompts": ["a"] * 600, "sampling": {**good, "n": 500}})
+        refused(400, "'prompt_offset': expected an integer >= 0", body={"prompts": ["a"], "sampling": good,
+                                                                        "prompt_offset": [1]})
+        refused(400, "'batch': expected", body={"prompts": ["a"], "sampling": good,
+                                                "batch": {"key": "k" * 300, "of": 2}})
+        refused(400, "'prompt_ids': expected a list of token ids", path="/logprobs",
+                body={"prompt_ids": [1, {}], "completion_ids": [2]})
+        refused(400, "'temperature': expected a number >= 0", path="/logprobs",
+                body={"prompt_ids": [1], "completion_ids": [2], "temperature": {}})
+        refused(400, "'version': expected an integer >= 0", path="/load_weights",
+                body={"path": "/", "version": {"x": 1}})
+        refused(404, "no endpoint GET /generate", method="GET", raw=b"")
+        assert server.engine.calls == []  # nothing malformed reached the engine
+
+        # max_new_tokens beyond the engine's context (4096) is cut to it: vLLM would stop there anyway.
+        got, reply, _ = _raw(address, "POST", "/generate", json.dumps(
+            {"prompts": ["a"], "sampling": {**good, "max_new_tokens": 10**12}}).encode())
+        assert got == 200 and [s.max_new_tokens for s in server.engine.settings] == [4096]
+        assert _raw(address, "GET", "/health")[0] == 200  # alive, and answering
+
+        # The client refuses to send what the server would refuse unread, with one line naming the fix.
+        monkeypatch.setattr(server_module, "MAX_BODY_BYTES", 1000)
+        with pytest.raises(RolloutServerError, match=rf"rollout server {address} cannot take a request of \d+ bytes "
+                                                     r".*on /generate: send fewer prompts per request"):
+            client(address).generate(["word " * 300], SAMPLING)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_token_guards_every_route_but_a_reduced_health(monkeypatch) -> None:
+    from grpo_cli.rollout import server as server_module
+
+    compared: list[bytes] = []
+    compare = server_module.hmac.compare_digest
+    monkeypatch.setattr(server_module.hmac, "compare_digest", lambda a, b: compared.append(a) or compare(a, b))
+    server, httpd, address = _serve_fake(wait_s=1.0, token="s3cret")
+    sampling = SamplingSettings(n=1, max_new_tokens=8, temperature=1.0, seed=1)
+    try:
+        status, reply, _ = _raw(address, "GET", "/health")
+        assert (status, reply) == (200, {"status": "ready", "protocol": PROTOCOL, "authorized": False})
+        for method, path in server.routes:
+            if path == "/health":
+                continue
+            # a huge announced body: refused before a byte of it is read
+            status, reply, headers = _raw(address, method, path, b"", {"Content-Length": str(1 << 40),
+                                                                         "Authorization": "Bearer wrong"})
+            assert (status, headers.get("WWW-Authenticate")) == (401, "Bearer"), (path, reply)
+            assert reply["error"] == (f"{method} {path} needs this server's token (header 'Authorization: Bearer "
+                                      "TOKEN'; the trainer sends $GRPO_ROLLOUT_TOKEN)")
+        assert _raw(address, "POST", "/generate", b"{}", {"Authorization": "Basic s3cret"})[0] == 401
+        assert server.engine.calls == [] and server.weights_version == 0
+        assert b"wrong" in compared  # compared in constant time
+
+        cfg = RolloutConfig(engine="vllm_server", servers=[address], max_new_tokens=8, server_timeout_s=60)
+        monkeypatch.delenv("GRPO_ROLLOUT_TOKEN", raising=False)
+        start = time.monotonic()
+        with pytest.raises(UserError, match=rf"^rollout server {address} requires a token on /health: set "
+                                            "GRPO_ROLLOUT_TOKEN in the trainer's environment to the server's token$"):
+            VLLMServerEngine(cfg)
+        assert time.monotonic() - start < 10  # at once, not after the start-up time-out
+        monkeypatch.setenv("GRPO_ROLLOUT_TOKEN", "s3cre")
+        with pytest.raises(UserError, match=rf"^rollout server {address} refused this process's token on /health: "
+                                            "set GRPO_ROLLOUT_TOKEN to the token the server was started with$"):
+            VLLMServerEngine(cfg)
+        monkeypatch.setenv("GRPO_ROLLOUT_TOKEN", "s3cret")
+        engine = VLLMServerEngine(cfg)
+        assert engine.info[0]["model"] == "m"  # the whole /health, with the token
+        assert [s.text for s in engine.generate(["a"], sampling)] == ["a"]
+        monkeypatch.setenv("GRPO_ROLLOUT_TOKEN", "rotated")  # e.g. the server restarted with another token
+        with pytest.raises(RolloutServerError, match=rf"^rollout server {address} refused this process's token on "
+                                                     "/generate: set GRPO_ROLLOUT_TOKEN to the token"):
+            engine.generate(["a"], sampling)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_weights_dir_confines_load_weights(monkeypatch, tmp_path: Path) -> None:
+    from grpo_cli import sync
+
+    allowed, outside = tmp_path / "runs", tmp_path / "elsewhere"
+    for folder in (allowed / "run" / "weight-sync" / "weights-v000001", outside / "weights"):
+        folder.mkdir(parents=True)
+        (folder / "part-00000.safetensors").write_bytes(b"x")
+    (allowed / "escape").symlink_to(outside / "weights")
+    (allowed / "mixed").mkdir()
+    (allowed / "mixed" / "part-00000.safetensors").symlink_to(outside / "weights" / "part-00000.safetensors")
+    loaded: list[Path] = []
+    monkeypatch.setattr(sync, "read_weight_files", lambda path: loaded.append(path) or iter(()))
+    monkeypatch.setattr(sync, "push_weights", lambda engine, pairs: 0.5)
+    server, httpd, address = _serve_fake(wait_s=1.0, weights_dirs=[allowed])
+    try:
+        engine = client(address)
+        for path in (outside / "weights", outside / "nothing-here", allowed / ".." / "elsewhere" / "weights",
+                     allowed / "escape", allowed / "mixed"):
+            with pytest.raises(RolloutServerError, match=rf"rollout server {address} answered 403 on /load_weights: "
+                                                         rf".* is outside this server's --weights-dir \({allowed}\): "
+                                                         "set the trainer's rollout.sync_dir to a folder under it"):
+                engine.load_weights(path, 1)
+        assert loaded == [] and server.weights_version == 0
+        engine.load_weights(allowed / "run" / "weight-sync" / "weights-v000001", 1)
+        assert loaded == [allowed / "run" / "weight-sync" / "weights-v000001"] and server.weights_version == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_serve_warns_when_anyone_may_reach_it_and_checks_its_weights_dir(monkeypatch, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from grpo_cli.rollout import server as server_module
+
+    cfg = SimpleNamespace(model=SimpleNamespace(name_or_path="m"), rollout=SimpleNamespace(tensor_parallel_size=1))
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while loading: serve() closes its socket and returns
+
+    monkeypatch.setattr(server_module.RolloutServer, "load", stop)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        def said(host: str, **access) -> list[str]:
+            lines: list[str] = []
+            with pytest.raises(KeyboardInterrupt):
+                server_module.serve(cfg, host, 0, lines.append, **access)
+            return [line for line in lines if line.startswith("warning")]
+
+        assert said("0.0.0.0") == [
+            "warning: listening on 0.0.0.0 without a token: anyone who can reach this port can generate and push "
+            "weights from any path this server can read; set GRPO_ROLLOUT_TOKEN (or --token) here and in the "
+            "trainer's environment, and --weights-dir to the folder of the trainer's rollout.sync_dir"]
+        assert said("0.0.0.0", weights_dirs=[tmp_path]) == [
+            "warning: listening on 0.0.0.0 without a token: anyone who can reach this port can generate and push "
+            "weights; set GRPO_ROLLOUT_TOKEN (or --token) here and in the trainer's environment"]
+        assert said("0.0.0.0", token="s3cret") == said("127.0.0.1") == said("localhost") == []
+        with pytest.raises(UserError, match=rf"--weights-dir {tmp_path / 'nope'}: no such folder"):
+            server_module.serve(cfg, "127.0.0.1", 0, print, weights_dirs=[tmp_path / "nope"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_rollout_server_command_reads_its_token_from_the_environment(monkeypatch, tiny_model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from grpo_cli.cli import app
+    from grpo_cli.rollout import server as server_module
+
+    got: dict = {}
+    monkeypatch.setattr(server_module, "serve", lambda cfg, host, port, say, **access: got.update(host=host, **access))
+    result = CliRunner().invoke(app, ["rollout-server", f"model.name_or_path={tiny_model_dir}", "--host", "0.0.0.0",
+                                      "--weights-dir", str(tmp_path)], env={"GRPO_ROLLOUT_TOKEN": "s3cret"})
+    assert result.exit_code == 0, result.output
+    assert got == {"host": "0.0.0.0", "token": "s3cret", "weights_dirs": [tmp_path]}

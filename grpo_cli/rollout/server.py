@@ -7,12 +7,14 @@ Several learner ranks (torchrun) each send their share of a step's prompts; requ
 same `batch` are held until all `of` of them are in (at most GATHER_S seconds) and run as one engine
 call, so vLLM batches the ranks' sequences together instead of running R smaller calls in turn.
 
-Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400, 409, 500 or
-503 while the model is loading):
+Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400 (a malformed or
+out-of-range request), 401 (no valid token), 403 (a path outside --weights-dir), 404, 409, 411, 413
+(a body over MAX_BODY_BYTES), 500, or 503 while the model is loading):
 
     GET  /health        status (loading | ready), protocol, model, weights_version, weights_id, dtype,
                         tied_embeddings, max_model_len, architecture (the model config's sizes),
-                        world_size (GPUs of this server), cuda
+                        world_size (GPUs of this server), cuda; without a valid token (when the server
+                        has one) only status, protocol and authorized: false
     POST /generate      {prompts: [str], sampling: SamplingSettings fields, prompt_offset: int,
                          batch: {key: str, of: int} (optional)}
                         -> {samples: [Sample fields]}; prompt_offset seeds as if the prompts sat at
@@ -37,6 +39,19 @@ exactly as it would drive `vllm serve`; the broadcast lands in this server's wor
 Between /start_weight_update and /finish_weight_update the weights are half new: /generate and
 /logprobs answer 409 until the update finishes.
 
+Access control. With a token (`grpo rollout-server --token`, or the environment variable
+GRPO_ROLLOUT_TOKEN, which the trainer's client also reads) every request but GET /health must carry
+`Authorization: Bearer TOKEN` (compared in constant time), the NCCL routes included; otherwise it is
+answered 401. The token is not a config field, so it never lands in a run's saved config. Without a
+token anyone who can reach the port can generate and push weights: the server warns at start when
+it listens on a non-loopback address without one. `--weights-dir DIR` (repeatable) restricts
+/load_weights to files under those folders (symlinks resolved); without it any path the server can
+read is loaded, as the trainer's default sync_dir (<run dir>/weight-sync) lies wherever the run does.
+
+Request bodies are capped at MAX_BODY_BYTES (413 beyond, unread), and a /generate at MAX_SEQUENCES
+prompts x n; a body that is not a JSON object, a field of the wrong type or out of range is a 400,
+never a 500.
+
 `weights_id` is drawn afresh when the server starts and whenever its weights change (a load, an NCCL
 update, one that failed half way too); /generate and /logprobs reply with the id of the weights they
 ran on. A client compares it with the id its own last push got back, so that a server that restarted
@@ -47,15 +62,19 @@ ran on. A client compares it with the id its own last push got back, so that a s
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
+import math
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,8 +92,13 @@ log = logging.getLogger("grpo.rollout_server")
 ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings")
 
-PROTOCOL = 2  # the client refuses a server that speaks another (grpo_cli/rollout/vllm_server.py)
+PROTOCOL = 3  # the client refuses a server that speaks another (grpo_cli/rollout/vllm_server.py)
 GATHER_S = 60.0  # longest a /generate waits for the other requests of its batch (learner ranks run in step)
+TOKEN_ENV = "GRPO_ROLLOUT_TOKEN"  # the shared secret, read by the server (unless --token) and the trainer's client
+# Largest request body read: a /generate of ~100k prompts of 600 characters; bigger is refused unread.
+MAX_BODY_BYTES = 64 << 20
+MAX_SEQUENCES = 1 << 18  # prompts x n of one /generate (a step of 4096 prompts x 64 per server)
+MAX_KEY_CHARS = 256  # a batch key (the client's are ~60 characters)
 
 
 class RequestError(Exception):
@@ -88,8 +112,12 @@ class RequestError(Exception):
 class RolloutServer:
     """The engine and its state; every endpoint is a method taking and returning a JSON object."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, token: str | None = None, weights_dirs: Sequence[Path] = ()) -> None:
+        """token: the shared secret every request but /health must carry (None: no access control);
+        weights_dirs: the folders /load_weights may read from (empty: any path)."""
         self.cfg = cfg
+        self.token = token or None
+        self.weights_dirs = [Path(d).expanduser().resolve() for d in weights_dirs]
         self.engine: VLLMEngine | None = None
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_version: int | str = 0
@@ -125,7 +153,20 @@ class RolloutServer:
         self.engine = VLLMEngine(resolve(self.cfg.model.name_or_path), rollout, self.cfg.model, seed=self.cfg.seed,
                                  llm_args=llm_args)
 
+    def authorized(self, header: str | None) -> bool:
+        """Whether a request's Authorization header carries the token (always, without one)."""
+        if self.token is None:
+            return True
+        scheme, _, given = (header or "").strip().partition(" ")
+        # compare_digest's time depends on the lengths only, never on where the strings differ
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
     # ------------------------------------------------------------------ endpoints
+    def public_health(self) -> dict[str, Any]:
+        """/health for a client without the token: whether it serves, and nothing about what."""
+        return {"status": "ready" if self.engine is not None else "loading", "protocol": PROTOCOL,
+                "authorized": False}
+
     def health(self, _: dict[str, Any]) -> dict[str, Any]:
         engine = self.engine
         info: dict[str, Any] = {"status": "ready" if engine is not None else "loading", "protocol": PROTOCOL,
@@ -146,22 +187,32 @@ class RolloutServer:
         from grpo_cli.rollout import SamplingSettings
 
         prompts = _field(body, "prompts", list)
+        if not all(isinstance(p, str) for p in prompts):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "'prompts': expected a list of strings")
         raw = dict(_field(body, "sampling", dict))
         known = {f.name for f in dataclasses.fields(SamplingSettings)}
         if set(raw) - known:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown sampling fields {sorted(set(raw) - known)}")
-        raw["stop"] = tuple(raw.get("stop") or ())
-        try:
-            sampling = SamplingSettings(**raw)
-        except TypeError as e:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: {e}") from None
-        job = ([str(p) for p in prompts], sampling, int(body.get("prompt_offset", 0)))
+        missing = sorted(f.name for f in dataclasses.fields(SamplingSettings)
+                         if f.name not in raw and f.default is dataclasses.MISSING)
+        if missing:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"sampling: missing fields {missing}")
+        sampling = _sampling(raw, self.engine.max_model_len if self.engine is not None else None)
+        if len(prompts) * sampling.n > MAX_SEQUENCES:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{len(prompts)} prompts x n={sampling.n} is more than the "
+                               f"{MAX_SEQUENCES} sequences one request may ask for: send fewer prompts per request")
+        offset = body.get("prompt_offset", 0)
+        if not _is_int(offset) or offset < 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"'prompt_offset': expected an integer >= 0, got {offset!r:.40}")
+        job = (prompts, sampling, offset)
         batch = body.get("batch")
         if batch is None:
             samples, weights = self._generate_together([job])[0]
         else:
-            if not isinstance(batch, dict) or not isinstance(batch.get("key"), str) or not isinstance(batch.get("of"), int):
-                raise RequestError(HTTPStatus.BAD_REQUEST, "'batch': expected {key: str, of: int}")
+            if (not isinstance(batch, dict) or not isinstance(batch.get("key"), str) or not _is_int(batch.get("of"))
+                    or len(batch["key"]) > MAX_KEY_CHARS):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "'batch': expected {key: str (at most "
+                                   f"{MAX_KEY_CHARS} characters), of: int}}")
             samples, weights = self.batches.submit(batch["key"], batch["of"], job)
         return {"samples": [dataclasses.asdict(s) for s in samples], **weights}
 
@@ -174,9 +225,11 @@ class RolloutServer:
             return [(samples, weights) for samples in engine.generate_many(jobs)]
 
     def logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
-        prompt_ids = [int(t) for t in _field(body, "prompt_ids", list)]
-        completion_ids = [int(t) for t in _field(body, "completion_ids", list)]
-        temperature = float(body.get("temperature", 1.0))
+        prompt_ids = _token_ids(body, "prompt_ids")
+        completion_ids = _token_ids(body, "completion_ids")
+        temperature = body.get("temperature", 1.0)
+        if not _is_number(temperature) or temperature < 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"'temperature': expected a number >= 0, got {temperature!r:.40}")
         with self._engine() as engine:
             values = engine.prompt_logprobs(prompt_ids, completion_ids, temperature)
             return {"logprobs": values, **self._weights()}
@@ -185,13 +238,17 @@ class RolloutServer:
         from grpo_cli.sync import push_weights, read_weight_files
 
         path = Path(_field(body, "path", str))
+        version = body.get("version", self.weights_version)
+        if not (_is_int(version) and version >= 0) and not (isinstance(version, str) and len(version) <= 64):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"'version': expected an integer >= 0, got {version!r:.40}")
+        self._check_weights_path(path)
         if not path.exists():
             raise RequestError(HTTPStatus.BAD_REQUEST, f"{path}: no such file or folder on this server; rollout."
                                "sync_dir must be a folder the learner and every server see at the same path")
         with self._engine() as engine:
             self.weights_id = _new_id()  # a load that fails half way leaves neither the old weights nor the new
             seconds = push_weights(engine, read_weight_files(path))
-            self.weights_version = body.get("version", self.weights_version)
+            self.weights_version = version
             reply = {**self._weights(), "seconds": seconds}
         log.info("loaded weights version %s from %s in %.2f s", self.weights_version, path, seconds)
         return reply
@@ -242,6 +299,25 @@ class RolloutServer:
         return {"message": "weight transfer shut down"}
 
     # ------------------------------------------------------------------ helpers
+    def _check_weights_path(self, path: Path) -> None:
+        """Refuse a /load_weights path outside --weights-dir: the path itself, and every file a folder
+        holds, with symlinks and '..' resolved (checked before its existence, which would otherwise leak)."""
+        if not self.weights_dirs:
+            return
+        targets = [path]
+        if path.is_dir() and self._inside(path):
+            targets += list(path.glob("*.safetensors"))
+        for target in targets:
+            if not self._inside(target):
+                where = " or ".join(str(d) for d in self.weights_dirs)
+                raise RequestError(HTTPStatus.FORBIDDEN, f"{target} is outside this server's --weights-dir ({where}): "
+                                   "set the trainer's rollout.sync_dir to a folder under it, or start the server "
+                                   "with a --weights-dir that holds it")
+
+    def _inside(self, path: Path) -> bool:
+        resolved = path.expanduser().resolve()
+        return any(resolved.is_relative_to(d) for d in self.weights_dirs)
+
     def _weights(self) -> dict[str, Any]:
         return {"weights_version": self.weights_version, "weights_id": self.weights_id}
 
@@ -340,6 +416,49 @@ def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _token_ids(body: dict[str, Any], key: str) -> list[int]:
+    ids = _field(body, key, list)
+    if not all(_is_int(t) and 0 <= t < 1 << 31 for t in ids):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{key}': expected a list of token ids (integers >= 0)")
+    return ids
+
+
+def _sampling(raw: dict[str, Any], max_model_len: int | None) -> Any:
+    """SamplingSettings from a request's `sampling`, every field checked (type and range), so that
+    nothing malformed reaches vLLM. max_new_tokens beyond the engine's context is cut to it: vLLM
+    stops every sequence there anyway, so the samples are the same."""
+    from grpo_cli.rollout import SamplingSettings
+
+    def bad(key: str, expected: str) -> RequestError:
+        return RequestError(HTTPStatus.BAD_REQUEST, f"sampling.{key}: expected {expected}, got {raw.get(key)!r:.40}")
+
+    if not _is_int(raw["n"]) or not 1 <= raw["n"] <= MAX_SEQUENCES:
+        raise bad("n", f"an integer from 1 to {MAX_SEQUENCES}")
+    if not _is_int(raw["max_new_tokens"]) or raw["max_new_tokens"] < 1:
+        raise bad("max_new_tokens", "an integer >= 1")
+    if not _is_number(raw["temperature"]) or raw["temperature"] < 0:
+        raise bad("temperature", "a number >= 0")
+    if "top_p" in raw and not (_is_number(raw["top_p"]) and 0 < raw["top_p"] <= 1):
+        raise bad("top_p", "a number above 0 and at most 1")
+    if "top_k" in raw and not (_is_int(raw["top_k"]) and raw["top_k"] >= 0):
+        raise bad("top_k", "an integer >= 0 (0: off)")
+    stop = raw.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise bad("stop", "a list of strings")
+    if raw.get("seed") is not None and not _is_int(raw["seed"]):
+        raise bad("seed", "an integer or null")
+    max_new_tokens = raw["max_new_tokens"] if max_model_len is None else min(raw["max_new_tokens"], max_model_len)
+    return SamplingSettings(**{**raw, "stop": tuple(stop), "max_new_tokens": max_new_tokens})
+
+
 def _field(body: dict[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if not isinstance(value, kind):
@@ -359,20 +478,26 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
             self._dispatch("POST")
 
         def _dispatch(self, method: str) -> None:
+            self.close_connection = True  # one request per connection
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             route = server.routes.get((method, path))
+            headers: dict[str, str] = {}
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
                 if route is None:
                     raise RequestError(HTTPStatus.NOT_FOUND, f"no endpoint {method} {path}")
-                body = json.loads(raw) if raw else {}
-                if not isinstance(body, dict):
-                    raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
-                status, reply = HTTPStatus.OK, route(body)
+                # Before the body is read: a client without the token cannot make the server read anything.
+                authorized = server.authorized(self.headers.get("Authorization"))
+                if not authorized and path != "/health":
+                    headers["WWW-Authenticate"] = "Bearer"
+                    raise RequestError(HTTPStatus.UNAUTHORIZED, f"{method} {path} needs this server's token "
+                                       f"(header 'Authorization: Bearer TOKEN'; the trainer sends ${TOKEN_ENV})")
+                body = self._body()
+                if body is None:
+                    return  # the client went quiet or away mid-body: nobody to answer
+                status, reply = HTTPStatus.OK, route(body) if authorized else server.public_health()
             except RequestError as e:
                 status, reply = e.status, {"error": str(e)}
-            except (json.JSONDecodeError, ValueError, UserError) as e:  # UserError: e.g. a prompt too long
+            except (ValueError, UserError) as e:  # UserError: e.g. a prompt too long
                 status, reply = HTTPStatus.BAD_REQUEST, {"error": first_line(e)}
             except Exception as e:
                 traceback.print_exc()
@@ -382,12 +507,40 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (its time-out); nothing to tell it
-            self.close_connection = True
+
+        def _body(self) -> dict[str, Any] | None:
+            """The request's JSON object, read only up to MAX_BODY_BYTES; None if the client stopped sending."""
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (chunked "
+                                   "transfer encoding is not supported)")
+            text = (self.headers.get("Content-Length") or "0").strip()
+            if not (text.isascii() and text.isdigit() and len(text) <= 20):
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length '{text:.40}' is not a byte count")
+            length = int(text)
+            if length > MAX_BODY_BYTES:
+                raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request body has {length} bytes, "
+                                   f"more than this server's limit of {MAX_BODY_BYTES} ({MAX_BODY_BYTES >> 20} MiB): "
+                                   "send fewer prompts per request (more servers, or fewer prompts per step)")
+            try:
+                raw = self.rfile.read(length) if length else b""
+            except OSError:  # its time-out (a client that went quiet) or a reset
+                return None
+            if len(raw) < length:
+                return None
+            try:
+                body = json.loads(raw) if raw else {}
+            except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the request body is not JSON") from None
+            if not isinstance(body, dict):
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")
+            return body
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
             pass  # one line per request would drown the server's log
@@ -395,10 +548,29 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(cfg: Config, host: str, port: int, say: Callable[[str], None]) -> None:
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (only local clients can connect)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses)
+
+
+def serve(cfg: Config, host: str, port: int, say: Callable[[str], None], token: str | None = None,
+          weights_dirs: Sequence[Path] = ()) -> None:
     """Bind host:port, load the engine (answering /health with `loading` meanwhile), print the ready
-    line, then serve until SIGINT or SIGTERM."""
-    server = RolloutServer(cfg)
+    line, then serve until SIGINT or SIGTERM. token, weights_dirs: access control (module docstring)."""
+    for folder in weights_dirs:
+        if not Path(folder).expanduser().is_dir():
+            raise UserError(f"--weights-dir {folder}: no such folder; give a folder the trainer's rollout.sync_dir "
+                            "lies under (it must exist before the server starts)")
+    server = RolloutServer(cfg, token, weights_dirs)
+    if not is_loopback(host) and server.token is None:
+        say(f"warning: listening on {host} without a token: anyone who can reach this port can generate and "
+            f"push weights{'' if weights_dirs else ' from any path this server can read'}; set {TOKEN_ENV} "
+            "(or --token) here and in the trainer's environment"
+            + ("" if weights_dirs else ", and --weights-dir to the folder of the trainer's rollout.sync_dir"))
     try:
         httpd = ThreadingHTTPServer((host, port), _handler(server))
     except OSError as e:

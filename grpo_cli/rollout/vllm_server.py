@@ -6,6 +6,8 @@ chunks, one per server (data parallel; a prompt's G completions stay on one serv
 the same time and puts the samples back in prompt order. Seeds follow a prompt's index in the whole
 batch, so the samples do not depend on how many servers there are.
 
+Every request carries `Authorization: Bearer $GRPO_ROLLOUT_TOKEN` when that variable is set (a
+server started with a token refuses requests without it; the token stays out of the run's config).
 Every HTTP call waits at most `rollout.server_timeout_s` for its reply; a refused connection, a
 time-out, a dropped connection or an error reply raises `RolloutServerError`, whose one-line message
 names the server. Creating the engine waits (up to that time-out) until every server reports ready,
@@ -71,10 +73,19 @@ class Server:
 
 def call(server: Server, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
     """One JSON request; every failure becomes a `RolloutServerError` that names the server."""
+    from grpo_cli.rollout.server import MAX_BODY_BYTES, TOKEN_ENV
+
     data = None if body is None else json.dumps(body).encode()
+    if data is not None and len(data) > MAX_BODY_BYTES:  # the server would refuse it unread
+        raise _failure(server, path, f"cannot take a request of {len(data)} bytes (at most {MAX_BODY_BYTES >> 20} MiB)",
+                       "send fewer prompts per request: more servers, or fewer prompts per step")
+    headers = {"Content-Type": "application/json"} if data else {}
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
     try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        conn.request(method, path, body=data, headers=headers)
         response = conn.getresponse()
         raw = response.read()
     except ConnectionRefusedError:
@@ -93,10 +104,21 @@ def call(server: Server, method: str, path: str, body: dict[str, Any] | None, ti
         reply = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         reply = {"error": raw[:200].decode(errors="replace")}
+    if response.status == 401:
+        raise _failure(server, path, *_token_advice())
     if response.status != 200:
         message = reply.get("error", "") if isinstance(reply, dict) else ""
         raise _failure(server, path, f"answered {response.status}", message)
     return reply
+
+
+def _token_advice() -> tuple[str, str]:
+    """(what happened, the fix) for a server that refused this process's token, or its lack of one."""
+    from grpo_cli.rollout.server import TOKEN_ENV
+
+    if os.environ.get(TOKEN_ENV):
+        return "refused this process's token", f"set {TOKEN_ENV} to the token the server was started with"
+    return "requires a token", f"set {TOKEN_ENV} in the trainer's environment to the server's token"
 
 
 def _failure(server: Server, path: str, what: str, advice: str) -> RolloutServerError:
@@ -289,6 +311,8 @@ class VLLMServerEngine:
                 except RolloutServerError as e:
                     last[server] = getattr(e, "what", str(e))
                     continue
+                if reply.get("authorized") is False:
+                    raise UserError(str(_failure(server, "/health", *_token_advice())))
                 if reply.get("status") == "ready":
                     info[server] = reply
                 else:
