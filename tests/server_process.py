@@ -16,14 +16,14 @@ import pytest
 START_TIMEOUT = 300  # seconds for the server to print its ready line (the machines are noisy)
 
 
-def start_server(model_dir: Path, log: Path, *overrides: str, env: dict[str, str] | None = None,
+def start_server(model_dir: Path, log: Path, *overrides: str, env: dict[str, str] | None = None, port: int = 0,
                  ) -> tuple[subprocess.Popen, str]:
-    """A `grpo rollout-server` subprocess on a free loopback port, once it printed its ready line:
-    (process, "127.0.0.1:PORT"). Its output goes to `log` (a pipe left unread could block it)."""
+    """A `grpo rollout-server` subprocess on a loopback port (0: a free one), once it printed its ready
+    line: (process, "127.0.0.1:PORT"). Its output goes to `log` (a pipe left unread could block it)."""
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "grpo_cli", "rollout-server", f"model.name_or_path={model_dir}", "model.dtype=float32",
-             *overrides, "--host", "127.0.0.1", "--port", "0"],
+             *overrides, "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + START_TIMEOUT
     while True:

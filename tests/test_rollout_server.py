@@ -352,6 +352,30 @@ def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model,
             - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
 
 
+def test_a_restarted_server_serves_the_runs_pushed_weights_again(tiny_model_dir: Path, base_model,
+                                                                  tmp_path: Path) -> None:
+    """The real thing: a server restarted after a file push (back on the base weights) scores and
+    samples with the pushed weights again on the client's next request, which does not fail."""
+    port = free_port()
+    process, address = start_server(tiny_model_dir, tmp_path / "first.log", "rollout.cpu_kv_cache_mib=64", port=port)
+    try:
+        engine = client(address, run_dir=tmp_path / "run")
+        noisy = perturbed(base_model, 3)
+        push_weights(engine, noisy.state_dict().items())
+        stop_server(process)
+        process, _ = start_server(tiny_model_dir, tmp_path / "second.log", "rollout.cpu_kv_cache_mib=64", port=port)
+        prompt_ids, completion_ids = list(range(100, 140)), list(range(500, 520))
+        served = torch.tensor(engine.prompt_logprobs(prompt_ids, completion_ids))
+        assert (served - forward_logprobs(noisy, prompt_ids, completion_ids)).abs().max() < ATOL
+        assert (served - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() > 0.1
+        for s in engine.generate(PROMPTS[:2], SAMPLING):
+            assert (torch.tensor(s.logprobs) - forward_logprobs(noisy, s.prompt_ids, s.completion_ids)).abs().max() < ATOL
+        assert engine.health()[0]["weights_version"] == 1
+        engine.close()
+    finally:
+        stop_server(process)
+
+
 def test_server_refuses_bad_requests_with_a_clear_message(server) -> None:
     _, address = server
     engine = client(address)
@@ -465,6 +489,9 @@ class _CountingEngine:
         self.calls: list[list[list[str]]] = []
         self.settings: list = []  # the SamplingSettings of each job
 
+    def prompt_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
+        return [-1.0] * len(completion_ids)
+
     def generate_many(self, jobs: list) -> list:
         from grpo_cli.rollout import Sample
 
@@ -566,17 +593,23 @@ def test_each_launch_tags_its_requests_with_an_id_rank_0_draws(monkeypatch) -> N
 
 # ----------------------------------------------------------------------------- whose weights a server holds
 def test_a_restarted_or_shared_server_is_never_sampled_from_silently(monkeypatch, tmp_path: Path) -> None:
-    """A server that restarted (back on its base weights) or took another trainer's push: the next
-    rollout of the run whose weights it lost fails, naming the server; the pusher's goes on."""
+    """A server that restarted (back on its base weights) when this run's last push cannot be loaded
+    again, or one that took another trainer's push: the next rollout of the run whose weights it lost
+    fails, naming the server; the pusher's goes on."""
     from grpo_cli import sync
 
     port = free_port()
     sampling = SamplingSettings(n=1, max_new_tokens=8, temperature=1.0, seed=1)
+    monkeypatch.setattr(sync, "push_weights", lambda engine, pairs: 0.5)  # the server's side of a load
+    monkeypatch.setattr(sync, "read_weight_files", lambda path: iter(()))
     server, httpd, address = _serve_fake(wait_s=1.0, port=port)
     try:
         cfg = RolloutConfig(engine="vllm_server", servers=[address], max_new_tokens=8)
         run_a = VLLMServerEngine(cfg)
+        (tmp_path / "weights-v000001").mkdir()
+        run_a.load_weights(tmp_path / "weights-v000001", 1)
         assert [s.text for s in run_a.generate(["a"], sampling)] == ["a"]
+        (tmp_path / "weights-v000001").rmdir()  # e.g. cleaned up by hand: nothing to load again
         httpd.shutdown()
         httpd.server_close()
         server, httpd, _ = _serve_fake(wait_s=1.0, port=port)  # the same address, a fresh process's weights
@@ -585,8 +618,6 @@ def test_a_restarted_or_shared_server_is_never_sampled_from_silently(monkeypatch
             run_a.generate(["a"], sampling)
 
         run_a, run_b = VLLMServerEngine(cfg), VLLMServerEngine(cfg)  # two trainers on one server
-        monkeypatch.setattr(sync, "push_weights", lambda engine, pairs: 0.5)
-        monkeypatch.setattr(sync, "read_weight_files", lambda path: iter(()))
         run_b.load_weights(tmp_path, 1)  # run b pushes its weights
         assert [s.text for s in run_b.generate(["b"], sampling)] == ["b"]
         with pytest.raises(RolloutServerError, match="other weights"):
@@ -594,6 +625,81 @@ def test_a_restarted_or_shared_server_is_never_sampled_from_silently(monkeypatch
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_restarted_server_gets_the_last_file_push_again(monkeypatch, tmp_path: Path, caplog) -> None:
+    """File sync, one trainer: a server that restarted gets the last push loaded again and the request
+    is retried once, with a warning; before any push its base weights are the run's. Not when someone
+    pushed to it since, under torchrun, with NCCL sync, or when the retry meets other weights again."""
+    from grpo_cli import sync
+    from grpo_cli.rollout import server as server_module
+
+    loaded: list[Path] = []
+    monkeypatch.setattr(sync, "push_weights", lambda engine, pairs: 0.5)
+    monkeypatch.setattr(sync, "read_weight_files", lambda path: loaded.append(path) or iter(()))
+    port = free_port()
+    served = [_serve_fake(wait_s=1.0, port=port)]
+
+    def restart() -> server_module.RolloutServer:
+        served[-1][1].shutdown()
+        served[-1][1].server_close()
+        served.append(_serve_fake(wait_s=1.0, port=port))
+        return served[-1][0]
+
+    sampling = SamplingSettings(n=2, max_new_tokens=8, temperature=1.0, seed=1)
+    cfg = RolloutConfig(engine="vllm_server", servers=[f"127.0.0.1:{port}"], max_new_tokens=8)
+    address = f"127.0.0.1:{port}"
+    try:
+        engine = VLLMServerEngine(cfg)
+        server = restart()  # before any push: the base weights are the run's, nothing to load
+        with caplog.at_level("WARNING", logger="grpo.rollout"):
+            assert [s.text for s in engine.generate(["a", "b"], sampling)] == ["a", "a", "b", "b"]
+        assert loaded == [] and engine.weights_ids[engine.servers[0]] == server.weights_id
+        assert caplog.messages == [f"rollout server {address} restarted (back on its base weights): its base weights "
+                                   "are this run's (nothing pushed yet); sending /generate again"]
+
+        folder = sync.write_weight_files(tmp_path, "weights-v000001", iter([("w", torch.zeros(2))]), torch.float32,
+                                         tied=False)
+        engine.sync_folders.append(folder)
+        engine.load_weights(folder, 1)  # as grpo_cli.sync pushes
+        server = restart()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="grpo.rollout"):
+            assert [s.text for s in engine.generate(["c"], sampling)] == ["c", "c"]
+        assert loaded == [folder, folder] and server.weights_version == 1
+        assert caplog.messages == [f"rollout server {address} restarted (back on its base weights): loaded this "
+                                   "run's weights version 1 again; sending /generate again"]
+        assert server.engine.calls == [[["c"]], [["c"]]]  # the refused request, then its retry
+        server = restart()
+        assert engine.prompt_logprobs([1, 2], [3, 4]) == [-1.0, -1.0]  # /logprobs recovers the same way
+        assert len(loaded) == 3 and server.weights_version == 1
+
+        # The retry meets other weights again: no second reload, the run stops.
+        server = restart()
+        fresh = server._weights
+        monkeypatch.setattr(server, "_weights", lambda: {**fresh(), "weights_id": server_module._new_id()} if loaded[3:]
+                            else fresh())  # after the reload, every answer names other weights
+        with pytest.raises(RolloutServerError, match="answered /generate with other weights"):
+            engine.generate(["d"], sampling)
+        assert len(loaded) == 4
+
+        for case in ("pushed since", "torchrun", "nccl"):
+            engine = VLLMServerEngine(cfg)
+            engine.load_weights(folder, 1)
+            server = restart()
+            if case == "pushed since":
+                server.weights_version = 3  # another trainer's push after the restart
+            elif case == "torchrun":
+                engine.world = 2  # only rank 0 knows the last push
+            else:
+                engine.sync_method = "nccl"
+            count = len(loaded)
+            with pytest.raises(RolloutServerError, match="answered /generate with other weights"):
+                engine.generate(["e"], sampling)
+            assert len(loaded) == count, case
+    finally:
+        served[-1][1].shutdown()
+        served[-1][1].server_close()
 
 
 def test_a_server_of_another_model_dtype_context_or_version_is_refused() -> None:
@@ -709,7 +815,7 @@ def test_malformed_oversized_or_absurd_requests_get_a_4xx_and_the_server_lives_o
         refused(400, "'prompt_offset': expected an integer >= 0", body={"prompts": ["a"], "sampling": good,
                                                                         "prompt_offset": [1]})
         refused(400, "'batch': expected", body={"prompts": ["a"], "sampling": good,
-                                                "batch": {"key": "k" * 300, "of": 2}})
+                                                "batch": {"key": "k" * 1100, "of": 2}})
         refused(400, "'prompt_ids': expected a list of token ids", path="/logprobs",
                 body={"prompt_ids": [1, {}], "completion_ids": [2]})
         refused(400, "'temperature': expected a number >= 0", path="/logprobs",

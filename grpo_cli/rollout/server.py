@@ -11,7 +11,8 @@ Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 4
 out-of-range request), 401 (no valid token), 403 (a path outside --weights-dir), 404, 409, 411, 413
 (a body over MAX_BODY_BYTES), 500, or 503 while the model is loading):
 
-    GET  /health        status (loading | ready), protocol, model, weights_version, weights_id, dtype,
+    GET  /health        status (loading | ready), protocol, model, weights_version, weights_id, boot_id
+                        (drawn when the process starts), dtype,
                         tied_embeddings, max_model_len, architecture (the model config's sizes),
                         world_size (GPUs of this server), cuda; without a valid token (when the server
                         has one) only status, protocol and authorized: false
@@ -55,7 +56,9 @@ never a 500.
 `weights_id` is drawn afresh when the server starts and whenever its weights change (a load, an NCCL
 update, one that failed half way too); /generate and /logprobs reply with the id of the weights they
 ran on. A client compares it with the id its own last push got back, so that a server that restarted
-(back on the base weights) or took another trainer's weights is noticed, never sampled from silently.
+(back on the base weights) or took another trainer's weights is noticed, never sampled from silently;
+`boot_id`, drawn once per process, tells it a restart (which it may repair by loading its last push
+again) from another trainer's push.
 `protocol` is bumped whenever a request or a reply changes meaning.
 """
 
@@ -98,7 +101,7 @@ TOKEN_ENV = "GRPO_ROLLOUT_TOKEN"  # the shared secret, read by the server (unles
 # Largest request body read: a /generate of ~100k prompts of 600 characters; bigger is refused unread.
 MAX_BODY_BYTES = 64 << 20
 MAX_SEQUENCES = 1 << 18  # prompts x n of one /generate (a step of 4096 prompts x 64 per server)
-MAX_KEY_CHARS = 256  # a batch key (the client's are ~60 characters)
+MAX_KEY_CHARS = 1024  # a batch key (the client's: MASTER_ADDR:MASTER_PORT:run id:launch id#call, ~60 characters)
 
 
 class RequestError(Exception):
@@ -122,6 +125,7 @@ class RolloutServer:
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_version: int | str = 0
         self.weights_id = _new_id()  # these weights, in this process (module docstring)
+        self.boot_id = _new_id()  # this process: a client tells a restarted server from another trainer's push
         self.updating = False  # between /start_weight_update and /finish_weight_update
         self.batches = Coalescer(self._generate_together, GATHER_S)
         self.counts = {"generate_requests": 0, "engine_generate_calls": 0}  # in /health: how well requests batch
@@ -171,7 +175,8 @@ class RolloutServer:
         engine = self.engine
         info: dict[str, Any] = {"status": "ready" if engine is not None else "loading", "protocol": PROTOCOL,
                                 "model": self.cfg.model.name_or_path, "weights_version": self.weights_version,
-                                "weights_id": self.weights_id, "updating": self.updating, **self.counts}
+                                "weights_id": self.weights_id, "boot_id": self.boot_id, "updating": self.updating,
+                                **self.counts}
         if engine is not None:
             hf_config = engine.llm.llm_engine.model_config.hf_text_config
             info.update(dtype=str(engine.dtype).removeprefix("torch."), max_model_len=engine.max_model_len,

@@ -17,7 +17,12 @@ and a context long enough for rollout.max_prompt_tokens + max_new_tokens.
 Every /generate and /logprobs reply names the weights it ran on (`weights_id`, drawn by the server
 whenever its weights change); a reply whose id is not the one this client's last push got back is a
 `RolloutServerError`: the server restarted (back on its base weights) or another trainer pushed to it,
-and samples from other weights than the learner's must never be trained on silently.
+and samples from other weights than the learner's must never be trained on silently. One case is
+recovered (`_recover`): with file sync and one trainer process, a server that restarted (a new
+`boot_id` in its /health, weights_version 0, the same model as at start-up) gets the last push's
+folder loaded again (before any push: its base weights are the run's), with a warning, and the
+request is sent once more; a second mismatch, a missing folder, NCCL sync or several learner ranks
+stop the run as before.
 
 Weights reach the servers through grpo_cli.sync.push_weights: `rollout.sync_method=file` writes
 safetensors into `rollout.sync_dir` (default <run dir>/weight-sync), which every server then loads;
@@ -31,6 +36,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -52,6 +58,11 @@ if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
 _HINT = "is `grpo rollout-server` running there? (rollout.servers)"
+# What must not change when a server restarts for this run to carry on with it (_recover).
+_SAME_AFTER_RESTART = ("protocol", "model", "dtype", "tied_embeddings", "max_model_len", "architecture", "cuda",
+                       "world_size")
+
+log = logging.getLogger("grpo.rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +176,7 @@ class VLLMServerEngine:
         self._sync_dir = Path(rollout_cfg.sync_dir).expanduser() if rollout_cfg.sync_dir else None
         self._run_dir = run_dir
         self.sync_folders: list[Path] = []  # written by grpo_cli.sync, removed on close
+        self.last_push: tuple[Path, int] | None = None  # (folder, version) of the last file push (_recover)
         self._temp_dir: Path | None = None
         self._nccl: Any = None  # vLLM's NCCLTrainerWeightTransferEngine once the group is formed
         if self._sync_dir is None and run_dir is not None and os.environ.get("RANK", "0") == "0":
@@ -260,6 +272,12 @@ class VLLMServerEngine:
             for _, body in requests:
                 body["batch"] = {"key": f"{self.batch_tag}#{self.calls}", "of": self.world}
         replies = self._fan_out("/generate", requests)
+        lost = [i for i, ((server, _), reply) in enumerate(zip(requests, replies, strict=True))
+                if not self._holds_ours(server, reply)]
+        if lost and all(self._recover(server, "/generate", reply)
+                        for server, reply in {requests[i][0]: replies[i] for i in lost}.items()):
+            for i, reply in zip(lost, self._fan_out("/generate", [requests[i] for i in lost]), strict=True):
+                replies[i] = reply  # checked below: a second mismatch stops the run
         samples: list[Sample] = []
         for (start, end), (server, _), reply in zip(chunks, requests, replies, strict=True):
             self._check_weights(server, "/generate", reply)
@@ -331,16 +349,59 @@ class VLLMServerEngine:
 
     def load_weights(self, folder: Path, version: int) -> None:
         """Every server loads the safetensors in `folder` (a path they share with this process)."""
-        replies = self._post_all("/load_weights", {"path": str(Path(folder).resolve()), "version": version})
+        folder = Path(folder).resolve()
+        replies = self._post_all("/load_weights", {"path": str(folder), "version": version})
         self.weights_version = version
+        self.last_push = (folder, version)
         self.took_weights(replies)
 
     def took_weights(self, replies: list[dict[str, Any]]) -> None:
         """Record the weights each server holds after a push (its reply's weights_id)."""
         self.weights_ids = {s: str(r.get("weights_id")) for s, r in zip(self.servers, replies, strict=True)}
 
+    def _holds_ours(self, server: Server, reply: dict[str, Any]) -> bool:
+        return str(reply.get("weights_id")) == self.weights_ids.get(server)
+
+    def _recover(self, server: Server, path: str, reply: dict[str, Any]) -> bool:
+        """Give a server that answered `path` with other weights (`reply`) this run's again, if it only
+        restarted: file sync, this process the only pusher, its /health showing a new boot_id, base
+        weights (version 0, the id of `reply`: nobody pushed since) and the model it hosted at start-up.
+        Then the last push's folder is loaded into it again (before any push, the base weights are the
+        run's own, if they were at start-up). False when any of that fails: the caller stops the run."""
+        if self.sync_method != "file" or self.world > 1:  # under torchrun only rank 0 knows the last push
+            return False
+        before = self.info[self.servers.index(server)]
+        try:
+            health = call(server, "GET", "/health", None, self.timeout)
+        except RolloutServerError:
+            return False
+        restarted = (health.get("status") == "ready" and health.get("boot_id") not in (None, before.get("boot_id"))
+                     and _version(health.get("weights_version")) == 0
+                     and str(health.get("weights_id")) == str(reply.get("weights_id"))
+                     and all(health.get(key) == before.get(key) for key in _SAME_AFTER_RESTART))
+        if not restarted:
+            return False
+        if self.last_push is None:
+            if _version(before.get("weights_version")) != 0:  # it held other weights at start-up
+                return False
+            weights_id, what = str(health.get("weights_id")), "its base weights are this run's (nothing pushed yet)"
+        else:
+            folder, version = self.last_push
+            if not folder.is_dir():
+                return False
+            try:
+                loaded = call(server, "POST", "/load_weights", {"path": str(folder), "version": version}, self.timeout)
+            except RolloutServerError as e:
+                log.warning("rollout server %s restarted; loading this run's weights into it again failed: %s", server, e)
+                return False
+            weights_id, what = str(loaded.get("weights_id")), f"loaded this run's weights version {version} again"
+        log.warning("rollout server %s restarted (back on its base weights): %s; sending %s again", server, what, path)
+        self.weights_ids[server] = weights_id
+        self.info = [health if s == server else i for s, i in zip(self.servers, self.info, strict=True)]
+        return True
+
     def _check_weights(self, server: Server, path: str, reply: dict[str, Any]) -> None:
-        if str(reply.get("weights_id")) != self.weights_ids.get(server):
+        if not self._holds_ours(server, reply):
             raise RolloutServerError(
                 f"rollout server {server} answered {path} with other weights (version {reply.get('weights_version')}) "
                 f"than this run's version {self.weights_version}: it restarted, or another trainer pushed to it. "
@@ -352,6 +413,8 @@ class VLLMServerEngine:
         `VLLMEngine.prompt_logprobs` on that server)."""
         body = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "temperature": temperature}
         reply = call(self.servers[server], "POST", "/logprobs", body, self.timeout)
+        if not self._holds_ours(self.servers[server], reply) and self._recover(self.servers[server], "/logprobs", reply):
+            reply = call(self.servers[server], "POST", "/logprobs", body, self.timeout)
         self._check_weights(self.servers[server], "/logprobs", reply)
         return reply["logprobs"]
 
