@@ -680,7 +680,7 @@ def _with_model(cfg: Config, folder: Path) -> Config:
 
 
 def _checkpoint_in(run_dir: Path, checkpoint: str | None) -> Path:
-    from grpo_cli.checkpoint import checkpoint_dirs
+    from grpo_cli.checkpoint import TMP_PREFIX, checkpoint_dirs
 
     found = checkpoint_dirs(run_dir)
     if checkpoint is None:
@@ -690,10 +690,21 @@ def _checkpoint_in(run_dir: Path, checkpoint: str | None) -> Path:
                             "one is saved")
         return found[-1]
     by_name = {p.name: p for p in found}
-    name = f"step-{int(checkpoint):06d}" if checkpoint.isdigit() else Path(checkpoint).name
+    available = ", ".join(by_name) or "none"
+    folders = run_dir / "checkpoints"
+    given = Path(checkpoint).expanduser()
+    # A path names that folder: never another one of the run's that has the same name.
+    if len(given.parts) > 1 and given.resolve().parent != folders.resolve():
+        raise UserError(f"checkpoint={checkpoint} is not in run={run_dir}'s {folders}: pass one of its checkpoints "
+                        f"({available}), or drop run= to evaluate that folder")
+    name = f"step-{int(checkpoint):06d}" if checkpoint.isdigit() else given.name
     if name in by_name:
         return by_name[name]
-    available = ", ".join(by_name) or "none"
+    if name.startswith(TMP_PREFIX):
+        raise UserError(f"checkpoint={checkpoint}: an unfinished save (a run stopped while writing it), never "
+                        f"complete; evaluate a complete checkpoint ({available})")
+    if (folders / name).is_dir():  # a copy (step-000040-best) or one without its trainer_state.pt: eval needs the model
+        return folders / name
     raise UserError(f"checkpoint={checkpoint}: no such checkpoint in {run_dir} (available: {available})")
 
 

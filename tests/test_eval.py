@@ -543,6 +543,28 @@ def test_missing_runs_and_checkpoints_are_one_line_errors(tmp_path: Path, args: 
     assert message.format(tmp=tmp_path, run=run) in str(caught.value)
 
 
+def test_a_checkpoint_path_names_that_folder(tmp_path: Path) -> None:
+    """run=A checkpoint=B/checkpoints/step-000002 evaluated A's step-000002 (matched by name) and said nothing;
+    a copy beside the run's checkpoints, or one whose trainer_state.pt was deleted, was "no such checkpoint"."""
+    run = _fake_run(tmp_path, [2, 4])
+    other = _fake_run(tmp_path / "b", [2])
+    with pytest.raises(UserError) as caught:
+        load_target([f"eval.run={run}", f"eval.checkpoint={other}/checkpoints/step-000002"], None)
+    assert str(caught.value) == (f"checkpoint={other}/checkpoints/step-000002 is not in run={run}'s {run}/checkpoints: "
+                                 "pass one of its checkpoints (step-000002, step-000004), or drop run= to evaluate "
+                                 "that folder")
+    best = run / "checkpoints" / "step-000004-best"
+    best.mkdir()
+    (run / "checkpoints" / "step-000002" / "trainer_state.pt").unlink()  # deleted to save space: the model is whole
+    target = load_target([f"eval.checkpoint={best}"], None)
+    assert (target.run, target.checkpoint) == (run, best)
+    assert load_target([f"eval.run={run}", "eval.checkpoint=2"], None).checkpoint == run / "checkpoints" / "step-000002"
+    with pytest.raises(UserError) as caught:
+        load_target([f"eval.run={run}", "eval.checkpoint=.tmp-step-000009-1"], None)
+    assert str(caught.value) == ("checkpoint=.tmp-step-000009-1: an unfinished save (a run stopped while writing it), "
+                                 "never complete; evaluate a complete checkpoint (step-000004)")
+
+
 def test_named_output_dir_must_be_empty(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(UserError, match="already holds files"):
