@@ -698,6 +698,19 @@ def test_periodic_eval_logs_eval_metrics(trained_run: Path) -> None:
                                 if k.startswith("eval/chain_sum/")}, samples, n=2)
 
 
+def test_periodic_eval_completions_reach_eval_max_new_tokens(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """eval.max_new_tokens longer than training's: the training engine's max_model_len (rollout.max_new_tokens +
+    rollout.max_prompt_tokens, 8 + 64 here) cut the ~50-token prompts' eval completions at ~22 tokens, where
+    grpo eval's engine gives the 40 asked for. The random model never stops early: every one is cut at 40."""
+    run = tmp_path / "run"
+    result = _grpo(*_TRAIN_ARGS, f"model.name_or_path={tiny_model_dir}", f"output_dir={run}", "trainer.max_steps=1",
+                   "rollout.max_new_tokens=8", "rollout.max_prompt_tokens=64", "trainer.eval_every=1",
+                   "eval.datasets=[chain_sum]", "eval.limit=2", "eval.max_new_tokens=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = _lines(run / "samples" / "eval-step-000001.jsonl")
+    assert [(s["tokens"], s["truncated"]) for s in samples] == [(40, True)] * 2
+
+
 def test_evaluations_leave_training_as_it_was(trained_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The evaluations (before training and after each step) draw from random streams of their own: the
     same run without them trains on the same completions to the same loss."""
