@@ -93,9 +93,10 @@ def train(cfg: Config) -> Path:
             state = checkpoint.load(latest[0], learner)
             start, position = state["step"], state["data_position"]
         rollout_cfg = cfg.rollout
-        if evaluation is not None and cfg.rollout.engine == "vllm":
+        if evaluation is not None and cfg.rollout.engine in ("vllm", "vllm_server"):
             # Room for the evaluations' completions (eval.max_new_tokens may be longer than training's), as
-            # grpo eval's engine has: else vLLM cuts them at its max_model_len and the figures differ.
+            # grpo eval's engine has: else vLLM cuts them at its max_model_len and the figures differ (a
+            # rollout server started with a shorter context is refused at start).
             longest = max(cfg.rollout.max_new_tokens, evaluation.sampling.max_new_tokens)
             rollout_cfg = dataclasses.replace(cfg.rollout, max_new_tokens=longest)
         engine = make_engine(rollout_cfg, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy,

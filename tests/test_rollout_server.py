@@ -411,6 +411,25 @@ def test_grpo_train_against_the_server(server, grpo, tiny_model_dir: Path, tmp_p
     assert not (run / "weight-sync").exists()  # the sync files go with the run's end
 
 
+def test_a_server_leaves_room_for_the_runs_longer_evaluations(grpo, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """eval.max_new_tokens longer than training's: a server started with the run's settings had a context of
+    rollout.max_new_tokens + rollout.max_prompt_tokens (8 + 64), which cut the ~50-token prompts' evaluations
+    during training at ~22 tokens; now it holds the 40 asked for (the random model never stops early)."""
+    settings = ("rollout.max_new_tokens=8", "rollout.max_prompt_tokens=64", "eval.max_new_tokens=40")
+    process, address = start_server(tiny_model_dir, tmp_path / "server.log", "rollout.cpu_kv_cache_mib=64", *settings)
+    try:
+        run = tmp_path / "run"
+        result = grpo("train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}", f"output_dir={run}",
+                      "trainer.max_steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2", "dataset.size=64",
+                      "trainer.eval_every=1", "eval.datasets=[chain_sum]", "eval.limit=2", *settings,
+                      "rollout=vllm_server", f"rollout.servers=[{address}]")
+    finally:
+        stop_server(process)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (run / "samples" / "eval-step-000001.jsonl").read_text().splitlines()]
+    assert [(s["tokens"], s["truncated"]) for s in samples] == [(40, True)] * 2
+
+
 def test_killed_server_gives_a_clear_error_within_the_time_out(server) -> None:
     """Runs last: it kills the module's server (SIGKILL) while a client keeps generating."""
     process, address = server
@@ -729,7 +748,9 @@ def test_a_server_of_another_model_dtype_context_or_version_is_refused() -> None
                                         r"float32 there: start it with model.dtype=auto"):
         engine(model_dtype="auto", dtype="bfloat16")  # a CPU server: auto is float32
     with pytest.raises(UserError, match=r"holds at most 300 tokens per sequence, not enough for "
-                                        r"rollout.max_prompt_tokens=512 \+ rollout.max_new_tokens=64"):
+                                        r"rollout.max_prompt_tokens=512 \+ 64 new tokens \(rollout.max_new_tokens, "
+                                        r"or eval.max_new_tokens when longer\): start it with the run's "
+                                        r"rollout.max_prompt_tokens, rollout.max_new_tokens and eval.max_new_tokens"):
         engine(max_model_len=300)
     assert engine(max_model_len=512 + 64).weights_version == 7  # room enough, exactly
     with pytest.raises(UserError, match=f"speaks protocol None, this grpo {PROTOCOL}: run the same grpo version"):

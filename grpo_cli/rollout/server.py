@@ -153,7 +153,10 @@ class RolloutServer:
         if torch.cuda.is_available():
             llm_args["weight_transfer_config"] = {"backend": "nccl"}  # vLLM's own NCCL receiver in each worker
         # The server's GPUs are its own: sleep mode (freeing memory for a learner) has no use here.
-        rollout = dataclasses.replace(self.cfg.rollout, sleep_mode=False)
+        # Room for evaluations during training too (eval.max_new_tokens may be longer), as a trainer's
+        # in-process engine leaves: else they are cut at max_model_len, or the trainer refuses the server.
+        longest = max(self.cfg.rollout.max_new_tokens, self.cfg.eval.max_new_tokens or 0)
+        rollout = dataclasses.replace(self.cfg.rollout, sleep_mode=False, max_new_tokens=longest)
         self.engine = VLLMEngine(resolve(self.cfg.model.name_or_path), rollout, self.cfg.model, seed=self.cfg.seed,
                                  llm_args=llm_args)
 

@@ -234,8 +234,9 @@ class VLLMServerEngine:
             if int(info.get("max_model_len", 0)) < needed:
                 raise UserError(f"rollout server {server} holds at most {info.get('max_model_len')} tokens per "
                                 f"sequence, not enough for rollout.max_prompt_tokens={rollout_cfg.max_prompt_tokens} "
-                                f"+ rollout.max_new_tokens={rollout_cfg.max_new_tokens}: start it with the run's "
-                                "rollout.max_prompt_tokens and rollout.max_new_tokens")
+                                f"+ {rollout_cfg.max_new_tokens} new tokens (rollout.max_new_tokens, or eval.max_new_tokens "
+                                "when longer): start it with the run's rollout.max_prompt_tokens, rollout.max_new_tokens "
+                                "and eval.max_new_tokens")
             if self.sync_method == "nccl" and not info.get("cuda"):
                 raise UserError(f"rollout.sync_method=nccl: rollout server {server} runs on CPU; use "
                                 "rollout.sync_method=file")
