@@ -2,7 +2,7 @@
 
 checkpoints/step-000050/ holds the policy (safetensors + config + tokenizer: loadable by
 `AutoModelForCausalLM.from_pretrained` and by vLLM) and trainer_state.pt (optimizer, scheduler,
-RNG, step, data position). Each is written into a hidden temporary folder, flushed to disk and renamed
+RNG, step, data position and the data it refers to: data.data_fingerprint and the order's seed). Each is written into a hidden temporary folder, flushed to disk and renamed
 into place, so a killed process (or a power cut) leaves either the whole checkpoint or none of it.
 
 With several learner processes (torchrun) every rank takes part in gathering the sharded weights
@@ -78,7 +78,7 @@ def damage(folder: Path, trainer_state: bool = True) -> str | None:
 
 
 def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerBase, keep_last: int,
-         data_position: int) -> Path:
+         data_position: int, data: dict[str, Any] | None = None) -> Path:
     from safetensors import SafetensorError
 
     from grpo_cli.learner import TrainingError
@@ -96,6 +96,7 @@ def save(run: Path, step: int, learner: Learner, tokenizer: PreTrainedTokenizerB
             state = {
                 "step": step,
                 "data_position": data_position,
+                "data": data,  # what data_position counts in (loop.resume_position); older checkpoints lack it
                 "learner": learner_state,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -158,7 +159,7 @@ def remove_unfinished(run: Path) -> None:
 
 
 def load(path: Path, learner: Learner) -> dict[str, Any]:
-    """Restore the learner from a checkpoint folder; returns its trainer state (step, data_position)."""
+    """Restore the learner from a checkpoint folder; returns its trainer state (step, data_position, data)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     learner.load_state_dict(state["learner"], path)
     torch.set_rng_state(state["rng"]["torch"])

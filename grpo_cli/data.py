@@ -9,6 +9,7 @@ model continues (template applied, prefill appended).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -172,6 +173,18 @@ def load_prompts(cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None,
     for row in rows:
         row["prompt"] = render_prompt(row["problem"], cfg, tokenizer)
     return rows
+
+
+def data_fingerprint(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a saved data position (loop.prompt_indices) refers to: the row count and a hash of the rows'
+    problems and answers, in order. A resume compares it with the data it loaded. The prompt template and
+    the prompt limit are left out: they change how a row is shown, or whether it is passed over, never
+    which row stands where."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["problem"], row["answer"]], default=str).encode())
+        digest.update(b"\n")
+    return {"rows": len(rows), "sha256": digest.hexdigest()}
 
 
 def prompt_token_counts(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
-from grpo_cli.data import fitting_prompts, load_prompts, special_token_note
+from grpo_cli.data import data_fingerprint, fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
@@ -88,10 +88,13 @@ def train(cfg: Config) -> Path:
         if evaluation is not None:
             evaluation.check_prompt_lengths(tokenizer, limit, limit_source)
         start, position = 0, 0  # last finished step; prompts consumed so far
+        data = {**data_fingerprint(rows), "seed": cfg.seed}  # what `position` counts in, saved with it
+        data_changed = None  # a note when a resume finds other data than its checkpoint's position refers to
         latest = checkpoint.checkpoint_dirs(run)[-1:] if cfg.resume else []
         if latest:
             state = checkpoint.load(latest[0], learner)
-            start, position = state["step"], state["data_position"]
+            start = state["step"]
+            position, data_changed = resume_position(state, data)
         rollout_cfg = cfg.rollout
         if evaluation is not None and cfg.rollout.engine in ("vllm", "vllm_server"):
             # Room for the evaluations' completions (eval.max_new_tokens may be longer than training's), as
@@ -117,7 +120,8 @@ def train(cfg: Config) -> Path:
         raise
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
-    for note in (epoch_note(sum(fits), cfg), left_out, special_token_note(rows, tokenizer, "dataset"), *notes):
+    for note in (data_changed, epoch_note(sum(fits), cfg), left_out, special_token_note(rows, tokenizer, "dataset"),
+                 *notes):
         if note:
             logger.message(note)
     completed, completed_position = start, position  # the last step whose update finished, and its data position
@@ -203,10 +207,10 @@ def train(cfg: Config) -> Path:
             # ---------------------------------------------------------------- checkpoint
             saves = step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps
             if saves:
-                checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position)
+                checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position, data)
             if step < cfg.trainer.max_steps and sigterm.requested(world):  # preempted: keep this step, then stop
                 if not saves:
-                    checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position)
+                    checkpoint.save(run, step, learner, tokenizer, cfg.trainer.keep_last, position, data)
                 raise KeyboardInterrupt
             if os.environ.get("GRPO_CRASH_AFTER_STEP") == str(step):  # tests: a hard kill at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -220,7 +224,7 @@ def train(cfg: Config) -> Path:
         # Never save a half-applied update, nor a step whose metrics are not written (stopped in its
         # eval, say): a resume would never log them. Several ranks may be stopped anywhere, out of step.
         if world == 1 and logged == completed > start and not saved and not learner.dirty:
-            checkpoint.save(run, completed, learner, tokenizer, cfg.trainer.keep_last, completed_position)
+            checkpoint.save(run, completed, learner, tokenizer, cfg.trainer.keep_last, completed_position, data)
         logger.message(f"interrupted after step {logged}; continue with: grpo train resume={run} "
                        f"({checkpoint.resume_point(run)})")
         raise
@@ -505,6 +509,34 @@ def prompt_indices(position: int, count: int, fits: Sequence[bool], seed: int) -
         indices += order[at].tolist()
         position = epoch * n + offset + int(at[-1]) + 1 if len(at) else (epoch + 1) * n
     return indices, position
+
+
+def resume_position(state: dict[str, Any], data: dict[str, Any]) -> tuple[int, str | None]:
+    """Where a resumed run goes on in the data stream (prompt_indices), and a note when the data changed.
+
+    The saved position counts in the data the checkpoint was trained on (`state["data"]`: its rows'
+    fingerprint and the order's seed). With the same data the run goes on exactly there. With other data
+    (a file edited, dataset.size or seed overridden) the rest of the pass under way would be drawn from
+    another shuffle, repeating some prompts of it and skipping others: the run starts the next pass over
+    the new data instead, one not yet begun, as deterministic in the seed as any. A checkpoint from
+    before fingerprints were saved goes on at its position, as it always did.
+    """
+    position, was = state["data_position"], state.get("data")
+    if was is None or was == data:
+        return position, None
+    changes = []
+    if was["rows"] != data["rows"]:
+        changes.append(f"{was['rows']} -> {data['rows']} rows")
+    elif was["sha256"] != data["sha256"]:
+        changes.append(f"{data['rows']} rows, with other problems or answers")
+    if was["seed"] != data["seed"]:
+        changes.append(f"seed {was['seed']} -> {data['seed']}, which shuffles it")
+    same_rows = (was["rows"], was["sha256"]) == (data["rows"], data["sha256"])
+    what = "the training data's order" if same_rows else "the training data"
+    step = state["step"]
+    note = f"data: {what} changed since step {step} ({'; '.join(changes)}): starting a new pass over it at step {step + 1}"
+    next_pass = -(-position // was["rows"])  # the first pass over the old data not yet begun
+    return next_pass * data["rows"], note
 
 
 class _Timer:

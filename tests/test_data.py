@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.data import load_prompts, load_rows, render_prompt
+from grpo_cli.data import data_fingerprint, load_prompts, load_rows, render_prompt
 from grpo_cli.errors import UserError
 from grpo_cli.schema import DatasetConfig
 
@@ -243,6 +243,23 @@ def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
                         template="plain")
     rows = load_prompts(cfg, None)
     assert [(r["problem"], r["answer"], r["prompt"]) for r in rows] == [("1+1", "2", "1+1"), ("2+2", "4", "2+2")]
+
+
+def test_the_data_fingerprint_is_the_problems_and_answers_in_order(tmp_path: Path) -> None:
+    """What a checkpoint's data position refers to: a resume compares it with the data it loads."""
+    import hashlib
+
+    rows = [{"question": "1+1", "answer": "2", "level": 1}, {"question": "2+2", "answer": 4}]
+    cfg = DatasetConfig(source="jsonl", path=str(_jsonl(tmp_path / "d.jsonl", rows)), template="plain")
+    expected = {"rows": 2, "sha256": hashlib.sha256(b'["1+1", "2"]\n["2+2", 4]\n').hexdigest()}
+    assert data_fingerprint(load_prompts(cfg, None)) == expected
+    # How a row is shown (the template) and its other columns are not what the position counts.
+    other_columns = _jsonl(tmp_path / "e.jsonl", [{**r, "level": 7} for r in rows])
+    assert data_fingerprint(load_prompts(dataclasses.replace(cfg, path=str(other_columns), template="r1_zero"),
+                                         None)) == expected
+    for changed in (rows[::-1], [rows[0], {**rows[1], "answer": "4"}], rows[:1]):
+        data = _jsonl(tmp_path / "f.jsonl", changed)
+        assert data_fingerprint(load_rows(dataclasses.replace(cfg, path=str(data))))["sha256"] != expected["sha256"]
 
 
 def test_a_column_some_json_lines_leave_out_is_none_in_them(tmp_path: Path) -> None:

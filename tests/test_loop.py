@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo_cli.config import compose
-from grpo_cli.loop import Round, epoch_note, prompt_indices, training_rows
+from grpo_cli.loop import Round, epoch_note, prompt_indices, resume_position, training_rows
 from grpo_cli.rollout import Sample
 
 
@@ -80,6 +80,48 @@ def test_a_batch_larger_than_the_usable_rows_runs_across_epochs() -> None:
     third = torch.randperm(3, generator=torch.Generator().manual_seed(3 * 7919 + 2)).tolist()
     assert batch[4] == next(i for i in third if i != 1)  # two whole epochs, then the third's first usable row
     assert end == 6 + [i != 1 for i in third].index(True) + 1  # and just past it
+
+
+def _state(step: int, position: int, rows: int = 8, sha256: str = "a", seed: int = 3) -> dict:
+    """A checkpoint's trainer state as resume_position reads it."""
+    return {"step": step, "data_position": position, "data": {"rows": rows, "sha256": sha256, "seed": seed}}
+
+
+def test_a_resume_with_the_same_data_goes_on_at_the_saved_position() -> None:
+    assert resume_position(_state(2, 4), {"rows": 8, "sha256": "a", "seed": 3}) == (4, None)
+    # A checkpoint from before the data was saved with its position: as it always resumed.
+    assert resume_position({"step": 2, "data_position": 4}, {"rows": 12, "sha256": "b", "seed": 3}) == (4, None)
+
+
+def test_a_resume_with_other_data_starts_the_next_pass_over_it() -> None:
+    """Position 4 of 8 rows read against 12 rows was 4 rows into another shuffle of them: the rest of
+    that pass (8 rows) repeated some prompts already drawn and never reached others."""
+    new = {"rows": 12, "sha256": "b", "seed": 3}
+    assert resume_position(_state(2, 4), new) == (
+        12, "data: the training data changed since step 2 (8 -> 12 rows): starting a new pass over it at step 3")
+    # Passes 0 and 1 over the old data taken, pass 2 begun (18 = 2 * 8 + 2): the new data's pass 3, at 3 * 12.
+    assert resume_position(_state(9, 18), new)[0] == 36
+    # Pass 1 finished and pass 2 not begun (16 = 2 * 8): the new data's pass 2, at 2 * 12.
+    assert resume_position(_state(8, 16), new)[0] == 24
+    # Fewer rows: 8 -> 3, position 4 -> pass 1 of the 3 rows, at 3.
+    assert resume_position(_state(2, 4), {"rows": 3, "sha256": "c", "seed": 3}) == (
+        3, "data: the training data changed since step 2 (8 -> 3 rows): starting a new pass over it at step 3")
+    assert resume_position(_state(2, 4), {"rows": 8, "sha256": "b", "seed": 3}) == (
+        8, "data: the training data changed since step 2 (8 rows, with other problems or answers): starting a new "
+           "pass over it at step 3")
+    assert resume_position(_state(2, 4), {"rows": 8, "sha256": "a", "seed": 5}) == (
+        8, "data: the training data's order changed since step 2 (seed 3 -> 5, which shuffles it): starting a new "
+           "pass over it at step 3")
+    assert resume_position(_state(2, 4), {"rows": 12, "sha256": "b", "seed": 5})[1] == (
+        "data: the training data changed since step 2 (8 -> 12 rows; seed 3 -> 5, which shuffles it): starting a "
+        "new pass over it at step 3")
+
+
+def test_after_a_data_change_every_new_row_comes_once_in_the_next_pass() -> None:
+    position, _ = resume_position(_state(2, 4), {"rows": 12, "sha256": "b", "seed": 3})
+    batches, end = _stream(6, 2, [True] * 12, position=position)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3 * 7919 + 1)).tolist()  # pass 1's shuffle
+    assert sum(batches, []) == order and end == 24
 
 
 def test_the_epoch_note_counts_whole_steps_per_epoch() -> None:

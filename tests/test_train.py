@@ -127,6 +127,52 @@ def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_
     assert [m["step"] for m in _metrics(run)] == list(range(1, last + 2))
 
 
+def test_a_resume_after_the_data_changed_says_so_and_starts_a_new_pass(tiny_model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """The saved data position was read against whatever data the resume loaded: a file grown from 8
+    to 12 rows resumed 6 rows into another shuffle of the 12, so the rest of that pass repeated prompts
+    already drawn and never reached others, without a word."""
+    from grpo_cli.loop import prompt_indices
+
+    data, run = tmp_path / "data.jsonl", tmp_path / "run"
+
+    def write(rows: int) -> None:
+        data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(rows)))
+
+    def drawn(steps: range) -> list[str]:  # each step's prompts, in order (samples hold both groups whole)
+        prompts = []
+        for step in steps:
+            records = [json.loads(line) for line in (run / "samples" / f"step-{step:06d}.jsonl").read_text().splitlines()]
+            prompts += [r["prompt"] for r in records][::2]
+        return prompts
+
+    def stream(rows: int, position: int, steps: int) -> list[str]:
+        indices = []
+        for _ in range(steps):
+            batch, position = prompt_indices(position, 2, [True] * rows, 0)
+            indices += batch
+        return [f"q{i}" for i in indices]
+
+    write(8)
+    args = ["train", "dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rollout=hf",
+            f"model.name_or_path={tiny_model_dir}", "rollout.group_size=2", "rollout.max_new_tokens=4",
+            "trainer.prompts_per_step=2", "trainer.micro_batch_size=4", "logging.samples_per_step=4", "seed=0"]
+    first = _train(*args, f"output_dir={run}", "trainer.max_steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    same = _train("train", f"resume={run}", "trainer.max_steps=3")  # the same data: on at the saved position
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "changed since" not in same.stderr
+    assert drawn(range(1, 4)) == stream(8, 0, 3)  # as one uninterrupted run draws them
+
+    write(12)  # 8 -> 12 rows, 6 of the 8 drawn
+    grown = _train("train", f"resume={run}", "trainer.max_steps=9")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert sorted(drawn(range(4, 10))) == sorted(f"q{i}" for i in range(12))  # every row once, none twice
+    assert drawn(range(4, 10)) == stream(12, 12, 6)  # pass 1 over the 12 rows, as the seed shuffles it
+    assert ("data: the training data changed since step 3 (8 -> 12 rows): starting a new pass over it at step 4"
+            in grown.stderr.splitlines())
+
+
 def test_truncation_mask_and_dynamic_sampling_run_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     # A random model never stops within 12 tokens: every completion is truncated, so with
