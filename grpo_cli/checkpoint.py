@@ -2,8 +2,9 @@
 
 checkpoints/step-000050/ holds the policy (safetensors + config + tokenizer: loadable by
 `AutoModelForCausalLM.from_pretrained` and by vLLM) and trainer_state.pt (optimizer, scheduler,
-RNG, step, data position and the data it refers to: data.data_fingerprint and the order's seed). Each is written into a hidden temporary folder, flushed to disk and renamed
-into place, so a killed process (or a power cut) leaves either the whole checkpoint or none of it.
+RNG, step, data position and the data it refers to: data.data_fingerprint and the order's seed).
+Each is written into a hidden temporary folder, flushed to disk and renamed into place, so a killed
+process (or a power cut) leaves either the whole checkpoint or none of it.
 
 With several learner processes (torchrun) every rank takes part in gathering the sharded weights
 and optimizer state, and rank 0 alone writes: the checkpoint is the same as one process would
