@@ -39,6 +39,22 @@ def test_every_group_option_composes(group: str, option: str) -> None:
     assert isinstance(cfg, Config)
 
 
+@pytest.mark.parametrize("recipe", sorted(find_recipes()))
+def test_a_dataset_chosen_on_the_command_line_keeps_its_task_and_prompt_format(recipe: str) -> None:
+    """recipe=quickstart set dataset.task, template and system_prompt itself, over any dataset= given:
+    `recipe=quickstart dataset=countdown` trained on chain sums, and dataset=math got a chat prompt.
+    A recipe may still size its data (dataset.size)."""
+    from omegaconf import OmegaConf
+
+    for path in sorted((config_dir() / "dataset").glob("*.yaml")):
+        option = OmegaConf.to_container(OmegaConf.load(path))
+        extra = ["dataset.path=some/dataset"] if path.stem in NEEDS_PATH else []
+        dataset = compose([f"recipe={recipe}", f"dataset={path.stem}", *extra]).dataset
+        for key, value in option.items():
+            if key not in ("size", "path"):
+                assert getattr(dataset, key) == value, f"recipe={recipe} dataset={path.stem}: dataset.{key}"
+
+
 def test_every_yaml_field_has_a_comment() -> None:
     files = [*config_dir().rglob("*.yaml"), *find_recipes().values()]
     for path in files:
