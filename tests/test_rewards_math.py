@@ -205,3 +205,17 @@ def test_reasoning_gym():
     assert partial < 1.0
     assert list(out) == [1.0, partial, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert out.invalid == [False, False, False, True, True, True, False, False]
+
+
+def test_reasoning_gym_on_data_without_its_metadata_is_refused_before_training():
+    """recipe=countdown dataset=gsm8k (or rewards=reasoning_gym on hub data) trained on: every call of
+    the term raised for want of `metadata`, so it scored 0 all run, with one note per step."""
+    rewards = build_reward_set({"reasoning_gym": {"weight": 1.0}, "format": {"weight": 0.2}})
+    gsm8k = ["answer", "problem", "prompt", "question", "completion_tokens", "completion_ids"]
+    assert rewards.missing_columns(gsm8k) == (
+        "rewards.reasoning_gym (reasoning_gym) needs the column 'metadata', which the dataset lacks (it has answer, "
+        "completion_ids, completion_tokens, problem, prompt, question): drop the term with ~rewards.reasoning_gym, "
+        "or choose data that has it")
+    assert rewards.missing_columns([*gsm8k, "metadata"]) is None  # a reasoning-gym task's rows
+    kept, notes = rewards.for_columns(gsm8k)  # evaluating such a run on math500: the term is left out
+    assert kept.labels == ["format"] and len(notes) == 1

@@ -223,9 +223,12 @@ class RewardSet:
         for term in self.terms:
             lacking = _lacking(term, columns)
             if lacking:
+                from grpo_cli.rewards import REWARDS
+
+                fix = (f"drop the term with ~rewards.{term.label}, or choose data that has it" if term.fn in REWARDS
+                       else f"add it to the data, pass it in rewards.{term.label}.args, or give the parameter a default")
                 return (f"rewards.{term.label} ({term.fn}) needs the column '{lacking[0]}', which the dataset "
-                        f"lacks (it has {', '.join(sorted(columns))}): add it to the data, pass it in "
-                        f"rewards.{term.label}.args, or give the parameter a default")
+                        f"lacks (it has {', '.join(sorted(columns))}): {fix}")
         return None
 
     def for_columns(self, columns: Sequence[str]) -> tuple[RewardSet, list[str]]:

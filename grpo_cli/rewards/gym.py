@@ -62,4 +62,7 @@ def reasoning_gym_reward() -> RewardFn:
             invalid.append(False)
         return FlaggedScores(scores, invalid)
 
+    # Checked before training (RewardSet.missing_columns): on data that is not reasoning-gym's (gsm8k,
+    # math) every call raised for want of `metadata` and the term scored 0 all run, with a note per step.
+    reasoning_gym_score.required = ("metadata",)  # type: ignore[attr-defined]
     return reasoning_gym_score
