@@ -582,6 +582,30 @@ def test_hf_engine_keeps_to_the_model_context(hf_engine) -> None:
     assert max_logprob_error(samples, hf_engine.model, 1.0) < 1e-5
 
 
+def test_hf_engine_prompt_near_the_context_of_a_model_with_learned_positions(tokenizer) -> None:
+    """GPT-2 style position embeddings (64 positions) have no position 64: a 60-token prompt with room
+    for 4 tokens, batched with a short prompt that takes all 8, must not step the long one's rows past
+    the context (it raised IndexError: the whole batch ran 8 steps). Each prompt's samples are those it
+    gets alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpo_cli.rollout.hf import HFEngine
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=1,
+                                       eos_token_id=tokenizer.eos_token_id)).eval()
+    engine = HFEngine(model, tokenizer)
+    near_end, short = " word" * 60, "What is 2 + 3? Answer:"
+    sampling = SamplingSettings(n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    samples = engine.generate([short, near_end, short + " 5"], sampling)
+    assert [len(s.completion_ids) for s in samples] == [8, 8, 4, 4, 8, 8]
+    assert [s.truncated for s in samples] == [True] * 6
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
+    assert max_logprob_error(samples, model, 1.0) < 1e-5
+    alone = engine.generate([short, near_end], sampling)
+    assert [s.completion_ids for s in alone] == [s.completion_ids for s in samples[:4]]
+
+
 def test_hf_greedy(hf_engine) -> None:
     samples = hf_engine.generate(PROMPTS[:2], SamplingSettings(n=2, max_new_tokens=6, temperature=0.0))
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]

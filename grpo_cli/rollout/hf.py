@@ -3,7 +3,8 @@
 What a `Sample` holds, exactly:
 
 - `prompt_ids`: `tokenizer(prompt, add_special_tokens=False).input_ids`; prompts are left-padded
-  into one batch (the padding is masked and never part of a sample).
+  into one batch (the padding is masked and never part of a sample), or one per room when a prompt
+  near the context has less than max_new_tokens left.
 - `completion_ids`: the sampled tokens up to and including the first EOS token, or up to the token
   that completed a stop string, or max_new_tokens of them, or as many as the model's context
   (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
@@ -136,24 +137,50 @@ class HFEngine:
         self.context = context_length(getattr(policy, "config", None))  # tokens per sequence, prompt + completion (None: no limit)
 
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
         if not prompts:
             return []
-        greedy = sampling.temperature == 0
-        device = next(self.model.parameters()).device
         prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
         if self.context is not None:
             check_prompt_lengths(prompts, prompt_ids, self.context, "the model's max_position_embeddings")
+        seed = None
+        if sampling.temperature != 0:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(1 << 62, ()))
+        # Every row of one `generate` runs as many steps as the longest: a prompt near the context
+        # would run past it (positions a model with learned position embeddings does not have: an
+        # IndexError on CPU, a device-side assert on CUDA). So prompts are generated in groups of the
+        # same room; each prompt's samples do not depend on its group. A sharded model keeps one call:
+        # its ranks must make as many calls, each as many steps.
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompt_ids):
+            room = sampling.max_new_tokens if self.context is None else min(sampling.max_new_tokens,
+                                                                              self.context - len(ids))
+            groups.setdefault(room, []).append(i)
+        if _sharded(self.model):
+            groups = {max(groups): list(range(len(prompts)))}
+        samples: list[Sample | None] = [None] * (len(prompts) * sampling.n)
+        for max_new, indices in groups.items():
+            for i, group in zip(indices, self._generate(indices, prompt_ids, sampling, seed, max_new), strict=True):
+                samples[i * sampling.n:(i + 1) * sampling.n] = group
+        return samples  # type: ignore[return-value]
+
+    def _generate(self, indices: list[int], all_prompt_ids: list[list[int]], sampling: SamplingSettings,
+                  seed: int | None, max_new: int) -> list[list[Sample]]:
+        """The n samples of each prompt `all_prompt_ids[i]` for i in `indices`, in one batched `generate`
+        of at most `max_new` steps; seed None: greedy."""
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        greedy = seed is None
+        device = next(self.model.parameters()).device
+        prompt_ids = [all_prompt_ids[i] for i in indices]
         width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
         for i, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
             if ids:
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 attention_mask[i, width - len(ids):] = 1
 
-        rows = len(prompts) * sampling.n  # each prompt n times in a row: [p0 x n, p1 x n, ...]
+        rows = len(prompt_ids) * sampling.n  # each prompt n times in a row: [p0 x n, p1 x n, ...]
         input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
         attention_mask = attention_mask.repeat_interleave(sampling.n, dim=0)
         recorder = _LogprobRecorder()
@@ -161,13 +188,9 @@ class HFEngine:
         processors = [] if greedy else _warpers(sampling)
         processors.append(recorder)
         if not greedy:
-            seed = sampling.seed if sampling.seed is not None else int(torch.randint(1 << 62, ()))
             generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i, sampling.n))
-                          for i in range(len(prompts))]
+                          for i in indices]
             processors.append(_Sampler(generators, sampling.n))
-        max_new = sampling.max_new_tokens
-        if self.context is not None:  # no step past what even the shortest prompt can keep
-            max_new = min(max_new, self.context - min(len(ids) for ids in prompt_ids))
         # do_sample=False: generate() takes the argmax of what the processors leave, which `_Sampler` drew.
         config = GenerationConfig(do_sample=False, max_new_tokens=max_new, num_return_sequences=1,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
@@ -200,10 +223,10 @@ class HFEngine:
             raise RuntimeError(f"recorded log-probs {tuple(logprobs.shape)} do not match the generated tokens "
                                f"{tuple(completions.shape)}")
         eos = torch.tensor(self.eos_ids)
-        samples = []
+        samples: list[list[Sample]] = [[] for _ in indices]
         for row in range(rows):
-            prompt_index = row // sampling.n
-            room = max_new if self.context is None else self.context - len(prompt_ids[prompt_index])
+            prompt_index = indices[row // sampling.n]
+            room = max_new if self.context is None else self.context - len(all_prompt_ids[prompt_index])
             ids = completions[row, :room].tolist()  # tokens past the context are not the model's to train on
             end, by_eos, by_stop = len(ids), False, False
             hits = torch.isin(completions[row, :room], eos).nonzero()
@@ -214,8 +237,8 @@ class HFEngine:
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
             if by_stop:
                 text = _cut_after_stop(text, sampling.stop)
-            samples.append(Sample(
-                prompt_index=prompt_index, prompt_ids=list(prompt_ids[prompt_index]), completion_ids=ids[:end], text=text,
+            samples[row // sampling.n].append(Sample(
+                prompt_index=prompt_index, prompt_ids=list(all_prompt_ids[prompt_index]), completion_ids=ids[:end], text=text,
                 logprobs=logprobs[row, :end].tolist(), truncated=not (by_eos or by_stop),
             ))
         return samples
