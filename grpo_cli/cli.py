@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from grpo_cli.errors import RolloutServerError, UserError
+from grpo_cli.errors import RolloutServerError, SameOnEveryRank, UserError
 
 # Where the click that typer runs on defines its errors: click itself, or (typer >= 0.26) typer's own copy.
 click_errors = sys.modules[typer.BadParameter.__module__]
@@ -91,7 +91,8 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
                        f"trainer.max_steps={2 * done}", err=True)
         return
     try:
-        run = run_training(cfg)
+        with _once_per_node(SameOnEveryRank):
+            run = run_training(cfg)
     except TrainingError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -227,13 +228,13 @@ def rollout_server(
 
 
 @contextmanager
-def _once_per_node() -> Iterator[None]:
+def _once_per_node(kind: type[UserError] = UserError) -> Iterator[None]:
     """Under torchrun every process composes the same config from the same files: the first process
-    of each node (LOCAL_RANK 0) reports a mistake in it, the others exit with the same code quietly,
-    so that the error is not printed once per GPU."""
+    of each node (LOCAL_RANK 0) reports a mistake in it (a UserError of `kind`), the others exit with the
+    same code quietly, so that the error is not printed once per GPU."""
     try:
         yield
-    except UserError:
+    except kind:
         if os.environ.get("LOCAL_RANK", "0") != "0":
             raise typer.Exit(2) from None
         raise

@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input (config, override, path, dataset column): the CLI prints it as one line and exits 2."""
 
 
+class SameOnEveryRank(UserError):
+    """A mistake every learner process of a node finds alike (the config, the run directory): under
+    torchrun only the first process of each node reports it (grpo_cli.cli), not every GPU's."""
+
+
 class RolloutServerError(RuntimeError):
     """A rollout server did not answer, or answered with an error: the message names the server and
     what to check. The CLI prints it as one line and exits 1."""

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from grpo_cli import checkpoint, distributed
 from grpo_cli.data import data_fingerprint, fitting_prompts, load_prompts, special_token_note
-from grpo_cli.errors import UserError, first_line
+from grpo_cli.errors import SameOnEveryRank, UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
 from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
 from grpo_cli.logging import RunLogger, discard_wandb, start_wandb
@@ -60,13 +60,14 @@ from grpo_cli.sync import engine_logprob_diff, push_weights
 
 def train(cfg: Config) -> Path:
     """Run (or resume) a training run; returns its directory."""
-    check_run_dir(cfg)  # a bad output_dir, or a damaged checkpoint to resume, fails before anything loads
-    if cfg.resume:
-        check_resumable(Path(cfg.resume).expanduser())
+    with _same_on_every_rank():
+        check_run_dir(cfg)  # a bad output_dir, or a damaged checkpoint to resume, fails before anything loads
+        if cfg.resume:
+            check_resumable(Path(cfg.resume).expanduser())
+        if distributed.launched_world() > 1:
+            _check_several_learners(cfg, distributed.launched_world())
     device = distributed.setup()  # under torchrun: this rank's device, in the process group
     world, rank = distributed.world(), distributed.rank()
-    if world > 1:
-        _check_several_learners(cfg, world)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     rows = load_prompts(cfg.dataset, tokenizer)
@@ -74,9 +75,10 @@ def train(cfg: Config) -> Path:
     evaluation = PeriodicEval(cfg, tokenizer, rows) if evaluates else None
     rewards = build_reward_set({k: vars(v) for k, v in cfg.rewards.items()})
     lacking = rewards.missing_columns(rewards.columns_of(rows))
-    if lacking:
-        raise UserError(lacking)
-    run = _prepare_run(cfg)
+    with _same_on_every_rank():
+        if lacking:
+            raise UserError(lacking)
+        run = _prepare_run(cfg)
     wandb_session = None
     try:
         wandb_session = start_wandb(run, cfg) if cfg.logging.wandb and distributed.is_main() else None
@@ -306,6 +308,18 @@ def prompt_limit(cfg: Config, policy: torch.nn.Module) -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------- several learners (torchrun)
+@contextmanager
+def _same_on_every_rank() -> Iterator[None]:
+    """Mistakes every rank finds alike (the config, rank 0's verdict on the run directory): said once
+    per node under torchrun (grpo_cli.cli), not once per GPU."""
+    try:
+        yield
+    except SameOnEveryRank:
+        raise
+    except UserError as e:
+        raise SameOnEveryRank(str(e)) from None
+
+
 def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.prompts_per_step % world:
         raise UserError(f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} does not split over {world} learner "
@@ -313,6 +327,9 @@ def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.dynamic_sampling:
         raise UserError("trainer.dynamic_sampling is not supported with several learner processes yet: "
                         "set trainer.dynamic_sampling=false or train in one process")
+    if cfg.model.lora_rank > 0:  # as the learner says, but once per node rather than once per GPU
+        raise UserError("model.lora_rank > 0 is not supported with several learner processes (torchrun) yet: train "
+                        "LoRA in one process, or set model.lora_rank=0")
 
 
 def check_sync(engine: Engine, learner: Learner, probe: Sample) -> dict[str, float]:

@@ -160,9 +160,34 @@ def test_train_on_two_ranks_end_to_end(tiny_model_dir: Path, tmp_path: Path, eng
     assert moved > 1e-5
 
 
-def test_prompts_that_do_not_split_over_the_ranks_are_a_user_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("overrides", "said"), [
+    (["trainer.prompts_per_step=3"],
+     "error: trainer.prompts_per_step=3 does not split over 2 learner processes: set it to a multiple of 2"),
+    (["model.lora_rank=4"], "error: model.lora_rank > 0 is not supported with several learner processes (torchrun)"),
+])
+def test_a_mistake_under_torchrun_is_said_once_per_node(tiny_model_dir: Path, tmp_path: Path, overrides: list[str],
+                                                        said: str) -> None:
+    """Every rank finds it; the first process of the node alone says it (it was said once per rank)."""
     result = _torchrun("-m", "grpo_cli", "train", "recipe=quickstart", f"model.name_or_path={tiny_model_dir}",
-                       f"output_dir={tmp_path / 'run'}", "trainer.prompts_per_step=3")
+                       f"output_dir={tmp_path / 'run'}", *overrides)
     assert result.returncode != 0
-    assert ("error: trainer.prompts_per_step=3 does not split over 2 learner processes: set it to a multiple of 2"
-            in result.stderr)
+    assert result.stderr.count(said) == 1, result.stderr[-4000:]
+    assert result.stderr.count("error: ") == 1
+
+
+def test_rank_0s_verdict_on_the_run_directory_is_said_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 alone locks the run directory and hands its verdict to the others, who stop with it quietly."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = subprocess.run([sys.executable, "-m", "grpo_cli", "config", "recipe=quickstart",
+                             f"model.name_or_path={tiny_model_dir}", "trainer.prompts_per_step=2"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    (run / "config.yaml").write_text(config.stdout)
+    with (run / ".lock").open("a+") as held:  # another `grpo train` writing this run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = _torchrun("-m", "grpo_cli", "train", f"resume={run}")
+    assert result.returncode != 0
+    assert result.stderr.count("error: resume=") == 1, result.stderr[-4000:]
+    assert "another `grpo train`" in result.stderr and result.stderr.count("error: ") == 1
