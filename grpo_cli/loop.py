@@ -129,7 +129,7 @@ def train(cfg: Config) -> Path:
     completed, completed_position = start, position  # the last step whose update finished, and its data position
     logged = start  # the last step whose metrics and samples are written: a checkpoint never goes past it
     check = cfg.rollout.check_sync and cfg.rollout.engine != "hf"  # hf samples from the learner's own weights
-    sigterm = _SigtermStop()
+    sigterm = _SigtermStop(world)  # under torchrun, Ctrl-C too
     finished = False  # the W&B run of one that stops on an error (Ctrl-C included) shows as failed
     try:
         if evaluation is not None and cfg.trainer.eval_before_train and start == 0:
@@ -256,28 +256,46 @@ class _SigtermStop:
     """SIGTERM (a cluster preempting the job, `kill PID`) stops the run at the end of the step under way,
     with that step saved, then as Ctrl-C does (the resume command printed); a second SIGTERM stops it at
     once. By default SIGTERM ended the process mid-step, losing every step since the last checkpoint
-    without a word. Off the main thread Python cannot take signals: SIGTERM keeps its default there."""
+    without a word. Off the main thread Python cannot take signals: SIGTERM keeps its default there.
 
-    def __init__(self) -> None:
-        self.received = False
+    Under torchrun Ctrl-C stops the same way: torchrun hands SIGINT to every rank, and a KeyboardInterrupt
+    lands on each wherever it happens to be, so no rank could save (one may be in a collective the
+    others have left): every step since the last checkpoint was lost. torchrun kills the ranks its
+    --shutdown-timeout (30 s by default) after it passes a signal on: a longer step needs a longer one.
+    A signal to every process of the job (Slurm's, `kill` of the whole tree) reaches a rank twice, from
+    the sender and again from torchrun: a repeat within REPEAT_S seconds is that one, not a second."""
+
+    REPEAT_S = 10.0
+
+    def __init__(self, world: int = 1) -> None:
+        self.received: float | None = None  # when the first signal came (time.monotonic)
+        self.world = world
         main = threading.current_thread() is threading.main_thread()
-        self.previous = signal.signal(signal.SIGTERM, self._handle) if main else None
+        signals = [signal.SIGTERM] + ([signal.SIGINT] if world > 1 else [])
+        self.previous = {s: signal.signal(s, self._handle) for s in signals} if main else {}
+        self.note = " (torchrun stops the processes at its --shutdown-timeout, 30 s by default)" if world > 1 else ""
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received:
+        if self.received is not None:
+            if self.world > 1 and time.monotonic() - self.received < self.REPEAT_S:
+                return  # the same signal, passed on by torchrun
             raise KeyboardInterrupt
-        self.received = True
+        self.received = time.monotonic()
         # os.write: a signal handler may run in the middle of the console's own printing.
-        os.write(2, b"SIGTERM: stopping at the end of this step, once it is saved (send SIGTERM again to stop at once)\n")
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: stopping at the end of this step, once it is saved (send {name} again to stop at "
+                    f"once){self.note}\n".encode())
 
     def requested(self, world: int) -> bool:
         """Whether to stop after this step; with several learner processes, whether any rank got the
         signal (every rank calls it, in step, so they all stop at the same step)."""
-        return bool(distributed.all_reduce([float(self.received)], "max")[0]) if world > 1 else self.received
+        received = self.received is not None
+        return bool(distributed.all_reduce([float(received)], "max")[0]) if world > 1 else received
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            if previous is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, previous)
 
 
 def check_resumable(run: Path) -> None:

@@ -191,3 +191,71 @@ def test_rank_0s_verdict_on_the_run_directory_is_said_once(tiny_model_dir: Path,
     assert result.returncode != 0
     assert result.stderr.count("error: resume=") == 1, result.stderr[-4000:]
     assert "another `grpo train`" in result.stderr and result.stderr.count("error: ") == 1
+
+
+def test_ctrl_c_to_torchrun_saves_the_step_under_way_and_the_run_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches torchrun, which hands SIGINT to every rank. A KeyboardInterrupt in each, wherever it
+    was, left no rank able to save: every step since the last checkpoint (here, all) was lost."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [*_train_args(tiny_model_dir, run, "hf"), "trainer.max_steps=200", "trainer.save_every=1000",
+            "trainer.eval_every=0"]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                *args], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # Ctrl-C, after step 1 logged its metrics
+    _, stderr = process.communicate(timeout=300)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = steps[-1]
+    assert process.returncode != 0 and 1 <= last < 200 and steps == list(range(1, last + 1))
+    assert stderr.count(f"interrupted after step {last}; continue with: grpo train resume={run} (it continues after "
+                        f"step-{last:06d})") == 1, stderr[-4000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{last:06d}"]
+    resumed = _torchrun("-m", "grpo_cli", "train", f"resume={run}", f"trainer.max_steps={last + 1}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, last + 2))
+
+
+def test_sigterm_to_every_process_of_the_job_saves_the_step_under_way(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Slurm signals every process of a job: each rank gets SIGTERM from it and again from torchrun, which
+    passes the signal on. The repeat read as a second SIGTERM ("stop at once"): the rank stopped mid-step,
+    nothing was saved, and the other rank said that a learner process had failed."""
+    import os
+    import signal
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    slow = tmp_path / "slow.py"  # 2 s a step, so that both signals land in the same one; says its rank's pid
+    slow.write_text("import os, time\n"
+                    "def slow(completions, **columns):\n"
+                    f"    open(os.path.join({str(pids)!r}, os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                    "    time.sleep(2)\n"
+                    "    return [0.0] * len(completions)\n")
+    run = tmp_path / "run"
+    args = [*_train_args(tiny_model_dir, run, "hf"), "trainer.max_steps=200", "trainer.save_every=1000",
+            "trainer.eval_every=0", f"+rewards.slow.fn={slow}:slow"]
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                *args], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.05)
+    for r in (0, 1):
+        os.kill(int((pids / str(r)).read_text()), signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, stderr = process.communicate(timeout=300)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = steps[-1]
+    assert 1 <= last < 200 and steps == list(range(1, last + 1))
+    assert stderr.count(f"interrupted after step {last}; continue with: grpo train resume={run} (it continues after "
+                        f"step-{last:06d})") == 1, stderr[-4000:]
+    assert "another learner process failed" not in stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{last:06d}"]
