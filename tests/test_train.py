@@ -115,10 +115,10 @@ def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_
     while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second step"
         time.sleep(0.05)
-    process.terminate()  # SIGTERM, during step 3 or later
+    process.terminate()  # SIGTERM, once step 2 has logged its metrics (it may still be before its end)
     _, stderr = process.communicate(timeout=300)
     last = _metrics(run)[-1]["step"]
-    assert process.returncode != 0 and "Traceback" not in stderr and 3 <= last < 500
+    assert process.returncode != 0 and "Traceback" not in stderr and 2 <= last < 500
     assert f"interrupted after step {last}; continue with: grpo train resume={run} (it continues after " \
            f"step-{last:06d})" in stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{last:06d}"]
