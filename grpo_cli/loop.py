@@ -191,9 +191,9 @@ def train(cfg: Config) -> Path:
             if world > 1:  # the metrics describe every rank's completions, as one process's would
                 first = merge_rounds(distributed.all_gather_object(first))
             generated, trained = distributed.all_reduce([
-                float(sum(len(s.completion_ids) for r in rounds for s in r.samples)), float(len(train_rows.samples))])
+                float(sum(len(s.completion_ids) for r in rounds for s in r.samples)), float(train_rows.groups)])
             metrics = {**first.scores.metrics(), **_completion_metrics(cfg, first), **stats, **timer.seconds,
-                       "tokens/generated": generated, "groups/trained": trained / cfg.rollout.group_size,
+                       "tokens/generated": generated, "groups/trained": trained,
                        "rollout/rounds": float(len(rounds))}
             metrics["time/step"] = sum(timer.seconds.values())
             if device.type == "cuda":  # the step's peak of this process's GPU allocations (learner and engine)
@@ -468,6 +468,7 @@ def _std_over_ranks(values: Tensor) -> float:
 class TrainingRows(NamedTuple):
     samples: list[Sample]
     advantages: Tensor  # (N,)
+    groups: int         # the groups that kept at least one completion (`groups/trained`)
 
 
 def training_rows(rounds: list[Round], cfg: Config) -> TrainingRows:
@@ -486,14 +487,16 @@ def training_rows(rounds: list[Round], cfg: Config) -> TrainingRows:
                 picked.append((r, g))
     if cfg.trainer.dynamic_sampling:
         picked = picked[: cfg.trainer.prompts_per_step] or [(rounds[0], g) for g in range(len(rounds[0].rows))]
-    samples, advantages = [], []
+    samples, advantages, groups = [], [], 0
     for r, g in picked:
+        before = len(samples)
         for i in range(g * G, (g + 1) * G):
             if cfg.trainer.mask_truncated and r.samples[i].truncated:
                 continue
             samples.append(r.samples[i])
             advantages.append(r.advantages[i])
-    return TrainingRows(samples, torch.stack(advantages) if advantages else torch.zeros(0))
+        groups += len(samples) > before
+    return TrainingRows(samples, torch.stack(advantages) if advantages else torch.zeros(0), groups)
 
 
 def epoch_note(usable: int, cfg: Config) -> str:

@@ -247,3 +247,12 @@ def test_collect_turns_rewards_into_advantages_as_configured(overrides: tuple[st
                      timer=loop._Timer())
     torch.testing.assert_close(r.advantages, torch.tensor(expected), rtol=0, atol=1e-6)
     assert r.informative.tolist() == [True, True]
+
+
+def test_groups_counts_each_group_that_keeps_a_completion_once() -> None:
+    """`groups/trained`: under mask_truncated a group that keeps 1 of its 2 completions is one group trained
+    (was: kept completions / group_size, 1.5 here)."""
+    r = _round("a", [0.5, -0.5, 1.0, -1.0], [False, True, False, False])
+    cfg = compose(["rollout.group_size=2", "trainer.prompts_per_step=2", "trainer.mask_truncated=true"])
+    assert training_rows([r], cfg).groups == 2
+    assert training_rows([_round("a", [0.5, -0.5, 1.0, -1.0], [True, True, False, True])], cfg).groups == 1

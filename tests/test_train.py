@@ -255,3 +255,53 @@ def test_lora_run_syncs_merged_weights_and_saves_a_plain_model(tiny_model_dir: P
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters(), strict=True))
     assert moved > 1e-5
+
+
+STEP_REWARDS = '''
+def tokens(completions, completion_ids):
+    return [float(len(ids)) for ids in completion_ids]
+
+def by_prompt(completions, answer):
+    return [float(a) for a in answer]
+'''
+
+
+def test_step_metrics_equal_a_hand_computation_from_the_steps_samples(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Every completion of a step is saved (logging.samples_per_step), with a reward term that is its
+    token count (weight 0) and one that is its prompt's answer (the same across a group: the group's
+    total varies only with the lengths). The loop's metrics are worked out again from those samples.
+    The stop strings end some completions and leave others at max_new_tokens, so under mask_truncated
+    a group keeps part of its completions: `groups/trained` counts it once (was: kept completions / G,
+    1.5 for two groups that kept 3 and 3 of 4)."""
+    (tmp_path / "rw.py").write_text(STEP_REWARDS)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Say something about {i}.", "answer": str(i % 3)}) + "\n"
+                            for i in range(8)))
+    run = tmp_path / "run"
+    result = _train("train", "dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rollout=hf",
+                    f"model.name_or_path={tiny_model_dir}", "rollout.group_size=4", "rollout.max_new_tokens=6",
+                    "rollout.stop=[g,y,k]", "trainer.prompts_per_step=2", "trainer.micro_batch_size=3",
+                    "trainer.max_steps=3", "logging.samples_per_step=8", "trainer.mask_truncated=true",
+                    f"output_dir={run}", "rewards=accuracy", f"+rewards.tokens.fn={tmp_path / 'rw.py'}:tokens",
+                    "+rewards.tokens.weight=0", f"+rewards.group.fn={tmp_path / 'rw.py'}:by_prompt", "seed=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    partly_kept = 0
+    for m in _metrics(run):
+        samples = [json.loads(line) for line in (run / "samples" / f"step-{m['step']:06d}.jsonl").read_text().splitlines()]
+        assert len(samples) == 8
+        lengths = [s["rewards"]["tokens"] for s in samples]
+        totals = [s["reward"] for s in samples]
+        groups = [samples[:4], samples[4:]]
+        kept = [[s for s in g if not s["truncated"]] for g in groups]
+        partly_kept += sum(0 < len(k) < 4 for k in kept)
+        mean = sum(totals) / 8
+        assert m["reward/mean"] == pytest.approx(mean, abs=1e-12)
+        assert m["reward/std"] == pytest.approx((sum((t - mean) ** 2 for t in totals) / 8) ** 0.5, abs=1e-12)  # ddof 0
+        assert m["completion/len_mean"] == sum(lengths) / 8 and m["completion/len_max"] == max(lengths)
+        assert m["completion/truncated_frac"] == sum(s["truncated"] for s in samples) / 8
+        assert m["groups/zero_std_frac"] == sum(len({s["reward"] for s in g}) == 1 for g in groups) / 2
+        assert m["tokens/generated"] == sum(lengths)
+        assert m["tokens/trained"] == sum(s["rewards"]["tokens"] for k in kept for s in k)
+        assert m["groups/trained"] == sum(len(k) > 0 for k in kept)
+        assert m["accuracy"] == 0.0 and m["completion/len_wrong_mean"] == sum(lengths) / 8
+    assert partly_kept  # the case the groups/trained check is about
