@@ -3,7 +3,28 @@ figures, sample completions under samples/, and Weights & Biases when asked for.
 
 metrics.jsonl is appended a whole line at a time and flushed to disk each step; on resume, lines
 past the checkpoint being resumed are dropped, and so are the samples of those steps, so the run always
-tells one consistent history.
+tells one consistent history. With logging.log_every=N a line is written every N steps (and at the
+last): the figures of that one step, not means or sums over the N.
+
+A step's keys (grpo_cli.loop, grpo_cli.learner, grpo_cli.rewards.base). Rollout figures describe the
+step's first generation round, every completion of it (under trainer.dynamic_sampling the groups kept
+for training may come from later rounds); the update's figures describe the completions trained on.
+- `reward/mean`, `reward/std` (population std, ddof 0; the advantages use ddof 1), `reward/<term>`
+  (mean of the unweighted term), `reward/<term>/errors`, `reward/invalid` (rows a reward could not score).
+- `accuracy`: share of completions the correctness term scores 1.0; `completion/len_mean`, `_max`,
+  `_correct_mean`, `_wrong_mean` (tokens); `completion/truncated_frac` (stopped by max_new_tokens);
+  `completion/reflection_rate`; `groups/zero_std_frac` (groups whose rewards are all equal).
+- `tokens/generated`: completion tokens of every round; `rollout/rounds`; `groups/trained`: groups with a
+  completion trained on; `update/skipped`: 1 when nothing was left to train on (no update figures then).
+- `loss`, `pg_loss` (aggregated as loss.agg), `kl` (per-token mean of loss.kl's estimate; absent with
+  loss.beta=0): on the first pass over the batch, before the step's updates. `clip_frac` (+ `_low`,
+  `_high`), `ratio_mean`: per-token means over all trainer.num_iterations passes; `ratio_min`, `_max`:
+  extremes over them. `entropy` (nats per token, at rollout.temperature). `grad_norm`: before clipping,
+  of the step's last optimizer step; `lr`: of its first. `tokens/trained`.
+- `rollout/logprob_diff_max`, `_mean`: |engine - learner| log-prob of the trained tokens;
+  `sync/logprob_diff_max` (rollout.check_sync); `memory/gpu_peak_gib`.
+- `time/<phase>` (seconds: rollout, reward, learner, sync, sync_check); `time/step`, their sum;
+  `time/eval` and `eval/<dataset>/<metric>` on evaluation steps (grpo_cli.evaluate).
 """
 
 from __future__ import annotations
