@@ -127,6 +127,7 @@ class VLLMEngine:
         self.sleep_mode = bool(self.cuda and rollout_cfg.sleep_mode)
         self.sleeping = False  # KV cache released (GPU with sleep mode only)
         self.weights_awake = True  # weights resident on the GPU (a push while asleep wakes only them)
+        self.output_layer: bool | None = None  # the model has an lm_head of its own (grpo_cli.sync asks once)
         self.limit_source = "the vLLM engine's max_model_len"  # what a too-long prompt's error names
         if max_model_len is None:
             self.limit_source = "rollout.max_new_tokens + rollout.max_prompt_tokens, at most the model's context"
@@ -177,6 +178,7 @@ class VLLMEngine:
                                 f"raise {memory.split('=')[0]}, or lower rollout.max_new_tokens or rollout.max_prompt_tokens") from None
             finally:
                 vllm_args.removeFilter(quiet)
+            _give_back_transformers_classes()
             self._first_forward(model_path)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -320,6 +322,37 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's log-prob only
             skip_special_tokens=True, detokenize=True,
         )
+
+
+def _give_back_transformers_classes() -> None:
+    """Models vLLM runs through its Transformers backend (OLMo, OLMo-2/3, SmolLM3, Starcoder2, Phi-2,
+    GPT-NeoX, ...) have their transformers decoder class decorated in place for torch.compile: its
+    __init__ then needs a current vLLM config and its __call__ an attribute only vLLM's own instances
+    have, so the learner's models of that class failed (AttributeError: ... 'do_not_compile', or
+    "Current vLLM config is not set" when one is loaded later). vLLM's instances keep the decorated
+    methods; every other instance, and any built outside vLLM's model loading, gets the class's own."""
+    from vllm.compilation.decorators import TorchCompileWithNoGuardsWrapper
+    from vllm.config import get_current_vllm_config_or_none
+
+    for cls in TorchCompileWithNoGuardsWrapper.__subclasses__():
+        if not cls.__module__.startswith("transformers.") or "_grpo_vllm_call" in vars(cls):
+            continue
+        vllm_init, vllm_call = cls.__init__, cls.__call__
+        cells = dict(zip(vllm_init.__code__.co_freevars, vllm_init.__closure__ or (), strict=True))
+        own_init = cells["old_init"].cell_contents if "old_init" in cells else None
+
+        def __init__(self: Any, *args: Any, _vllm: Any = vllm_init, _own: Any = own_init, **kwargs: Any) -> None:
+            if _own is None or get_current_vllm_config_or_none() is not None:  # vLLM building its model
+                _vllm(self, *args, **kwargs)
+            else:
+                _own(self, *args, **kwargs)
+
+        def __call__(self: Any, *args: Any, _cls: type = cls, _vllm: Any = vllm_call, **kwargs: Any) -> Any:
+            if "do_not_compile" in vars(self):  # set by the decorated __init__: one of vLLM's instances
+                return _vllm(self, *args, **kwargs)
+            return super(_cls, self).__call__(*args, **kwargs)
+
+        cls.__init__, cls.__call__, cls._grpo_vllm_call = __init__, __call__, vllm_call
 
 
 def _sampled_logprobs(position_logprobs: Any, token_ids: list[int]) -> list[float]:
