@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from grpo_cli.errors import UserError
 from grpo_cli.rollout import Engine
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
         if isinstance(engine, HFEngine):
             return 0.0  # it samples from the learner's live weights
         raise TypeError(f"push_weights: unsupported engine {type(engine).__name__}")
+    refuse_unpushable(engine)
     engine.wake_weights()  # asleep (GPU): the weights come back, the KV cache stays released
 
     llm = engine.llm
@@ -99,6 +101,27 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
     if llm.reset_prefix_cache() is False:
         raise RuntimeError("vLLM could not reset its prefix cache after a weight push (requests still running?)")
     return time.perf_counter() - start
+
+
+def mixture_of_experts(hf_config: object) -> bool:
+    """Whether a model config describes a mixture-of-experts model (Qwen2/3-MoE, Mixtral, DeepSeek, ...)."""
+    counts = (getattr(hf_config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return any(isinstance(n, int) and n > 1 for n in counts)
+
+
+def refuse_unpushable(engine: Engine) -> None:
+    """Weight pushes into vLLM's CPU build do not take on mixture-of-experts models: measured on tiny
+    Qwen2-MoE and Qwen3-MoE, the engine's log-probs after any push (even of the embedding alone) matched
+    neither the pushed weights nor the old ones (0.09-0.14 nats off; dense families: 2e-6), and nothing
+    raised. Training on such samples would be silently wrong, so a training run stops before its first
+    step instead. On a GPU nothing is known to be wrong (not measured): loop.train suggests rollout.check_sync."""
+    from grpo_cli.rollout.vllm import VLLMEngine
+
+    if isinstance(engine, VLLMEngine) and not engine.cuda:
+        if mixture_of_experts(engine.llm.llm_engine.model_config.hf_text_config):
+            raise UserError("rollout.engine=vllm on a CPU cannot take weight updates into a mixture-of-experts model "
+                            "(vLLM's CPU expert layers come out wrong after a reload): train it with "
+                            "rollout.engine=hf, or on a GPU")
 
 
 def _has_output_layer(engine: VLLMEngine) -> bool:
