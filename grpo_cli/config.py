@@ -274,6 +274,7 @@ def validate(cfg: Config) -> None:
         "trainer.save_every": cfg.trainer.save_every,
         "logging.log_every": cfg.logging.log_every,
         "rollout.cpu_kv_cache_mib": cfg.rollout.cpu_kv_cache_mib,
+        "rollout.hf_max_rows": cfg.rollout.hf_max_rows,
         "dataset.size": cfg.dataset.size,
         "eval.n": cfg.eval.n,
     }

@@ -64,7 +64,7 @@ from grpo_cli.schema import Config, DatasetConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-PROMPTS_PER_CALL = 64  # prompts per engine.generate call: bounds the hf engine's batch, paces progress
+PROMPTS_PER_CALL = 64  # prompts per engine.generate call: paces progress (rollout.hf_max_rows bounds hf's batch)
 VOTE_BUDGET_S = 300.0  # seconds of math-verify per dataset for joining equal wrong answers in maj@k
 
 

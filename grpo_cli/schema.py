@@ -80,6 +80,7 @@ class RolloutConfig:
     enforce_eager: bool = True
     sleep_mode: bool = True
     tensor_parallel_size: int = 1  # GPUs per vLLM engine (a rollout server's)
+    hf_max_rows: int = 256  # hf engine: most rows (prompts x samples) in one `generate`; more run in turns
     servers: list[str] = field(default_factory=list)  # vllm_server: host:port of each `grpo rollout-server`
     server_timeout_s: float = 600.0  # vllm_server: longest wait for one server reply, and for start-up
     sync_method: str = _choice("file", "nccl")  # vllm_server: weights through sync_dir, or NCCL (GPU)

@@ -146,6 +146,7 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["trainer.save_every=0"], "trainer.save_every=0: must be at least 1"),
     (["logging.log_every=0"], "logging.log_every=0: must be at least 1"),
     (["rollout.cpu_kv_cache_mib=0"], "rollout.cpu_kv_cache_mib=0: must be at least 1"),
+    (["rollout=hf", "rollout.hf_max_rows=0"], "rollout.hf_max_rows=0: must be at least 1"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5: must be above 0 and at most 1"),
     (["rollout.top_p=0"], "rollout.top_p=0.0: must be above 0"),
     (["rollout.top_k=-3"], "rollout.top_k=-3: use 0 to turn top-k off"),

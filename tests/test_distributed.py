@@ -259,3 +259,30 @@ def test_sigterm_to_every_process_of_the_job_saves_the_step_under_way(tiny_model
                         f"step-{last:06d})") == 1, stderr[-4000:]
     assert "another learner process failed" not in stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{last:06d}"]
+
+
+def test_sharded_hf_engine_bounds_rows_and_keeps_ranks_in_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A sharded model's `generate` is collective: with rollout.hf_max_rows cutting each rank's prompts
+    into its own number of calls, the rank with fewer makes up the difference with one-row calls
+    instead of hanging. Samples as one unsharded call's."""
+    import hf_rows_worker as rows_worker
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_cli.rollout import SamplingSettings
+    from grpo_cli.rollout.hf import HFEngine
+
+    result = _torchrun(str(REPO / "tests" / "hf_rows_worker.py"), str(tmp_path), str(tiny_model_dir), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 10 rows in 4 + 4 + 2 vs 2 and two fillers; then 2 and a filler vs 6 rows in 3 + 3
+    assert ranks[0]["rows"] == [4, 4, 2, 2, 1]
+    assert ranks[1]["rows"] == [2, 1, 1, 3, 3]
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                      AutoTokenizer.from_pretrained(tiny_model_dir))
+    for rank, calls in rows_worker.CALLS.items():
+        for (indices, n), got in zip(calls, ranks[rank]["samples"], strict=True):
+            want = engine.generate([rows_worker.PROMPTS[i] for i in indices],
+                                   SamplingSettings(n=n, max_new_tokens=5, temperature=1.0, seed=rows_worker.SEED))
+            assert [(g[0], g[1]) for g in got] == [(s.prompt_index, s.completion_ids) for s in want]
+            torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([s.logprobs for s in want]),
+                                       rtol=0, atol=1e-5)

@@ -471,10 +471,8 @@ def test_hf_sampler_draws_each_token_with_its_probability() -> None:
     truncated = torch.tensor([[2.0, 1.0, -math.inf]]).repeat(draws, 1)
     expected = {"full": [0.665241, 0.244728, 0.090031], "top-k 2": [0.731059, 0.268941, 0.0]}
     for name, logits in (("full", scores), ("top-k 2", truncated)):
-        sampler = _Sampler([torch.Generator().manual_seed(0)], n=draws)  # one prompt, `draws` rows
-        picked = sampler(torch.zeros(draws, 1, dtype=torch.long), logits)
-        assert bool((picked.max(dim=-1).values == 0).all()) and bool(((picked == 0).sum(dim=-1) == 1).all())
-        counts = torch.bincount(picked.argmax(dim=-1), minlength=3) / draws
+        sampler = _Sampler([(torch.Generator().manual_seed(0), 0, draws)], n=draws)  # one prompt, `draws` rows
+        counts = torch.bincount(sampler.draw(logits), minlength=3) / draws
         # 4.5 standard deviations of a frequency over 20,000 draws (at most 0.0035); seeded, so never flaky.
         assert counts.tolist() == pytest.approx(expected[name], abs=0.016), name
     assert counts[2] == 0
@@ -518,12 +516,18 @@ def test_hf_logprobs_are_those_of_the_truncated_distribution_by_hand(settings: d
     processed_logprobs are)."""
     from grpo_cli.rollout.hf import _LogprobRecorder, _warpers
 
+    class Pick:  # a sampler that picks token j in row j
+        def draw(self, scores: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([0, 1, 2])
+
     scores = torch.tensor([[2.0, 1.0, 0.0]]).repeat(3, 1)  # one row per token whose log-prob we read
     for warper in _warpers(SamplingSettings(n=1, max_new_tokens=1, **settings)):
         scores = warper(torch.zeros(3, 1, dtype=torch.long), scores)
-    recorder = _LogprobRecorder()
-    recorder(torch.zeros(3, 1, dtype=torch.long), scores)
-    got = recorder.finish(torch.tensor([0, 1, 2]))[:, 0]  # token j's log-prob in row j
+    recorder = _LogprobRecorder(Pick())  # type: ignore[arg-type]
+    picked = recorder(torch.zeros(3, 1, dtype=torch.long), scores)
+    assert picked.argmax(dim=-1).tolist() == [0, 1, 2] and bool((picked.max(dim=-1).values == 0).all())
+    assert bool(((picked == 0).sum(dim=-1) == 1).all())  # greedy decoding then takes exactly that token
+    got = recorder.finish(3)[:, 0]  # token j's log-prob in row j
     torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
 
 
@@ -611,6 +615,53 @@ def test_hf_greedy(hf_engine) -> None:
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
     assert samples[0].completion_ids == samples[1].completion_ids
     assert max_logprob_error(samples, hf_engine.model, 1.0) < 1e-5
+
+
+def counting_generate(model, monkeypatch) -> list[int]:  # noqa: ANN001
+    """The rows of each `model.generate` call, appended as they come."""
+    rows: list[int] = []
+    original = model.generate
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        rows.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    return rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_hf_max_rows_bounds_each_generate_with_the_samples_of_one(base_model, tokenizer, monkeypatch,
+                                                                 temperature: float) -> None:
+    """At most max_rows (rollout.hf_max_rows) rows a `generate`: `grpo eval` sends 64 prompts a call, at
+    n=16 1,024 rows, each with its own KV cache. 4 prompts x n=3: max_rows 7 holds two whole prompts
+    (6 rows) a call; max_rows 2 cuts each prompt's 3 samples into pieces of 1 and 2; max_rows 1, 1 row a
+    call. The samples are exactly those of one 12-row call: each prompt's rows draw from its own stream."""
+    from grpo_cli.rollout.hf import HFEngine
+
+    model = copy.deepcopy(base_model)
+    rows = counting_generate(model, monkeypatch)
+    sampling = SamplingSettings(n=3, max_new_tokens=6, temperature=temperature, top_k=20, seed=5)
+    one = HFEngine(model, tokenizer, max_rows=12).generate(PROMPTS, sampling)
+    assert rows == [12]
+    assert len({tuple(s.completion_ids) for s in one}) == 12 if temperature else all(
+        one[3 * i].completion_ids == one[3 * i + j].completion_ids for i in range(4) for j in range(3))
+    for max_rows, calls in ((7, [6, 6]), (2, [1, 2] * 4), (1, [1] * 12)):
+        rows.clear()
+        got = HFEngine(model, tokenizer, max_rows=max_rows).generate(PROMPTS, sampling)
+        assert rows == calls, max_rows
+        assert [s.prompt_index for s in got] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+        assert [s.completion_ids for s in got] == [s.completion_ids for s in one], max_rows
+        for a, b in zip(one, got, strict=True):  # the batch shape may change the last float bit
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)
+    assert max_logprob_error(got, model, 1.0, top_k=20 if temperature else 0) < 1e-5  # greedy: untruncated
+
+
+def test_make_engine_hf_takes_rollout_hf_max_rows(tiny_model_dir: Path, base_model) -> None:
+    rollout = RolloutConfig(engine="hf", hf_max_rows=5)
+    engine = make_engine(rollout, ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_model_dir), policy=base_model)
+    assert engine.max_rows == 5
+    assert RolloutConfig().hf_max_rows == 256
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -152,5 +152,5 @@ def make_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str,
 
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
-        return HFEngine(policy, tokenizer)
+        return HFEngine(policy, tokenizer, max_rows=rollout.hf_max_rows)
     raise ValueError(f"rollout.engine={rollout.engine}: expected vllm, hf or vllm_server")

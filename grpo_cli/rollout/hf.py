@@ -3,8 +3,8 @@
 What a `Sample` holds, exactly:
 
 - `prompt_ids`: `tokenizer(prompt, add_special_tokens=False).input_ids`; prompts are left-padded
-  into one batch (the padding is masked and never part of a sample), or one per room when a prompt
-  near the context has less than max_new_tokens left.
+  into batches (the padding is masked and never part of a sample): one per room when a prompt near
+  the context has less than max_new_tokens left, each cut into batches of at most max_rows rows.
 - `completion_ids`: the sampled tokens up to and including the first EOS token, or up to the token
   that completed a stop string, or max_new_tokens of them, or as many as the model's context
   (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
@@ -22,15 +22,23 @@ vLLM): the model's own generation_config.json defaults (repetition penalty, top-
 not applied, as in the vllm engine; only its EOS ids are.
 
 Seeds (the contract of grpo_cli/rollout/__init__.py): `generate` runs greedy, and the last logits
-processor (`_Sampler`) draws every row's token itself, with one torch.Generator per prompt seeded
-with `prompt_seed(seed, i, n)`. So a prompt's samples do not depend on its batch mates, while the
-call stays one batched `generate`. Unseeded (seed=None), that seed is drawn from the global torch
-RNG; seeded, the global random state is left untouched.
+processor draws every row's token itself (`_Sampler`), with one torch.Generator per prompt seeded
+with `prompt_seed(seed, i, n)` that draws all n of its rows at each step. So a prompt's samples do
+not depend on its batch mates. Unseeded (seed=None), that seed is drawn from the global torch RNG;
+seeded, the global random state is left untouched.
+
+Batches: one `generate` holds at most `max_rows` rows (rollout.hf_max_rows; every row holds its own
+KV cache and a few vocabulary-sized fp32 tensors), so a call's prompts run in chunks of whole
+prompts, max_rows // n of them. A prompt whose n alone is above max_rows runs in pieces of its
+samples, each of which draws the prompt's whole (n, vocab) block at every step and keeps its own
+rows. Either way the samples are exactly those of one big `generate` (index i is the prompt's index
+in the call), up to the float rounding a batch shape can change in the model's forward.
 The model is put in eval mode for generation and its previous train/eval mode restored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -39,55 +47,60 @@ from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, con
 
 
 class _LogprobRecorder:
-    """A logits processor that records log_softmax(scores) of each sampled token.
+    """The last logits processor: picks each row's next token and records its log_softmax(scores).
 
-    It runs after the temperature/top-k/top-p warpers and before `_Sampler`, so it sees the
-    distribution the token is drawn from (the raw logits when greedy). The token sampled at step t
-    is only known at step t + 1 (the last column of input_ids), so one step of log-probabilities is
-    kept and gathered then; `finish` gathers the last step."""
+    It runs after the temperature/top-k/top-p warpers, so it sees the distribution the token is drawn
+    from (the raw logits when greedy). The token is `sampler`'s draw, returned as scores that make
+    greedy decoding pick exactly it, or without a sampler (greedy) the argmax `generate` takes itself.
+    Only the picked token's value is kept: no vocabulary-sized tensor outlives its step."""
 
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None
-        self.values: list[torch.Tensor] = []
+    def __init__(self, sampler: _Sampler | None = None) -> None:
+        self.sampler = sampler
+        self.values: list[torch.Tensor] = []  # one (rows,) tensor a step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._gather(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        tokens = scores.argmax(dim=-1) if self.sampler is None else self.sampler.draw(scores)
+        self.values.append(torch.log_softmax(scores.float(), dim=-1).gather(1, tokens[:, None])[:, 0])
+        if self.sampler is None:
+            return scores
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens[:, None], 0.0)
 
-    def _gather(self, tokens: torch.Tensor) -> None:
-        if self.pending is not None:
-            self.values.append(self.pending.gather(1, tokens[:, None].to(self.pending.device))[:, 0])
-            self.pending = None
-
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
-        self._gather(last_tokens)
-        return torch.stack(self.values, dim=1) if self.values else torch.zeros(len(last_tokens), 0)
+    def finish(self, rows: int) -> torch.Tensor:
+        """(rows, steps) log-probs of the tokens picked at each step."""
+        return torch.stack(self.values, dim=1) if self.values else torch.zeros(rows, 0)
 
 
 class _Sampler:
-    """The last logits processor: draws each row's next token, every prompt's n rows from that
-    prompt's own generator, and returns scores that make greedy decoding pick exactly that token.
+    """Draws each row's next token, every prompt's rows from that prompt's own generator.
 
-    The draw is the exponential race: with E_v ~ Exp(1) independent, argmax_v p_v / E_v is token v
-    with probability p_v (the smallest of E_v / p_v, exponentials of rate p_v). Every step draws
-    (n, vocab) values from each generator whatever the probabilities are, so a prompt's stream, and
-    with it its samples, are the same whichever prompts share the batch."""
+    `streams` holds, in row order, one (generator, first, end) for each prompt of the batch: its
+    samples first..end-1 of n are the batch's next end - first rows. The draw is the exponential
+    race: with E_v ~ Exp(1) independent, argmax_v p_v / E_v is token v with probability p_v (the
+    smallest of E_v / p_v, exponentials of rate p_v). Every step draws (n, vocab) values from each
+    generator whatever the probabilities are and whichever of its samples the batch holds, so a
+    prompt's stream, and with it its samples, are the same whichever prompts and rows share the batch."""
 
-    def __init__(self, generators: list[torch.Generator], n: int) -> None:
-        self.generators = generators
+    def __init__(self, streams: list[tuple[torch.Generator, int, int]], n: int) -> None:
+        self.streams = streams
         self.n = n
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """(rows,) token ids drawn from softmax(scores), scores (rows, vocab)."""
         probs = torch.softmax(scores.float(), dim=-1)  # (rows, vocab); 0 where top-k/top-p removed a token
         race = torch.empty_like(probs)
-        for i, generator in enumerate(self.generators):  # rows [i*n, (i+1)*n) are prompt i's
-            race[i * self.n:(i + 1) * self.n].exponential_(generator=generator)
+        row = 0
+        for generator, first, end in self.streams:
+            if end - first == self.n:
+                race[row:row + self.n].exponential_(generator=generator)
+            else:  # the same (n, vocab) draw as a whole prompt's, of which these rows are a part
+                race[row:row + end - first] = torch.empty((self.n, probs.shape[1]), dtype=probs.dtype,
+                                                          device=probs.device).exponential_(generator=generator)[first:end]
+            row += end - first
+        kept = probs > 0
+        keys = probs.div_(race)  # in place: one vocabulary-sized tensor less per row
+        del race
         # A zero-probability token must never win, even against a draw of exactly 0 (0/0 is NaN).
-        keys = torch.where(probs > 0, probs / race, -1.0)
-        tokens = keys.argmax(dim=-1)
-        picked = torch.full_like(scores, -float("inf"))
-        return picked.scatter_(1, tokens[:, None], 0.0)
+        return keys.masked_fill_(kept.logical_not_(), -1.0).argmax(dim=-1)
 
 
 class _StopStrings:
@@ -120,11 +133,15 @@ class _StopStrings:
 
 
 class HFEngine:
-    """`Engine` that samples with transformers `generate` from `policy`, the learner's model."""
+    """`Engine` that samples with transformers `generate` from `policy`, the learner's model, at most
+    `max_rows` rows (prompts x samples) a `generate`."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, max_rows: int = 256) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: must be at least 1")
         self.model = policy
         self.tokenizer = tokenizer
+        self.max_rows = max_rows
         eos: set[int] = set()
         model_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
         for ids in (model_eos, tokenizer.eos_token_id):
@@ -148,8 +165,9 @@ class HFEngine:
         # Every row of one `generate` runs as many steps as the longest: a prompt near the context
         # would run past it (positions a model with learned position embeddings does not have: an
         # IndexError on CPU, a device-side assert on CUDA). So prompts are generated in groups of the
-        # same room; each prompt's samples do not depend on its group. A sharded model keeps one call:
-        # its ranks must make as many calls, each as many steps.
+        # same room; each prompt's samples do not depend on its group. A sharded model keeps one group:
+        # its ranks must make as many calls, each as many steps (synced_gpus keeps a finished rank
+        # stepping, so the room of one group is the longest).
         groups: dict[int, list[int]] = {}
         for i, ids in enumerate(prompt_ids):
             room = sampling.max_new_tokens if self.context is None else min(sampling.max_new_tokens,
@@ -157,40 +175,52 @@ class HFEngine:
             groups.setdefault(room, []).append(i)
         if _sharded(self.model):
             groups = {max(groups): list(range(len(prompts)))}
+        calls = [(max_new, chunk) for max_new, indices in groups.items()
+                 for chunk in _chunks(indices, sampling.n, self.max_rows)]
+        fillers = 0
+        if _sharded(self.model):
+            # Every rank must make as many `generate` calls (each is collective), agreed before the first:
+            # one with fewer batches (fewer prompts) makes up the difference with one-row greedy calls
+            # whose samples it drops.
+            from grpo_cli import distributed
+
+            fillers = int(distributed.all_reduce([float(len(calls))], "max")[0]) - len(calls)
         samples: list[Sample | None] = [None] * (len(prompts) * sampling.n)
-        for max_new, indices in groups.items():
-            for i, group in zip(indices, self._generate(indices, prompt_ids, sampling, seed, max_new), strict=True):
-                samples[i * sampling.n:(i + 1) * sampling.n] = group
+        for max_new, chunk in calls:
+            for (i, first, _), part in zip(chunk, self._generate(chunk, prompt_ids, sampling, seed, max_new),
+                                           strict=True):
+                samples[i * sampling.n + first:i * sampling.n + first + len(part)] = part
+        for _ in range(fillers):
+            self._generate([(0, 0, 1)], prompt_ids, dataclasses.replace(sampling, n=1), None, 1)
         return samples  # type: ignore[return-value]
 
-    def _generate(self, indices: list[int], all_prompt_ids: list[list[int]], sampling: SamplingSettings,
-                  seed: int | None, max_new: int) -> list[list[Sample]]:
-        """The n samples of each prompt `all_prompt_ids[i]` for i in `indices`, in one batched `generate`
-        of at most `max_new` steps; seed None: greedy."""
+    def _generate(self, pieces: list[tuple[int, int, int]], all_prompt_ids: list[list[int]],
+                  sampling: SamplingSettings, seed: int | None, max_new: int) -> list[list[Sample]]:
+        """For each piece (i, first, end): samples first..end-1 of the n of prompt `all_prompt_ids[i]`,
+        all in one batched `generate` of at most `max_new` steps; seed None: greedy."""
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         greedy = seed is None
         device = next(self.model.parameters()).device
-        prompt_ids = [all_prompt_ids[i] for i in indices]
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
+        row_prompts = [i for i, first, end in pieces for _ in range(first, end)]  # [p0 x n, p1 x n, ...]
+        rows = len(row_prompts)
+        width = max(len(all_prompt_ids[i]) for i in row_prompts)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, i in enumerate(row_prompts):  # left padding: every prompt ends where generation starts
+            ids = all_prompt_ids[i]
             if ids:
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention_mask[i, width - len(ids):] = 1
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
 
-        rows = len(prompt_ids) * sampling.n  # each prompt n times in a row: [p0 x n, p1 x n, ...]
-        input_ids = input_ids.repeat_interleave(sampling.n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(sampling.n, dim=0)
-        recorder = _LogprobRecorder()
         stopper = _StopStrings(self.tokenizer, sampling.stop, width, rows) if sampling.stop else None
         processors = [] if greedy else _warpers(sampling)
-        processors.append(recorder)
+        sampler = None
         if not greedy:
-            generators = [torch.Generator(device=device).manual_seed(prompt_seed(seed, i, sampling.n))
-                          for i in indices]
-            processors.append(_Sampler(generators, sampling.n))
+            sampler = _Sampler([(torch.Generator(device=device).manual_seed(prompt_seed(seed, i, sampling.n)),
+                                 first, end) for i, first, end in pieces], sampling.n)
+        recorder = _LogprobRecorder(sampler)
+        processors.append(recorder)
         # do_sample=False: generate() takes the argmax of what the processors leave, which `_Sampler` drew.
         config = GenerationConfig(do_sample=False, max_new_tokens=max_new, num_return_sequences=1,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
@@ -218,14 +248,14 @@ class HFEngine:
         if not isinstance(sequences, torch.Tensor):
             sequences = sequences.sequences
         completions = sequences[:, width:].cpu()
-        logprobs = recorder.finish(sequences[:, -1]).cpu() if completions.shape[1] else torch.zeros(rows, 0)
+        logprobs = recorder.finish(rows).cpu()
         if logprobs.shape != completions.shape:
             raise RuntimeError(f"recorded log-probs {tuple(logprobs.shape)} do not match the generated tokens "
                                f"{tuple(completions.shape)}")
         eos = torch.tensor(self.eos_ids)
-        samples: list[list[Sample]] = [[] for _ in indices]
-        for row in range(rows):
-            prompt_index = indices[row // sampling.n]
+        samples: list[list[Sample]] = [[] for _ in pieces]
+        piece_of = [p for p, (_, first, end) in enumerate(pieces) for _ in range(first, end)]
+        for row, prompt_index in enumerate(row_prompts):
             room = max_new if self.context is None else self.context - len(all_prompt_ids[prompt_index])
             ids = completions[row, :room].tolist()  # tokens past the context are not the model's to train on
             end, by_eos, by_stop = len(ids), False, False
@@ -237,7 +267,7 @@ class HFEngine:
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
             if by_stop:
                 text = _cut_after_stop(text, sampling.stop)
-            samples[row // sampling.n].append(Sample(
+            samples[piece_of[row]].append(Sample(
                 prompt_index=prompt_index, prompt_ids=list(all_prompt_ids[prompt_index]), completion_ids=ids[:end], text=text,
                 logprobs=logprobs[row, :end].tolist(), truncated=not (by_eos or by_stop),
             ))
@@ -265,6 +295,17 @@ def _warpers(sampling: SamplingSettings) -> list[Any]:
     if sampling.top_p < 1.0:
         warpers.append(TopPLogitsWarper(sampling.top_p))
     return warpers
+
+
+def _chunks(indices: list[int], n: int, max_rows: int) -> list[list[tuple[int, int, int]]]:
+    """The batches of one `generate` each, at most `max_rows` rows: pieces (i, first, end), samples
+    first..end-1 of prompt i's n. Whole prompts, max_rows // n a batch; a prompt whose n is above
+    max_rows alone, in ceil(n / max_rows) pieces of as many samples as can be."""
+    if n <= max_rows:
+        per = max_rows // n
+        return [[(i, 0, n) for i in indices[k:k + per]] for k in range(0, len(indices), per)]
+    parts = -(-n // max_rows)
+    return [[(i, n * p // parts, n * (p + 1) // parts)] for i in indices for p in range(parts)]
 
 
 def _sharded(model: torch.nn.Module) -> bool:
