@@ -17,6 +17,7 @@ import math
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -430,6 +431,67 @@ def test_a_server_leaves_room_for_the_runs_longer_evaluations(grpo, tiny_model_d
     assert [(s["tokens"], s["truncated"]) for s in samples] == [(40, True)] * 2
 
 
+def _idle(address: str, count: int) -> list[socket.socket]:
+    """`count` connections that send nothing, opened one after the other (the server sees them in order)."""
+    host, port = address.rsplit(":", 1)
+    sockets = []
+    for _ in range(count):
+        sockets.append(socket.create_connection((host, int(port)), timeout=10))
+        time.sleep(0.005)
+    return sockets
+
+
+def _closed_by_server(sock: socket.socket, wait_s: float) -> bool:
+    """Whether the server closed `sock` (no reply) within wait_s."""
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(100) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _half_sent_body(address: str) -> tuple[bytes, float]:
+    """A /generate announcing a 60-byte body and sending 10 of them: (the server's answer, seconds it took)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        start = time.monotonic()
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n{\"prompts\"")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the server's threads in /proc")
+def test_idle_and_slow_clients_neither_hold_threads_nor_keep_requests_out(server) -> None:
+    """150 connections that send nothing (a port scanner, a slowloris): they used to hold a thread each
+    for 600 s; now the next request closes the stalled ones beyond MAX_READING (64), oldest first, and
+    /health and /generate answer at once. A body that never arrives is answered 408 after READ_S (10 s)."""
+    from grpo_cli.rollout.server import MAX_READING, READ_S, STALL_S
+
+    process, address = server
+    threads = lambda: len(os.listdir(f"/proc/{process.pid}/task"))  # noqa: E731
+    before = threads()
+    idle = _idle(address, 150)
+    try:
+        time.sleep(STALL_S + 0.5)  # they are stalled
+        start = time.monotonic()
+        status, reply, _ = _raw(address, "GET", "/health")
+        assert (status, reply["status"], time.monotonic() - start < 3) == (200, "ready", True)
+        time.sleep(0.5)  # the closed ones' threads have ended
+        assert threads() - before <= MAX_READING + 4  # vLLM's own threads may come and go
+        assert len(client(address).generate(PROMPTS, SAMPLING)) == len(PROMPTS) * SAMPLING.n
+        assert _closed_by_server(idle[0], 2) and not _closed_by_server(idle[-1], 0.2)  # the oldest went first
+    finally:
+        for sock in idle:
+            sock.close()
+    answer, seconds = _half_sent_body(address)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"the request body (60 bytes) did not arrive within 10 s" in answer
+    assert READ_S - 1 < seconds < READ_S + 5
+
+
 def test_killed_server_gives_a_clear_error_within_the_time_out(server) -> None:
     """Runs last: it kills the module's server (SIGKILL) while a client keeps generating."""
     process, address = server
@@ -522,17 +584,15 @@ class _CountingEngine:
 
 def _serve_fake(wait_s: float, port: int = 0, **access):
     """access: RolloutServer's token and weights_dirs."""
-    from http.server import ThreadingHTTPServer
     from types import SimpleNamespace
 
-    from grpo_cli.rollout.server import RolloutServer, _handler
+    from grpo_cli.rollout.server import RolloutServer, _HTTPServer
 
     cfg = SimpleNamespace(model=SimpleNamespace(name_or_path="m"), rollout=SimpleNamespace(tensor_parallel_size=1))
     server = RolloutServer(cfg, **access)
     server.engine = _CountingEngine()
     server.batches.wait_s = wait_s
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
-    httpd.daemon_threads = True
+    httpd = _HTTPServer(("127.0.0.1", port), server)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return server, httpd, f"127.0.0.1:{httpd.server_address[1]}"
 
@@ -857,6 +917,83 @@ def test_malformed_oversized_or_absurd_requests_get_a_4xx_and_the_server_lives_o
         with pytest.raises(RolloutServerError, match=rf"rollout server {address} cannot take a request of \d+ bytes "
                                                      r".*on /generate: send fewer prompts per request"):
             client(address).generate(["word " * 300], SAMPLING)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_slow_idle_or_surplus_connections_are_bounded_in_time_and_number(monkeypatch) -> None:
+    """The server's limits with short settings: READ_S 1 s, MAX_READING 4, STALL_S 0.3 s, MAX_CONNECTIONS 6."""
+    from grpo_cli.rollout import server as server_module
+
+    monkeypatch.setattr(server_module, "READ_S", 1.0)
+    monkeypatch.setattr(server_module, "STALL_S", 0.3)
+    monkeypatch.setattr(server_module, "MAX_READING", 4)
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 6)
+    server, httpd, address = _serve_fake(wait_s=60.0)
+    host, port = address.rsplit(":", 1)
+    try:
+        # A body announced but never sent in full: 408 after READ_S (+60 bytes at BODY_RATE), not 600 s.
+        answer, seconds = _half_sent_body(address)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"(60 bytes) did not arrive within 1 s of connecting" in answer
+        assert 1.0 <= seconds < 2.0
+
+        # Headers sent a byte at a time, each well within a per-read time-out: closed at READ_S all the same.
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")
+            while time.monotonic() - start < 4 and not _closed_by_server(sock, 0.1):
+                sock.sendall(b"a")
+            assert 1.0 <= time.monotonic() - start < 2.0
+
+        # Six idle connections at once (a burst, as of learner ranks): all kept. Once they are stalled,
+        # /health closes the three oldest (3 + itself = MAX_READING) and answers at once; /generate, with
+        # 3 readers left, closes none.
+        monkeypatch.setattr(server_module, "READ_S", 30.0)
+        deadline = time.monotonic() + 5
+        while httpd.connections and time.monotonic() < deadline:  # the slow client's thread has ended
+            time.sleep(0.02)
+        idle = _idle(address, 6)
+        time.sleep(0.4)
+        assert len(httpd.connections) == 6
+        start = time.monotonic()
+        assert _raw(address, "GET", "/health")[0] == 200
+        good = {"prompts": ["a"], "sampling": {"n": 1, "max_new_tokens": 8, "temperature": 1.0}}
+        assert _raw(address, "POST", "/generate", json.dumps(good).encode())[0] == 200
+        assert time.monotonic() - start < 3
+        assert [_closed_by_server(sock, 1.0 if i < 3 else 0.1) for i, sock in enumerate(idle)] == [True] * 3 + [False] * 3
+        for sock in idle:
+            sock.close()
+
+        # MAX_CONNECTIONS open: five requests being served (waiting for a batch of 10) and one sending
+        # headers (not stalled): /health closes that one and answers. With six served, 503 at once.
+        held = {**good, "batch": {"key": "held", "of": 10}}
+        waiting = [threading.Thread(target=_raw, args=(address, "POST", "/generate", json.dumps(held).encode()))
+                   for _ in range(6)]
+
+        def served(count: int) -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(getattr(server.batches.open.get("held"), "jobs", [])) < count:
+                time.sleep(0.02)
+
+        for thread in waiting[:5]:
+            thread.start()
+        served(5)
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\nX-Slow: a")
+            time.sleep(0.05)
+            assert _raw(address, "GET", "/health")[0] == 200
+            assert _closed_by_server(slow, 1.0)
+        waiting[5].start()
+        served(6)
+        status, reply, _ = _raw(address, "GET", "/health")
+        assert (status, reply) == (503, {"error": "this server has 6 requests open; try again later"})
+        with server.batches.cond:  # the batch runs now, without the 4 requests it would wait 60 s for
+            server.batches.open["held"].deadline = time.monotonic()
+            server.batches.cond.notify_all()
+        for thread in waiting:
+            thread.join(10)
+        assert _raw(address, "GET", "/health")[0] == 200
     finally:
         httpd.shutdown()
         httpd.server_close()

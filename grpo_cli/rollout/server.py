@@ -8,8 +8,9 @@ same `batch` are held until all `of` of them are in (at most GATHER_S seconds) a
 call, so vLLM batches the ranks' sequences together instead of running R smaller calls in turn.
 
 Endpoints (JSON in, JSON out; errors come back as {"error": "..."} with status 400 (a malformed or
-out-of-range request), 401 (no valid token), 403 (a path outside --weights-dir), 404, 409, 411, 413
-(a body over MAX_BODY_BYTES), 500, or 503 while the model is loading):
+out-of-range request), 401 (no valid token), 403 (a path outside --weights-dir), 404, 408 (a body that
+did not arrive in time), 409, 411, 413 (a body over MAX_BODY_BYTES), 500, or 503 while the model is
+loading or when MAX_CONNECTIONS requests are open):
 
     GET  /health        status (loading | ready), protocol, model, weights_version, weights_id, boot_id
                         (drawn when the process starts), dtype,
@@ -53,6 +54,18 @@ Request bodies are capped at MAX_BODY_BYTES (413 beyond, unread), and a /generat
 prompts x n; a body that is not a JSON object, a field of the wrong type or out of range is a 400,
 never a 500.
 
+Slow or idle clients. Each connection gets a thread, but only for a bounded time and number while
+it sends its request: the request line, headers and body must arrive within READ_S of connecting,
+plus a second per MiB of body (BODY_RATE), else the connection is closed (a half-sent body answered
+408); the reply may then take as long as the engine needs. When more than MAX_READING connections
+are sending their request, a new one closes those that received nothing for STALL_S (oldest first)
+down to that number: a trainer sends its whole request at once, so a burst of learner ranks is never
+cut, while clients that connect and send nothing cannot pile up threads or keep others out. At most
+MAX_CONNECTIONS connections are open at once (requests being served included): one more closes the
+oldest connection still sending its request (however fast: headers sent byte by byte, say), or is
+answered 503 at once when all are being served. Handler threads are daemons: stopping the server
+never waits for a client.
+
 `weights_id` is drawn afresh when the server starts and whenever its weights change (a load, an NCCL
 update, one that failed half way too); /generate and /logprobs reply with the id of the weights they
 ran on. A client compares it with the id its own last push got back, so that a server that restarted
@@ -66,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -102,6 +116,12 @@ TOKEN_ENV = "GRPO_ROLLOUT_TOKEN"  # the shared secret, read by the server (unles
 MAX_BODY_BYTES = 64 << 20
 MAX_SEQUENCES = 1 << 18  # prompts x n of one /generate (a step of 4096 prompts x 64 per server)
 MAX_KEY_CHARS = 1024  # a batch key (the client's: MASTER_ADDR:MASTER_PORT:run id:launch id#call, ~60 characters)
+# Slow or idle clients (module docstring). A trainer sends its whole request at once (milliseconds).
+READ_S = 10.0  # seconds from connecting to the end of a request's headers and body
+BODY_RATE = 1 << 20  # bytes per second a body may take beyond READ_S (the largest body: 64 s more)
+MAX_READING = 64  # connections sending their request at once; beyond it, those stalled for STALL_S are closed
+STALL_S = 1.0  # a connection that received nothing for this long while sending its request is stalled
+MAX_CONNECTIONS = 1024  # connections open at once (each learner rank holds one per /generate); one more gets 503
 
 
 class RequestError(Exception):
@@ -477,7 +497,14 @@ def _field(body: dict[str, Any], key: str, kind: type) -> Any:
 def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        timeout = 600  # seconds to wait for a request body from a client that went quiet
+        timeout = 600  # seconds to send a reply to a client that stopped reading (requests: READ_S)
+        server: _HTTPServer
+
+        def setup(self) -> None:
+            super().setup()
+            self.stream = self.server.connections[self.request]
+            self.rfile.close()  # the plain socket file: the request is read under its deadline instead
+            self.rfile = io.BufferedReader(self.stream)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             self._dispatch("GET")
@@ -500,8 +527,8 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
                     raise RequestError(HTTPStatus.UNAUTHORIZED, f"{method} {path} needs this server's token "
                                        f"(header 'Authorization: Bearer TOKEN'; the trainer sends ${TOKEN_ENV})")
                 body = self._body()
-                if body is None:
-                    return  # the client went quiet or away mid-body: nobody to answer
+                if body is None or not self.server.served(self.stream):
+                    return  # the client went away mid-body, or was closed for a newer one: nobody to answer
                 status, reply = HTTPStatus.OK, route(body) if authorized else server.public_health()
             except RequestError as e:
                 status, reply = e.status, {"error": str(e)}
@@ -512,6 +539,7 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
                 status, reply = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {first_line(e)}"}
             data = json.dumps(reply).encode()
             try:
+                self.connection.settimeout(self.timeout)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -536,9 +564,16 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
                 raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the request body has {length} bytes, "
                                    f"more than this server's limit of {MAX_BODY_BYTES} ({MAX_BODY_BYTES >> 20} MiB): "
                                    "send fewer prompts per request (more servers, or fewer prompts per step)")
+            self.stream.deadline += length / BODY_RATE
             try:
                 raw = self.rfile.read(length) if length else b""
-            except OSError:  # its time-out (a client that went quiet) or a reset
+            except TimeoutError:
+                if self.stream.dropped:
+                    return None
+                allowed = READ_S + length / BODY_RATE
+                raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the request body ({length} bytes) did not arrive "
+                                   f"within {allowed:.0f} s of connecting") from None
+            except OSError:  # a reset
                 return None
             if len(raw) < length:
                 return None
@@ -554,6 +589,111 @@ def _handler(server: RolloutServer) -> type[BaseHTTPRequestHandler]:
             pass  # one line per request would drown the server's log
 
     return Handler
+
+
+class _RequestStream(io.RawIOBase):
+    """A connection's bytes as its handler reads the request: each read waits only until the request's
+    deadline (READ_S from connecting, plus the body's time at BODY_RATE), and a connection the server
+    dropped for a newer one reads as timed out. Its thread and its place are freed within that time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        now = time.monotonic()
+        self.deadline = now + READ_S  # the handler adds the body's time once it knows the length
+        self.received_at = now  # the last byte's arrival: a reader is stalled STALL_S after it
+        self.reading = True  # until the whole request is in; it is then served, however long that takes
+        self.dropped = False  # closed by the server to make room (_HTTPServer.process_request)
+
+    def drop(self) -> None:
+        self.dropped = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # its handler's blocked read returns at once
+        except OSError:
+            pass
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if self.dropped or remaining <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        count = self.sock.recv_into(buffer)
+        if self.dropped:  # its socket was shut down under it: reads as the end of the stream
+            raise TimeoutError("closed to make room for newer connections")
+        if count:
+            self.received_at = time.monotonic()
+        return count
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """http.server's one thread per connection, bounded (module docstring, "Slow or idle clients")."""
+
+    daemon_threads = True  # stopping never waits for a stuck client
+    request_queue_size = 128  # connections the kernel holds while the accept loop is busy
+
+    def __init__(self, address: tuple[str, int], server: RolloutServer) -> None:
+        self.connections: dict[socket.socket, _RequestStream] = {}  # open ones, oldest first
+        self.guard = threading.Lock()
+        self.warned_at = -math.inf
+        super().__init__(address, _handler(server))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Runs in the accept loop: it must never block. Makes room for the new connection (module
+        docstring): stalled readers beyond MAX_READING go, and at MAX_CONNECTIONS the oldest reader."""
+        with self.guard:
+            now = time.monotonic()
+            live = [c for c in self.connections.values() if not c.dropped]
+            reading = [c for c in live if c.reading]  # oldest first
+            stalled = [c for c in reading if now - c.received_at >= STALL_S]
+            drop = stalled[:max(len(reading) + 1 - MAX_READING, 0)]
+            if len(live) - len(drop) >= MAX_CONNECTIONS:
+                oldest = next((c for c in reading if c not in drop), None)
+                if oldest is None:
+                    self._warn(f"refused a connection: {MAX_CONNECTIONS} requests are open at once")
+                    self._refuse(request)
+                    return
+                drop.append(oldest)
+            for connection in drop:
+                connection.drop()
+            if drop:
+                self._warn(f"closed {len(drop)} connection(s) that had not sent their request to make room for "
+                           f"newer ones: more than {MAX_READING} were sending requests at once (slow or idle clients?)")
+            self.connections[request] = _RequestStream(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.guard:
+                self.connections.pop(request, None)
+
+    def served(self, stream: _RequestStream) -> bool:
+        """Mark a connection's request as read (no longer droppable); False if it was dropped meanwhile."""
+        with self.guard:
+            stream.reading = False
+            return not stream.dropped
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that reset its connection is no error of ours
+            super().handle_error(request, client_address)
+
+    def _refuse(self, request: socket.socket) -> None:
+        data = json.dumps({"error": f"this server has {MAX_CONNECTIONS} requests open; try again later"}).encode()
+        try:
+            request.settimeout(0)  # a full socket buffer must not stall the accept loop
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def _warn(self, message: str) -> None:
+        if time.monotonic() - self.warned_at > 60:  # a flood of connections must not flood the log
+            self.warned_at = time.monotonic()
+            log.warning("%s (said at most once a minute)", message)
 
 
 def is_loopback(host: str) -> bool:
@@ -580,10 +720,9 @@ def serve(cfg: Config, host: str, port: int, say: Callable[[str], None], token: 
             "(or --token) here and in the trainer's environment"
             + ("" if weights_dirs else ", and --weights-dir to the folder of the trainer's rollout.sync_dir"))
     try:
-        httpd = ThreadingHTTPServer((host, port), _handler(server))
+        httpd = _HTTPServer((host, port), server)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
-    httpd.daemon_threads = True
     bound_port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, name="rollout-server-http", daemon=True)
     thread.start()
