@@ -204,12 +204,13 @@ def train(cfg: Config) -> Path:
             if device.type == "cuda":  # the step's peak of this process's GPU allocations (learner and engine)
                 metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.reset_peak_memory_stats(device)
-            logger.log(step, {**metrics, **checks, **eval_metrics})
-            for label, message in first.scores.first_error.items():
-                logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} completion(s): "
-                               f"{message}")
-            logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _judge_label(cfg)))
-            logged = step
+            with _whole_on_ctrl_c(world):  # the step is logged (and Ctrl-C saves it) or not at all
+                logger.log(step, {**metrics, **checks, **eval_metrics})
+                for label, message in first.scores.first_error.items():
+                    logger.message(f"step {step}: reward {label} raised on {first.scores.errors[label]} "
+                                   f"completion(s): {message}")
+                logger.samples(step, _sample_records(first, cfg.logging.samples_per_step, _judge_label(cfg)))
+                logged = step
 
             # ---------------------------------------------------------------- checkpoint
             saves = step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_steps
@@ -255,6 +256,25 @@ def train(cfg: Config) -> Path:
         distributed.teardown()
         unlock_run(run)
     return run
+
+
+@contextmanager
+def _whole_on_ctrl_c(world: int) -> Iterator[None]:
+    """Ctrl-C waits for the end of the block: writing a step's metrics and its samples takes
+    milliseconds, and a Ctrl-C between the two left a step whose update was done but not counted as
+    logged, so nothing was saved (every step since the last checkpoint lost). One process on the main
+    thread only: under torchrun SIGINT already stops at the end of the step (_SigtermStop)."""
+    if world > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class _SigtermStop:

@@ -102,6 +102,33 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir: Path, tmp
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
 
 
+def test_ctrl_c_while_a_step_is_written_saves_that_step(tiny_model_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between writing step 2's metrics and its samples: the step's update was done but it did not
+    count as logged, so nothing was saved ("no checkpoint yet"). Now the two writes finish first."""
+    import signal
+
+    from grpo_cli.config import compose
+    from grpo_cli.logging import RunLogger
+    from grpo_cli.loop import train
+
+    run = tmp_path / "run"
+    cfg = compose([*_args(tiny_model_dir, run, steps=3)[1:], "trainer.save_every=100", "rollout=hf"])
+    write_samples = RunLogger.samples
+
+    def samples(self: RunLogger, step: int, records: list) -> None:  # type: ignore[type-arg]
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # after the metrics line, before the samples
+        write_samples(self, step, records)
+
+    monkeypatch.setattr(RunLogger, "samples", samples)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    assert (run / "samples" / "step-000002.jsonl").is_file()
+
+
 def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_model_dir: Path,
                                                                           tmp_path: Path) -> None:
     """A cluster preempts a job with SIGTERM: it ended the process mid-step, with every step since the
