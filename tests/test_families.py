@@ -13,11 +13,11 @@ groups, the output layer) they equal the changed model's, so every tensor reache
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
+from test_rollout import perturbed  # tests/ is on sys.path (as dist_worker)
 
 from grpo_cli.logprobs import detect_logit_form, pack, sequence_logprobs
 from grpo_cli.rollout import SamplingSettings
@@ -76,17 +76,6 @@ def logprob_error(samples, model) -> float:  # noqa: ANN001
     for i, s in enumerate(samples):
         theirs[i, : len(s.logprobs)] = torch.tensor(s.logprobs)
     return float((ours - theirs)[batch.mask].abs().max())
-
-
-def perturbed(model, seed: int = 1):  # noqa: ANN001, ANN201
-    """A copy with every parameter changed by about half its spread (0.05 for constant ones: norms, biases)."""
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            scale = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.1
-            p.add_(0.5 * scale * torch.randn(p.shape, generator=gen))
-    return other
 
 
 def test_engine_logprobs_equal_the_learners(family) -> None:
