@@ -53,6 +53,13 @@ class MicroBatch:
     filler: bool = False     # sharded: a stand-in so that every rank runs as many micro-batches; weight 0
 
 
+def refuse_sharded_lora(cfg: Config) -> None:
+    """LoRA is not sharded yet: a Learner under torchrun refuses it (grpo_cli.loop says so before any loads)."""
+    if cfg.model.lora_rank > 0:
+        raise UserError("model.lora_rank > 0 is not supported with several learner processes (torchrun) yet: train "
+                        "LoRA in one process, or set model.lora_rank=0")
+
+
 class Learner:
     """Under torchrun (grpo_cli.distributed) the policy and reference are sharded over the ranks
     with FSDP2 and each rank's `update` gets its own rows; the micro-batch weights use the global
@@ -64,9 +71,7 @@ class Learner:
         self.sharded = distributed.world() > 1
         model_cfg, load_device = cfg.model, device
         if self.sharded:
-            if cfg.model.lora_rank > 0:
-                raise UserError("model.lora_rank > 0 is not supported with several learner processes (torchrun) "
-                                "yet: train LoRA in one process, or set model.lora_rank=0")
+            refuse_sharded_lora(cfg)
             # fp32 master weights loaded on the host; FSDP moves each rank's shard to its device and
             # computes in model.dtype (bf16 on a GPU by default).
             model_cfg, load_device = dataclasses.replace(cfg.model, dtype="float32"), torch.device("cpu")

@@ -46,7 +46,7 @@ from grpo_cli import checkpoint, distributed
 from grpo_cli.data import data_fingerprint, fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import SameOnEveryRank, UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
-from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory
+from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory, refuse_sharded_lora
 from grpo_cli.logging import RunLogger, discard_wandb, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
@@ -370,9 +370,7 @@ def _check_several_learners(cfg: Config, world: int) -> None:
     if cfg.trainer.dynamic_sampling:
         raise UserError("trainer.dynamic_sampling is not supported with several learner processes yet: "
                         "set trainer.dynamic_sampling=false or train in one process")
-    if cfg.model.lora_rank > 0:  # as the learner says, but once per node rather than once per GPU
-        raise UserError("model.lora_rank > 0 is not supported with several learner processes (torchrun) yet: train "
-                        "LoRA in one process, or set model.lora_rank=0")
+    refuse_sharded_lora(cfg)  # as the learner does, but before any loads and once per node, not once per GPU
 
 
 def check_sync(engine: Engine, learner: Learner, probe: Sample) -> dict[str, float]:
