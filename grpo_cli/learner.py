@@ -530,22 +530,32 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
         targets = "all-linear"  # every linear layer except the output layer
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
     tied = embeddings[1] is not None and embeddings[1].weight is embeddings[0].weight
+    # The output layer is a Linear too, but no place for an adapter ("all-linear" skips it).
+    linear = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                               if isinstance(m, torch.nn.Linear) and m is not embeddings[1]}))
     try:
         wrapped = get_peft_model(model, lora)
     except ValueError as e:  # e.g. a target module the model does not have (peft's NoMatchingPeftModuleError)
-        output = model.get_output_embeddings()  # a Linear too, but no place for an adapter ("all-linear" skips it)
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) and m is not output})
         problem = first_line(e).rstrip(".")
         raise UserError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: {problem}; this model's linear "
-                        f"layers are {', '.join(linear)} (or use [all-linear])") from None
+                        f"layers are {linear} (or use [all-linear])") from None
+    if isinstance(targets, list):
+        # peft stops only when no name matches: Llama's [q_proj,k_proj,v_proj,o_proj] on Phi-3 (whose q/k/v are
+        # one qkv_proj) put adapters on o_proj alone, and q/k/v stayed frozen without a word.
+        names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            matched = [t for t in targets if t not in unmatched]
+            raise UserError(f"model.lora_target_modules={targets}: this model has no {', '.join(unmatched)} (only "
+                            f"{', '.join(matched)} would get adapters); its linear layers are {linear} "
+                            "(or use [all-linear])")
     if tied:
         # The merged weights (engine pushes, checkpoints) hold one tensor for both layers: an adapter on
         # either cannot be merged into it. vLLM then scored tokens 0.2-3.6 nats off the learner.
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         adapted = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                           if isinstance(m, BaseTunerLayer) and any(m.get_base_layer() is e for e in embeddings)})
         if adapted:

@@ -131,6 +131,40 @@ def test_a_target_module_the_model_lacks_is_one_line_naming_its_layers(tiny_mode
     assert "\n" not in message
 
 
+@pytest.fixture(scope="module")
+def phi3_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_families' tiny Phi-3: q/k/v fused in one qkv_proj, gate/up in one gate_up_proj."""
+    from test_families import _build  # tests/ is on sys.path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("phi3")
+    _build("phi3", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_target_modules_of_another_family_are_one_line_even_when_some_match(phi3_dir: Path) -> None:
+    """Llama's attention list on Phi-3 put adapters on o_proj alone, silently (peft stops only when no name
+    matches at all): q/k/v, most of what the user meant to train, stayed frozen."""
+    from grpo_cli.errors import UserError
+
+    cfg = compose([f"model.name_or_path={phi3_dir}", "model.lora_rank=4",
+                   "model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]"])
+    with pytest.raises(UserError) as caught:
+        Learner(cfg, CPU, pad_id=0)
+    assert str(caught.value) == (
+        "model.lora_target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']: this model has no q_proj, k_proj, "
+        "v_proj (only o_proj would get adapters); its linear layers are down_proj, gate_up_proj, o_proj, qkv_proj "
+        "(or use [all-linear])")
+    # The family's own names, and full module paths, are taken (peft matches a name or a path's end).
+    for targets in ("[qkv_proj,o_proj]", "[model.layers.0.self_attn.qkv_proj,gate_up_proj]"):
+        learner = Learner(compose([f"model.name_or_path={phi3_dir}", "model.lora_rank=4",
+                                   f"model.lora_target_modules={targets}"]), CPU, pad_id=0)
+        assert learner.trainable
+
+
 @pytest.mark.parametrize(("targets", "named"), [("[q_proj,lm_head]", "lm_head"),
                                                 ("[embed_tokens,q_proj]", "embed_tokens")])
 def test_an_adapter_on_a_tied_embedding_is_one_line(tiny_model_dir: Path, targets: str, named: str) -> None:
