@@ -3,7 +3,8 @@ each a 2-layer random model (head_dim 64, for vLLM's CPU attention) with SmolLM2
 
 Per family: the engine's sampled log-probs equal the learner's own (sequence_logprobs, with the
 family's logit form), and after a push of weights with every tensor changed (biases, norms, fused
-groups, the output layer) they equal the changed model's, so every tensor reached the engine.
+groups, the output layer) they equal the changed model's, so every tensor reached the engine. With LoRA on every linear layer, after optimizer
+steps, the engine samples from the merged policy.
 
 - qwen2: biases on q/k/v, tied embeddings (Qwen2.5 up to 3B).
 - phi3: q/k/v and gate/up fused in the checkpoint itself, untied output layer.
@@ -135,3 +136,35 @@ def test_a_mixture_of_experts_model_is_refused_for_training_on_a_cpu_engine(grpo
         "error: rollout.engine=vllm on a CPU cannot take weight updates into a mixture-of-experts model (vLLM's "
         "CPU expert layers come out wrong after a reload): train it with rollout.engine=hf, or on a GPU")
     assert not run.exists() or not any(run.iterdir())  # nothing left to block the corrected command
+
+
+@pytest.mark.parametrize("engine_kind", ["vllm", "hf"])
+def test_a_lora_step_reaches_the_engine(family, engine_kind: str) -> None:
+    """LoRA on every linear layer (Phi-3's fused qkv_proj and gate_up_proj among them), after real optimizer
+    steps with lora_dropout on: the engine samples from the merged policy, pushed (vllm) or live (hf), as the
+    learner scores it in eval mode."""
+    name, path, model, engine = family
+    from transformers import AutoTokenizer
+
+    from grpo_cli.config import compose
+    from grpo_cli.learner import Learner
+    from grpo_cli.rollout.hf import HFEngine
+
+    cfg = compose([f"model.name_or_path={path}", "model.lora_rank=4", "model.lora_dropout=0.1", "loss.beta=0.1",
+                   "trainer.lr=1e-2", "model.gradient_checkpointing=true"])
+    learner = Learner(cfg, torch.device("cpu"), pad_id=0)
+    prompts, completions = [[1, 2, 3]] * 2 + [[6, 7, 8, 9]] * 2, [[11, 12], [13, 14, 15, 16], [17], [18, 19, 20]]
+    for _ in range(2):
+        learner.update(prompts, completions, [[0.0] * len(c) for c in completions], torch.tensor([1.0, -1, 0.5, -0.5]))
+    if engine_kind == "hf":
+        engine = HFEngine(learner.policy, AutoTokenizer.from_pretrained(path))
+    try:
+        if engine_kind == "vllm":
+            push_weights(engine, learner.named_weights())
+        samples = engine.generate(PROMPTS, SAMPLING)
+        learner.policy.eval()
+        assert logprob_error(samples, learner.policy) < ATOL
+        assert logprob_error(samples, model) > 0.1  # the steps changed the policy
+    finally:
+        if engine_kind == "vllm":
+            push_weights(engine, model.state_dict().items())
