@@ -422,7 +422,8 @@ class Learner:
                 raise TrainingError(f"checkpoint {weights_dir} has no LoRA adapter (adapter/): it was not "
                                     "trained with model.lora_rank > 0")
             saved = load_file(adapter, device=str(self.device))
-            wanted = get_peft_model_state_dict(self.peft)
+            # As saved: without the base embedding and output layer, which peft adds when either is adapted.
+            wanted = get_peft_model_state_dict(self.peft, save_embedding_layers=False)
             if saved.keys() != wanted.keys():  # e.g. [all-linear] now, [q_proj,v_proj] when it trained
                 raise TrainingError(f"checkpoint {weights_dir} holds adapters on {_adapted(saved)}, and "
                                     f"model.lora_target_modules={list(self.cfg.model.lora_target_modules)} puts them "

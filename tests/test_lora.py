@@ -288,3 +288,23 @@ def test_old_logprobs_are_the_sampling_policy_without_dropout(tiny_model_dir: Pa
     assert stats["rollout/logprob_diff_max"] < 1e-5
     if iterations == 1:
         assert stats["ratio_min"] == stats["ratio_max"] == 1.0  # the dropout sample over itself
+
+
+def test_adapters_on_an_untied_embedding_and_output_layer_resume(phi3_dir: Path, tmp_path: Path) -> None:
+    """Allowed when the two are untied (Phi-3 here): the resume compared the saved adapter's keys with peft's
+    state dict, which adds the whole base embedding and output layer when either is adapted, and refused the
+    run's own checkpoint ("holds adapters on embed_tokens, lm_head, qkv_proj, and ... puts them on embed_tokens,
+    lm_head, qkv_proj, weight")."""
+    cfg = compose([f"model.name_or_path={phi3_dir}", "model.lora_rank=4", "loss.beta=0", "trainer.lr=1e-2",
+                   "model.lora_target_modules=[embed_tokens,lm_head,qkv_proj]"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    for _ in range(2):
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    learner.save_weights(tmp_path)
+    fresh = Learner(cfg, CPU, pad_id=0)
+    fresh.load_state_dict(learner.state_dict(), tmp_path)
+    original = _plain(phi3_dir).state_dict()
+    for (name, a), (_, b) in zip(fresh.named_weights(), learner.named_weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "qkv_proj.weight")):
+            assert (a - original[name]).abs().max() > 1e-4, name  # each adapter trained, and came back
