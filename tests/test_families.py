@@ -153,6 +153,12 @@ def test_a_lora_step_reaches_the_engine(family, engine_kind: str) -> None:
     cfg = compose([f"model.name_or_path={path}", "model.lora_rank=4", "model.lora_dropout=0.1", "loss.beta=0.1",
                    "trainer.lr=1e-2", "model.gradient_checkpointing=true"])
     learner = Learner(cfg, torch.device("cpu"), pad_id=0)
+    trained = [n for n, p in learner.policy.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n for n in trained)
+    layers = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained}  # every linear layer but the output layer
+    fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert layers == (fused if name == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"})
     prompts, completions = [[1, 2, 3]] * 2 + [[6, 7, 8, 9]] * 2, [[11, 12], [13, 14, 15, 16], [17], [18, 19, 20]]
     for _ in range(2):
         learner.update(prompts, completions, [[0.0] * len(c) for c in completions], torch.tensor([1.0, -1, 0.5, -0.5]))
