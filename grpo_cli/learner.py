@@ -86,7 +86,8 @@ class Learner:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.peft is not None:  # frozen embeddings: the checkpointed blocks still need an input grad
                 self.policy.enable_input_require_grads()
-        self.policy.config.use_cache = False
+        self.use_cache = self.policy.config.use_cache  # the model's own, for the checkpoints' config.json
+        self.policy.config.use_cache = False  # the learner's forwards build no KV cache
         # Packed rows need a 4-D attention mask, which flash-attention implementations do not take.
         share = cfg.model.share_prompts
         if share is None:  # on a GPU the padded layout was faster (module docstring)
@@ -358,6 +359,13 @@ class Learner:
     def save_weights(self, folder: Path) -> None:
         """A Hugging Face model folder (merged weights with LoRA), plus adapter/ with LoRA for resuming.
         Sharded: every rank takes part, rank 0 writes the fp32 master weights."""
+        self.policy.config.use_cache = self.use_cache  # a checkpoint generates like the model it came from
+        try:
+            self._save_weights(folder)
+        finally:
+            self.policy.config.use_cache = False
+
+    def _save_weights(self, folder: Path) -> None:
         if self.sharded:
             aliases = _aliases(self.policy)
             named = [(name, t) for name, t in self.policy.state_dict().items() if name not in aliases]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -773,3 +774,14 @@ def test_disable_dropout_turns_off_layerdrop() -> None:
     first = model(ids).logits
     assert all(torch.equal(first, model(ids).logits) for _ in range(8))
     assert model.config.layerdrop == 0.0
+
+
+def test_a_checkpoint_keeps_the_models_use_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The learner turns the KV cache off for its own forwards; the saved config.json must not carry that
+    into every checkpoint (a user's plain forward of the trained model would then return no cache)."""
+    assert json.loads((tiny_model_dir / "config.json").read_text())["use_cache"] is True
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
+    assert learner.policy.config.use_cache is False
+    learner.save_weights(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
+    assert learner.policy.config.use_cache is False
