@@ -120,7 +120,8 @@ class Learner:
         # step instead of 0.45 s, and ~0.5 GB less peak memory). Sharded parameters keep the default.
         self.optimizer = torch.optim.AdamW(self.masters or self.trainable, lr=cfg.trainer.lr, betas=tuple(opt.betas),
                                            eps=opt.eps, weight_decay=opt.weight_decay, fused=not self.sharded)
-        # The scheduler steps with the optimizer; max_steps and warmup_steps count training steps.
+        # The scheduler steps with the optimizer (within a step of num_iterations, too); max_steps and
+        # warmup_steps count training steps, and `at_step` puts it where each training step starts.
         iterations = cfg.trainer.num_iterations
         total = max(cfg.trainer.max_steps * iterations, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -129,6 +130,19 @@ class Learner:
         self.dirty = False
 
     # ------------------------------------------------------------------ the update
+    def at_step(self, step: int) -> None:
+        """Put the schedule at the start of training step `step` (from 1), whose first optimizer step is
+        (step - 1) * num_iterations: a step with no update (nothing to train on) still counts, and a
+        resume with another trainer.num_iterations goes on where its steps took it."""
+        self.scheduler.last_epoch = (step - 1) * self.cfg.trainer.num_iterations
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        """Each parameter group's lr from the schedule at the scheduler's position."""
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = self.cfg.trainer.lr * lr_lambda(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def update(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                engine_logprobs: Sequence[Sequence[float]], advantages: Tensor) -> dict[str, float]:
         """One GRPO step on N completions: num_iterations optimizer steps over the same rollouts.
@@ -412,10 +426,10 @@ class Learner:
         # the saved ones: a resume with optimizer.weight_decay=0.1 ran the old value under the new config.
         opt = self.cfg.optimizer
         self.scheduler.base_lrs = [self.cfg.trainer.lr] * len(self.optimizer.param_groups)
-        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+        for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.trainer.lr
-            group["lr"] = self.cfg.trainer.lr * lr_lambda(self.scheduler.last_epoch)
             group.update(betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        self._set_lr()
         if self.masters is not None:  # the saved fp32 copies; from a run without them, the weights themselves
             self._copy(self.masters, state.get("master_weights") or self.trainable)
 

@@ -163,6 +163,7 @@ def train(cfg: Config) -> Path:
 
             # ---------------------------------------------------------------- update
             with timer("learner"):
+                learner.at_step(step)  # the schedule counts this step, whether or not it updates
                 stats = {"update/skipped": 1.0}  # e.g. every completion truncated under mask_truncated
                 if distributed.all_reduce([float(len(train_rows.samples))])[0]:  # on any rank (all must take part)
                     stats = learner.update([s.prompt_ids for s in train_rows.samples],

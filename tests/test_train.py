@@ -129,6 +129,39 @@ def test_ctrl_c_while_a_step_is_written_saves_that_step(tiny_model_dir: Path, tm
     assert (run / "samples" / "step-000002.jsonl").is_file()
 
 
+def test_the_lr_follows_the_training_step_through_a_skipped_update_and_a_resume(tiny_model_dir: Path, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's lr is the schedule's at that training step. Was: the scheduler counted the optimizer steps
+    taken, so a step with nothing to train on (every completion truncated under trainer.mask_truncated)
+    held the schedule back for the rest of the run, and a resume with another trainer.num_iterations put
+    the saved count of optimizer steps on the new schedule's scale (here: back to its start)."""
+    from grpo_cli import loop
+    from grpo_cli.config import compose, resume_config
+
+    run = tmp_path / "run"
+    cfg = compose([*_args(tiny_model_dir, run, steps=4)[1:], "rollout=hf", "trainer.lr_scheduler=linear",
+                   "trainer.save_every=100"])
+    training_rows = loop.training_rows
+    calls = []
+
+    def first_step_empty(rounds: list, cfg: object) -> loop.TrainingRows:
+        calls.append(1)
+        rows = training_rows(rounds, cfg)
+        return loop.TrainingRows([], torch.zeros(0), 0) if len(calls) == 1 else rows
+
+    monkeypatch.setattr(loop, "training_rows", first_step_empty)
+    monkeypatch.setenv("GRPO_INTERRUPT_AFTER_STEP", "2")
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg)
+    monkeypatch.delenv("GRPO_INTERRUPT_AFTER_STEP")
+    loop.train(resume_config(str(run), ["trainer.num_iterations=2"]))
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[0]["update/skipped"] == 1 and "lr" not in metrics[0]
+    # Linear decay from 1e-3 over 4 steps: step 2 starts at 1 - 1/4 of it. Resumed with 2 optimizer steps a
+    # training step, the schedule is 8 optimizer steps long and step 3 starts at the 5th: 1 - 4/8, step 4 at 1 - 6/8.
+    assert [m["lr"] for m in metrics[1:]] == pytest.approx([7.5e-4, 5e-4, 2.5e-4], rel=1e-12)
+
+
 def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_model_dir: Path,
                                                                           tmp_path: Path) -> None:
     """A cluster preempts a job with SIGTERM: it ended the process mid-step, with every step since the
