@@ -68,6 +68,11 @@ class Learner:
 
     def __init__(self, cfg: Config, device: torch.device, pad_id: int) -> None:
         self.cfg, self.device, self.pad_id = cfg, device, pad_id
+        if torch_dtype(cfg.model.dtype, device) == torch.float16:
+            # Without loss scaling float16 gradients underflow: on a 2-layer model and 8k completion tokens,
+            # 92% of the embedding's gradient entries came out 0 and an attention weight's gradient 31% off.
+            raise UserError("model.dtype=float16: training needs loss scaling in float16, which grpo does not do "
+                            "(small gradients round to 0); use model.dtype=bfloat16 or float32")
         self.sharded = distributed.world() > 1
         model_cfg, load_device = cfg.model, device
         if self.sharded:

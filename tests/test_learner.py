@@ -627,6 +627,18 @@ def test_bf16_weights_are_stepped_through_fp32_master_weights(tiny_model_dir: Pa
     assert moved["null"] > 0.99 and moved["false"] < 0.05, moved
 
 
+def test_float16_training_is_refused_before_the_model_loads(tiny_model_dir: Path, monkeypatch) -> None:
+    """float16 gradients need loss scaling, which the learner does not do: on the tiny model with 64 x 128
+    completion tokens, 92% of the embedding's non-zero fp32 gradient entries came out 0 and q_proj's
+    gradient was 31% off (bfloat16: under 1%). Was: it trained on them, silently."""
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(learner_module, "load_model", no_load)
+    with pytest.raises(learner_module.UserError, match=r"^model.dtype=float16: .*use model.dtype=bfloat16 or float32$"):
+        Learner(_config(tiny_model_dir, "model.dtype=float16"), CPU, pad_id=0)
+
+
 def test_fp32_weights_have_no_master_copy(tiny_model_dir: Path) -> None:
     learner = Learner(_config(tiny_model_dir, "model.dtype=float32"), CPU, pad_id=0)
     assert learner.masters is None
