@@ -162,6 +162,34 @@ def test_the_lr_follows_the_training_step_through_a_skipped_update_and_a_resume(
     assert [m["lr"] for m in metrics[1:]] == pytest.approx([7.5e-4, 5e-4, 2.5e-4], rel=1e-12)
 
 
+def test_a_resumed_bf16_run_with_a_schedule_equals_the_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after step 2 of 4 and resumed, a run reaches the same metrics and weights, bit for bit, with what a
+    resume must restore beyond the weights all in play: AdamW's moments and step count, the fp32 master
+    weights of bf16 ones, and the position in a warmup + cosine schedule of two optimizer steps a training step."""
+    from grpo_cli import loop
+    from grpo_cli.config import compose, resume_config
+
+    def args(run: Path) -> list[str]:
+        return [*_args(tiny_model_dir, run, steps=4)[1:], "rollout=hf", "model.dtype=bfloat16", "trainer.save_every=100",
+                "trainer.lr_scheduler=cosine", "trainer.warmup_steps=1", "trainer.num_iterations=2",
+                "optimizer.weight_decay=0.1", "trainer.micro_batch_size=3"]
+
+    loop.train(compose(args(tmp_path / "straight")))
+    monkeypatch.setenv("GRPO_INTERRUPT_AFTER_STEP", "2")
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(compose(args(tmp_path / "stopped")))
+    monkeypatch.delenv("GRPO_INTERRUPT_AFTER_STEP")
+    loop.train(resume_config(str(tmp_path / "stopped"), []))
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
+    keys = ("step", "lr", "loss", "kl", "grad_norm", "clip_frac", "reward/mean")
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in straight]
+    assert all(m["ratio_max"] > 1.01 for m in straight)  # each step's second optimizer step saw a moved policy
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_sigterm_stops_after_saving_the_step_under_way_and_the_run_resumes(tiny_model_dir: Path,
                                                                           tmp_path: Path) -> None:
     """A cluster preempts a job with SIGTERM: it ended the process mid-step, with every step since the
