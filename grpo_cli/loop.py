@@ -55,7 +55,7 @@ from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
 from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
 from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir, unlock_run
 from grpo_cli.schema import Config
-from grpo_cli.sync import engine_logprob_diff, mixture_of_experts, push_weights
+from grpo_cli.sync import checkpoint_format, engine_logprob_diff, mixture_of_experts, push_weights
 
 
 def train(cfg: Config) -> Path:
@@ -111,7 +111,7 @@ def train(cfg: Config) -> Path:
         # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
         # hold an earlier run's pushes, or another checkpoint of the model: give them this run's.
         if start or getattr(engine, "holds_other_weights", False):
-            push_weights(engine, learner.named_weights())
+            push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
         logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes
     except BaseException:  # nothing trained: a new run's directory would only block the corrected command
         if wandb_session is not None:
@@ -176,7 +176,7 @@ def train(cfg: Config) -> Path:
                 # Checked pushes also follow the last step, so that every update's push is checked.
                 synced = step % cfg.rollout.sync_every == 0 and (step < cfg.trainer.max_steps or check)
                 if synced:
-                    push_weights(engine, learner.named_weights())
+                    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
             if synced and check:
                 with timer("sync_check"):
                     checks = check_sync(engine, learner, first.samples[0])
@@ -185,7 +185,7 @@ def train(cfg: Config) -> Path:
             eval_metrics: dict[str, float] = {}  # eval/<dataset>/<metric>, time/eval (not part of time/step)
             if evaluation is not None and evaluation.due(step):
                 if not synced:  # the engine must sample with this step's weights
-                    push_weights(engine, learner.named_weights())
+                    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
                     if check:
                         checks = check_sync(engine, learner, first.samples[0])
                 # The ranks share the evaluation's engine calls and gather the samples; rank 0 writes.

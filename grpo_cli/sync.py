@@ -108,6 +108,32 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
     return time.perf_counter() - start
 
 
+def checkpoint_format(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model`'s (name, tensor) pairs, as its state_dict() names them, under the names and shapes its
+    checkpoint files use (what save_pretrained writes: transformers' `revert_weight_conversion`), one
+    layer at a time. transformers 5 renames and fuses some weights on loading (Mixtral's
+    `block_sparse_moe.experts.<i>.w1/w2/w3` become `mlp.experts.gate_up_proj`/`down_proj`) and vLLM's
+    models know the checkpoint's names only: pushing Mixtral's own names raised ValueError ("no module
+    or parameter named 'layers.0.mlp'"). Unchanged for a model transformers loads as stored."""
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if not isinstance(model, PreTrainedModel):
+        yield from named_tensors
+        return
+    group: dict[str, torch.Tensor] = {}
+    key = None
+    for name, tensor in named_tensors:
+        if group and layer_key(name) != key:
+            yield from revert_weight_conversion(model, group).items()
+            group = {}
+        key = layer_key(name)
+        group[name] = tensor
+    if group:
+        yield from revert_weight_conversion(model, group).items()
+
+
 def mixture_of_experts(hf_config: object) -> bool:
     """Whether a model config describes a mixture-of-experts model (Qwen2/3-MoE, Mixtral, DeepSeek, ...)."""
     counts = (getattr(hf_config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))

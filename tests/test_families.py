@@ -10,9 +10,12 @@ steps, the engine samples from the merged policy.
 - phi3: q/k/v and gate/up fused in the checkpoint itself, untied output layer.
 - gemma2: soft-capped logits and attention, scaled embeddings, tied; vLLM's model has no lm_head.
 - olmo2: run by vLLM's Transformers backend, which decorates the transformers class itself.
-- qwen2_moe, qwen3_moe: vLLM-CPU packs expert weights into its own layout after loading, and did not
-  after a push (grpo_cli.sync repacks them); Qwen2-MoE has a gated shared expert; Qwen3-MoE's expert
-  width (80) is one vLLM pads to a multiple of 32 (the push raised RuntimeError).
+- qwen2_moe, qwen3_moe, mixtral: vLLM-CPU packs expert weights into its own layout after loading, and
+  did not after a push (grpo_cli.sync repacks them); Qwen2-MoE has a gated shared expert; Qwen3-MoE's
+  expert width (80) is one vLLM pads to a multiple of 32 (the push raised RuntimeError); Mixtral's
+  weights have other names in transformers than in its checkpoint, which vLLM's model needs.
+
+Pushes go through checkpoint_format, as the training loop's do.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from test_rollout import perturbed  # tests/ is on sys.path (as dist_worker)
 from grpo_cli.logprobs import detect_logit_form, pack, sequence_logprobs
 from grpo_cli.rollout import SamplingSettings
 from grpo_cli.schema import ModelConfig, RolloutConfig
-from grpo_cli.sync import push_weights
+from grpo_cli.sync import checkpoint_format, push_weights
 
 PROMPTS = ["What is 2 + 3? Answer:", "Name a colour.", "The quick brown fox " * 20]
 SAMPLING = SamplingSettings(n=3, max_new_tokens=12, temperature=1.0, seed=3)
 ATOL = 1e-4  # vLLM vs the learner, fp32 (measured: ~2e-6)
-FAMILIES = ["qwen2", "phi3", "gemma2", "olmo2", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["qwen2", "phi3", "gemma2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral"]
 
 
 def _build(family: str, tokenizer):  # noqa: ANN001, ANN202
@@ -50,6 +53,8 @@ def _build(family: str, tokenizer):  # noqa: ANN001, ANN202
         "qwen2_moe": lambda: tf.Qwen2MoeConfig(**shape, **experts, moe_intermediate_size=128,
                                                shared_expert_intermediate_size=128),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**shape, **experts, moe_intermediate_size=80),
+        "mixtral": lambda: tf.MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2,
+                                            tie_word_embeddings=False),
     }[family]()
     return tf.AutoModelForCausalLM.from_config(config)
 
@@ -105,20 +110,22 @@ def test_push_reaches_every_tensor(family, source: str) -> None:
     name, path, model, engine = family
     noisy = perturbed(model)
     try:
-        push_weights(engine, noisy.state_dict().items() if source == "state_dict" else noisy.named_parameters())
+        pairs = noisy.state_dict().items() if source == "state_dict" else noisy.named_parameters()
+        push_weights(engine, checkpoint_format(noisy, pairs))
         samples = engine.generate(PROMPTS, SAMPLING)
         assert logprob_error(samples, noisy) < ATOL
         assert logprob_error(samples, model) > 0.1  # the change is visible at all
     finally:
-        push_weights(engine, model.state_dict().items())
+        push_weights(engine, checkpoint_format(model, model.state_dict().items()))
     assert logprob_error(engine.generate(PROMPTS, SAMPLING), model) < ATOL
 
 
 def test_a_mixture_of_experts_model_trains_with_the_vllm_engine_on_a_cpu(grpo, smollm2_dir: Path,
                                                                         tmp_path: Path) -> None:
-    """`grpo train` on a Qwen2-MoE: after each step's push the engine scores a probe as the learner does
-    (without the repack in grpo_cli.sync, silently 0.065 nats off; grpo used to refuse such runs).
-    lr 1e-3: the weights really move (the tiny model's weights are ~0.02)."""
+    """`grpo train` on a Mixtral: after each step's push the engine scores a probe as the learner does
+    (grpo used to refuse such runs; without the repack in grpo_cli.sync the probe was silently off,
+    without checkpoint_format the first push raised ValueError). lr 1e-3: the weights really move
+    (the tiny model's weights are ~0.02)."""
     pytest.importorskip("vllm")
     import json
 
@@ -128,10 +135,10 @@ def test_a_mixture_of_experts_model_trains_with_the_vllm_engine_on_a_cpu(grpo, s
 
     tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    model = _build("qwen2_moe", tokenizer)
+    model = _build("mixtral", tokenizer)
     assert mixture_of_experts(model.config) and mixture_of_experts(tf.MixtralConfig(num_local_experts=8))
     assert not mixture_of_experts(tf.Qwen2Config()) and not mixture_of_experts(tf.MixtralConfig(num_local_experts=1))
-    model_dir, run = tmp_path / "qwen2-moe", tmp_path / "run"
+    model_dir, run = tmp_path / "mixtral", tmp_path / "run"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     result = grpo("train", "recipe=quickstart", f"model.name_or_path={model_dir}", f"output_dir={run}",
