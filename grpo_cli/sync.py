@@ -89,10 +89,10 @@ def push_weights(engine: Engine, named_tensors: Iterable[tuple[str, torch.Tensor
     engine.wake_weights()  # asleep (GPU): the weights come back, the KV cache stays released
 
     llm = engine.llm
-    if not engine.cuda:
+    hf_config = llm.llm_engine.model_config.hf_text_config
+    if not engine.cuda and mixture_of_experts(hf_config):  # dense models never reach vLLM's MoE internals
         llm.collective_rpc(_repack_cpu_experts_on_reload)
     device = None if engine.cuda else torch.device("cpu")
-    hf_config = llm.llm_engine.model_config.hf_text_config
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     head = not tied or _has_output_layer(engine)
 
