@@ -538,11 +538,20 @@ def explain(error: Exception) -> str:
 
     if isinstance(error, MissingConfigException):  # "Could not load" for an option in a list (model=[a,b])
         group, option = re.search(r"Could not (?:find|load) '(?:(.+)/)?([^'/]+)'", text).groups()
+        if group and "/" in group:  # model=Qwen/Qwen2.5-0.5B: Hydra reads the '/' as a subgroup
+            group, _, folder = group.partition("/")
+            option = f"{folder}/{option}"
         if group == "recipe":
             options = sorted(find_recipes())
             return f"unknown recipe '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
         options = sorted(p.stem for p in (config_dir() / (group or "")).glob("*.yaml"))
-        return f"unknown {group} option '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
+        hint = did_you_mean(option, options)
+        if "/" in option and group == "model":
+            hint += f"; a Hub id or a model folder goes in model.name_or_path={option}"
+        elif ("/" in option or option.endswith((".jsonl", ".json"))) and group == "dataset":
+            hint += (f"; a .jsonl file is dataset=jsonl dataset.path={option}, a Hub dataset or a folder "
+                     f"dataset=hf dataset.path={option}")
+        return f"unknown {group} option '{option}'; available: {', '.join(options)}{hint}"
     if isinstance(error, OverrideParseException):
         return _unparsable(error.override, first)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:

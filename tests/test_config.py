@@ -188,6 +188,16 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["rewards=5"], "'rewards=5': rewards= takes the name of one of its options (accuracy, r1_zero,"),
     (["recipe=1"], "'recipe=1': recipe= takes a recipe's name: countdown, gsm8k, quickstart, r1_zero_math"),
     (["model=[qwen2_5_3b,nope]"], "unknown model option 'nope'; available: qwen2_5_0_5b_instruct,"),
+    # a Hub id, a folder or a file where a group option goes: Hydra read its '/' as a subgroup ("unknown
+    # model/Qwen option 'Qwen2.5-0.5B'; available: " with an empty list)
+    (["model=Qwen/Qwen2.5-0.5B"], "unknown model option 'Qwen/Qwen2.5-0.5B'; available: qwen2_5_0_5b_instruct, "
+                                  "qwen2_5_1_5b, qwen2_5_3b, qwen2_5_math_1_5b, smollm2_135m_instruct; a Hub id or a "
+                                  "model folder goes in model.name_or_path=Qwen/Qwen2.5-0.5B"),
+    (["dataset=data/train.jsonl"], "unknown dataset option 'data/train.jsonl'; available: aime24, amc23, chain_sum, "
+                                   "countdown, gsm8k, hf, jsonl, math, math500, reasoning_gym; a .jsonl file is "
+                                   "dataset=jsonl dataset.path=data/train.jsonl, a Hub dataset or a folder "
+                                   "dataset=hf dataset.path=data/train.jsonl"),
+    (["dataset=train.jsonl"], "; a .jsonl file is dataset=jsonl dataset.path=train.jsonl, a Hub dataset"),
     # data without reference answers, and the rewards that need them
     (["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=r1_zero"],
      "rewards.accuracy (accuracy) checks answers against the reference, and dataset.answer_column=null gives none: "
