@@ -29,7 +29,7 @@ from server_process import free_port, start_server, stop_server  # tests/server_
 from grpo_cli.errors import RolloutServerError, UserError
 from grpo_cli.rollout import SamplingSettings
 from grpo_cli.rollout.server import PROTOCOL
-from grpo_cli.rollout.vllm_server import VLLMServerEngine, split_evenly
+from grpo_cli.rollout.vllm_server import Server, VLLMServerEngine, split_evenly
 from grpo_cli.schema import RolloutConfig
 from grpo_cli.sync import layer_key, push_weights, read_weight_files, write_weight_files
 
@@ -182,6 +182,18 @@ def test_cli_names_an_absent_server_in_one_line(grpo, tiny_model_dir: Path, tmp_
     assert lines[-1].startswith(f"error: rollout server 127.0.0.1:{port} was not ready within 3 s")
     assert "grpo rollout-server" in lines[-1] and "Traceback" not in result.stderr
     assert time.monotonic() - start < 120  # start-up of the trainer + 3 s, never a hang
+
+
+def test_waiting_for_an_absent_server_says_so_at_once(caplog) -> None:
+    """The trainer waits up to rollout.server_timeout_s (600 s by default) for its servers to come up: a
+    server never started (rollout=vllm_server with the default 127.0.0.1:8000) kept it silent all that time."""
+    port = free_port()  # nobody listens there
+    engine = object.__new__(VLLMServerEngine)
+    engine.servers, engine.timeout = [Server.parse(f"127.0.0.1:{port}")], 1.5
+    with caplog.at_level("WARNING", logger="grpo.rollout"), pytest.raises(RolloutServerError, match="not ready within"):
+        engine.wait_until_ready()
+    assert caplog.messages == [f"waiting up to 1.5 s (rollout.server_timeout_s) for rollout server 127.0.0.1:{port} "
+                               "(refused the connection): start it with `grpo rollout-server`, or fix rollout.servers"]
 
 
 class FakeServer:

@@ -328,6 +328,10 @@ class VLLMServerEngine:
                 try:
                     reply = call(server, "GET", "/health", None, min(10.0, max(0.5, deadline - time.monotonic())))
                 except RolloutServerError as e:
+                    if server not in last and os.environ.get("RANK", "0") == "0":  # not silent for the whole wait
+                        log.warning("waiting up to %g s (rollout.server_timeout_s) for rollout server %s (%s): start "
+                                    "it with `grpo rollout-server`, or fix rollout.servers", self.timeout, server,
+                                    getattr(e, "what", e))
                     last[server] = getattr(e, "what", str(e))
                     continue
                 if reply.get("authorized") is False:
