@@ -70,6 +70,7 @@ def train(overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
     overrides = overrides or []
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     with _once_per_node():
+        _no_bare_run_dir(overrides, "resume")
         if resume:
             if config_dir is not None:
                 raise UserError("--config-dir does not apply with resume=: a resumed run uses its saved "
@@ -129,6 +130,7 @@ def evaluate(
     if limit is not None:
         overrides.append(f"eval.limit={limit}")
     with _once_per_node():
+        _no_bare_run_dir(overrides, "run")
         target = load_target(overrides, config_dir)
     out, results = run_eval(target, say=lambda line: typer.echo(line, err=True))
     typer.echo(format_table({r.label: {"problems": r.problems, **r.metrics} for r in results}))
@@ -225,6 +227,13 @@ def rollout_server(
     # The server hosts an in-process engine, whatever `rollout.engine` the training run uses.
     cfg = compose([*(overrides or []), "rollout.engine=vllm"], config_dir)
     serve(cfg, host, port, say=lambda line: typer.echo(line, err=True), token=token, weights_dirs=weights_dir or ())
+
+
+def _no_bare_run_dir(overrides: list[str], key: str) -> None:
+    """`grpo eval runs/x/TIME`, a run directory without its key, is no override (Hydra's parse error)."""
+    for o in overrides:
+        if "=" not in o and Path(o).is_dir():
+            raise UserError(f"'{o}' is a directory, not an override: give it as {key}={o}")
 
 
 @contextmanager

@@ -95,6 +95,13 @@ def test_bad_input_exits_2_with_one_line(grpo, args: list[str], expected: str) -
     assert expected in _one_line_error(grpo(*args))
 
 
+@pytest.mark.parametrize(("command", "key"), [("eval", "run"), ("train", "resume")])
+def test_a_run_directory_given_bare_names_its_key(grpo, tmp_path: Path, command: str, key: str) -> None:
+    """`grpo eval runs/x/TIME` (no run=) was "cannot parse override: Error parsing override ..."."""
+    assert _one_line_error(grpo(command, str(tmp_path))) == (
+        f"error: '{tmp_path}' is a directory, not an override: give it as {key}={tmp_path}")
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["trian", "recipe=quickstart"], "error: No such command 'trian'. Did you mean 'train'?"),
     (["train", "--lr", "1e-6"], "settings are overrides without dashes, e.g. trainer.lr=VALUE"),
