@@ -546,8 +546,8 @@ def explain(error: Exception) -> str:
             return f"unknown recipe '{option}'; available: {', '.join(options)}{did_you_mean(option, options)}"
         options = sorted(p.stem for p in (config_dir() / (group or "")).glob("*.yaml"))
         hint = did_you_mean(option, options)
-        if "/" in option and group == "model":
-            hint += f"; a Hub id or a model folder goes in model.name_or_path={option}"
+        if "/" in option and group == "model":  # a Hub id: no near-miss option to suggest
+            hint = f"; a Hub id or a model folder goes in model.name_or_path={option}"
         elif ("/" in option or option.endswith((".jsonl", ".json"))) and group == "dataset":
             hint += (f"; a .jsonl file is dataset=jsonl dataset.path={option}, a Hub dataset or a folder "
                      f"dataset=hf dataset.path={option}")

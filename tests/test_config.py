@@ -197,6 +197,8 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
                                    "countdown, gsm8k, hf, jsonl, math, math500, reasoning_gym; a .jsonl file is "
                                    "dataset=jsonl dataset.path=data/train.jsonl, a Hub dataset or a folder "
                                    "dataset=hf dataset.path=data/train.jsonl"),
+    (["model=Qwen/Qwen2.5-7B-Instruct"], "smollm2_135m_instruct; a Hub id or a model folder goes in "  # no "did you
+                                         "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"),  # mean qwen2_5_0_5b_instruct"
     (["dataset=train.jsonl"], "; a .jsonl file is dataset=jsonl dataset.path=train.jsonl, a Hub dataset"),
     # data without reference answers, and the rewards that need them
     (["dataset=jsonl", "dataset.path=d.jsonl", "dataset.answer_column=null", "rewards=r1_zero"],
