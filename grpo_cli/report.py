@@ -91,6 +91,9 @@ def load_run(path: Path) -> Run:
     if path.is_file():
         run = f": here {path.parent}" if (path.parent / "metrics.jsonl").is_file() else " (e.g. runs/quickstart/<time>)"
         raise UserError(f"{path} is a file, not a run directory; pass the folder `grpo train` wrote{run}")
+    key, given, folder = str(path).partition("=")
+    if not path.is_dir() and given and Path(folder).is_dir():  # run=RUN, as grpo eval takes it
+        raise UserError(f"{path}: grpo report takes run directories as they are, without {key}=: grpo report {folder}")
     if not path.is_dir():
         raise UserError(f"{path}: no such directory; pass a run directory written by `grpo train` "
                         "(e.g. runs/quickstart/<time>)")

@@ -329,6 +329,17 @@ def test_bad_runs_are_one_line_errors(grpo, tmp_path: Path, setup: str, message:
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_a_run_given_as_run_equals_names_the_plain_form(tmp_path: Path) -> None:
+    """`grpo report run=RUN`, as grpo eval takes it, said "run=RUN: no such directory" of a run that exists."""
+    from grpo_cli.errors import UserError
+    from grpo_cli.report import load_run
+
+    with pytest.raises(UserError) as caught:
+        load_run(Path(f"run={tmp_path}"))
+    assert str(caught.value) == (f"run={tmp_path}: grpo report takes run directories as they are, without run=: "
+                                 f"grpo report {tmp_path}")
+
+
 def test_a_report_that_cannot_be_written_is_a_one_line_error(grpo, runs: tuple[Path, Path]) -> None:
     """A run directory one may read but not write (another user's run, a read-only mount), or an --output
     under a file: the page could not be written and the command ended in a traceback."""
