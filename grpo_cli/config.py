@@ -290,6 +290,9 @@ def validate(cfg: Config) -> None:
                        "logging.samples_per_step": cfg.logging.samples_per_step}.items():
         if value < 0:
             raise UserError(f"{key}={value}: must not be negative")
+    if cfg.trainer.max_resample > 100:  # round r of step s samples with seed ... + 101 s + r (loop.train)
+        raise UserError(f"trainer.max_resample={cfg.trainer.max_resample}: at most 100 extra rounds a step (more would "
+                        "repeat the next step's sampling seed); lower it")
     if not -(1 << 63) <= cfg.seed < 1 << 64:  # torch.manual_seed's range: past it, a traceback at start-up
         raise UserError(f"seed={cfg.seed}: out of range; torch takes 64-bit seeds (below 2**64), e.g. seed=42")
     if cfg.trainer.keep_last < 0:

@@ -208,6 +208,8 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
       "+rewards.len.fn=cosine_length"], "rewards.len (cosine_length) checks answers against the reference"),
     (["dataset.answer_column=null"], "dataset.answer_column=null: a reasoning-gym task has its answers; null is for hf "
                                      "or jsonl data without reference answers"),
+    (["trainer.max_resample=101"], "trainer.max_resample=101: at most 100 extra rounds a step (more would repeat "
+                                   "the next step's sampling seed); lower it"),
     (["seed=18446744073709551616"], "seed=18446744073709551616: out of range; torch takes 64-bit seeds (below 2**64), "
                                     "e.g. seed=42"),
 ])
