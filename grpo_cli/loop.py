@@ -13,7 +13,10 @@ engine's log-probs of the step's first sample against the learner's, `sync/logpr
 
 Filters (trainer.*): `mask_truncated` gives completions cut off at max_new_tokens no loss (their
 group still sets the advantages); `dynamic_sampling` (DAPO) keeps only groups whose rewards differ
-and tops the step up with further rounds of fresh prompts, at most `max_resample` of them.
+and tops the step up with further rounds of fresh prompts, at most `max_resample` of them. Each
+round's advantages come from that round's rewards, dropped groups included (loss.adv_scale=batch:
+the round's std), so a kept group's advantages are what they would be without the filter. A top-up
+round that finds its epoch used up starts the next one, so such a step may hold a prompt twice.
 
 Several learner processes (`torchrun ... grpo train`, grpo_cli.distributed): each rank samples,
 scores and trains on its own contiguous share of every step's prompts, with its own engine (whole

@@ -256,3 +256,38 @@ def test_groups_counts_each_group_that_keeps_a_completion_once() -> None:
     cfg = compose(["rollout.group_size=2", "trainer.prompts_per_step=2", "trainer.mask_truncated=true"])
     assert training_rows([r], cfg).groups == 2
     assert training_rows([_round("a", [0.5, -0.5, 1.0, -1.0], [True, True, False, True])], cfg).groups == 1
+
+
+class _PresetRewards:
+    """Each call scores its round with the next list of totals."""
+
+    def __init__(self, *totals: list[float]) -> None:
+        self.totals = list(totals)
+
+    def score_samples(self, samples, rows, prefill=""):
+        from grpo_cli.rewards.base import RewardScores
+
+        total = self.totals.pop(0)
+        return [s.text for s in samples], RewardScores(total=total, per_reward={"r": total}, errors={"r": 0},
+                                                       first_error={}, invalid=[False] * len(total))
+
+
+def test_dynamic_sampling_keeps_each_groups_advantages_from_its_own_round_under_batch_scale() -> None:
+    """loss.adv_scale=batch with trainer.dynamic_sampling: a kept group is divided by the std of its own
+    round's rewards, dropped groups included, so dropping a flat group does not change the others.
+    Round 1 [1, 1 | 0, 1]: ddof=1 std 0.5 (mean 0.75, squares 3 * 0.0625 + 0.5625 = 0.75, / 3);
+    group 1: -+0.5 / (0.5 + 1e-4) = -+0.9998000399920016.
+    Round 2 [0, 0 | 0, 2]: ddof=1 std 1 (mean 0.5, squares 3 * 0.25 + 2.25 = 3, / 3);
+    group 1: -+1 / (1 + 1e-4) = -+0.9999000099990001. Over the kept groups alone the stds would be 0.707 and 1.414."""
+    from grpo_cli import loop
+
+    cfg = compose(["rollout.group_size=2", "trainer.prompts_per_step=2", "trainer.dynamic_sampling=true",
+                   "loss.adv_scale=batch"])
+    rewards = _PresetRewards([1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 2.0])
+    rounds = [loop.collect(cfg, _FixedEngine(2), rewards, [{"prompt": "a"}, {"prompt": "b"}], seed=k,
+                           timer=loop._Timer()) for k in range(2)]
+    assert [r.informative.tolist() for r in rounds] == [[False, True], [False, True]]
+    rows = training_rows(rounds, cfg)
+    assert [s.text for s in rows.samples] == ["p1s0", "p1s1", "p1s0", "p1s1"] and rows.groups == 2
+    a, b = 0.9998000399920016, 0.9999000099990001
+    torch.testing.assert_close(rows.advantages, torch.tensor([-a, a, -b, b]), rtol=0, atol=1e-7)
