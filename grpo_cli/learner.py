@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,16 +364,21 @@ class Learner:
             for name, tensor in self.policy.state_dict().items():
                 yield name, tensor.detach()
             return
-        adapters = dict(self.policy.named_modules())
+        from peft.tuners.lora import ParamWrapper
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # Each adapter by the plain name of the weight it updates: a layer's `weight`, or for a ParamWrapper
+        # (mixture-of-experts models: the experts' fused 3-D weights) the parameter it wraps. Two parameters of
+        # one module are wrapped twice (mlp.experts.base_layer.base_layer.gate_up_proj).
+        adapters = {f"{_unwrapped(name)}.{m.parameter_name if isinstance(m, ParamWrapper) else 'weight'}": m
+                    for name, m in self.policy.named_modules() if isinstance(m, BaseTunerLayer)}
         for name, tensor in self.policy.state_dict().items():
             if ".lora_" in name:
                 continue
-            if ".base_layer." in name:
-                module, leaf = name.split(".base_layer.")
-                if leaf == "weight":
-                    with torch.no_grad():
-                        tensor = (tensor + adapters[module].get_delta_weight("default")).to(tensor.dtype)
-                name = f"{module}.{leaf}"
+            name = _unwrapped(name)
+            if name in adapters:
+                with torch.no_grad():
+                    tensor = (tensor + adapters[name].get_delta_weight("default")).to(tensor.dtype)
             yield name, tensor.detach()
 
     def save_weights(self, folder: Path) -> None:
@@ -475,6 +481,11 @@ class Learner:
                                 f"unexpected {unexpected[:3]}")
 
 
+def _unwrapped(name: str) -> str:
+    """A parameter or module name of the LoRA-wrapped policy as the plain model names it."""
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
 _KEEP_LORA = "model.lora_rank, lora_alpha and lora_target_modules stay as the run trained: start a new run to change them"
 
 
@@ -553,11 +564,6 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     except ImportError:
         raise UserError("model.lora_rank > 0 needs the peft package: pip install 'grpo-cli[lora]' "
                         "(or pip install peft)") from None
-    targets: str | list[str] = list(cfg.lora_target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"  # every linear layer except the output layer
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
@@ -565,13 +571,30 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     # The output layer is a Linear too, but no place for an adapter ("all-linear" skips it).
     linear = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                                if isinstance(m, torch.nn.Linear) and m is not embeddings[1]}))
+    targets: str | list[str] = list(cfg.lora_target_modules)
+    parameters = _expert_weights(model)
+    listed = targets != ["all-linear"]
+    if listed or not parameters:
+        parameters = []
+        if not listed:
+            targets = "all-linear"  # every linear layer except the output layer
+    else:  # a mixture of experts: see _all_linear
+        targets = _all_linear(model, embeddings[1])
+        if cfg.lora_dropout > 0:
+            raise UserError(_expert_dropout(cfg, ", ".join(parameters)) + ", or adapt the other layers only: "
+                            f"model.lora_target_modules=[{','.join(targets)}]")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, target_parameters=parameters or None, bias="none", task_type="CAUSAL_LM")
     try:
         wrapped = get_peft_model(model, lora)
     except ValueError as e:  # e.g. a target module the model does not have (peft's NoMatchingPeftModuleError)
         problem = first_line(e).rstrip(".")
+        if "ParamWrapper" in problem and "lora_dropout" in problem:  # the list named experts (peft maps Mixtral's w1..)
+            raise UserError(_expert_dropout(cfg, "experts") + ", or leave the experts out of "
+                            f"model.lora_target_modules={list(cfg.lora_target_modules)}") from None
         raise UserError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: {problem}; this model's linear "
                         f"layers are {linear} (or use [all-linear])") from None
-    if isinstance(targets, list):
+    if listed:
         # peft stops only when no name matches: Llama's [q_proj,k_proj,v_proj,o_proj] on Phi-3 (whose q/k/v are
         # one qkv_proj) put adapters on o_proj alone, and q/k/v stayed frozen without a word.
         names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -592,6 +615,33 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
                             "cannot be merged into the one weight they share; leave "
                             f"{' and '.join(adapted)} out (e.g. [all-linear])")
     return wrapped
+
+
+def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None) -> list[str]:
+    """The linear layers model.lora_target_modules=[all-linear] adapts (by name, as peft matches them):
+    every nn.Linear but the output layer and a mixture of experts' routers. A router (Mixtral's and
+    Qwen-MoE's `gate`, Qwen2-MoE's `shared_expert_gate`) picks which experts run; models train it with a
+    load-balancing loss beside the language-model loss, which the GRPO loss has none of, so an adapter on
+    it could move the routing towards a few experts unchecked (and peft's own all-linear took
+    shared_expert_gate, a (1, hidden) layer, but not `gate`). The experts' own weights are no nn.Linear in
+    transformers 5: see _expert_weights."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not output_layer
+                   and not re.fullmatch(r"gate|router|.*_gate", name.rsplit(".", 1)[-1])})
+
+
+def _expert_weights(model: torch.nn.Module) -> list[str]:
+    """A mixture of experts' fused expert weights, for peft's `target_parameters`: ['experts.down_proj',
+    'experts.gate_up_proj'] (transformers 5 stacks each expert projection into one (experts, out, in)
+    parameter, which peft adapts with lora.ParamWrapper). Left to peft, [all-linear] adapted them on Mixtral
+    and Qwen3-MoE (through its conversion of transformers 4 names) but not on Qwen2-MoE. Empty for a dense model."""
+    return sorted({f"{name.rsplit('.', 1)[-1]}.{param}" for name, m in model.named_modules()
+                   for param, p in m.named_parameters(recurse=False) if p.dim() == 3})
+
+
+def _expert_dropout(cfg: ModelConfig, experts: str) -> str:
+    return (f"model.lora_dropout={cfg.lora_dropout}: peft cannot put dropout on the adapters of a mixture of "
+            f"experts' fused expert weights ({experts}); set model.lora_dropout=0")
 
 
 def _schedule(kind: str, warmup: int, total: int):  # noqa: ANN202

@@ -308,3 +308,112 @@ def test_adapters_on_an_untied_embedding_and_output_layer_resume(phi3_dir: Path,
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
         if name.endswith(("embed_tokens.weight", "lm_head.weight", "qkv_proj.weight")):
             assert (a - original[name]).abs().max() > 1e-4, name  # each adapter trained, and came back
+
+
+MOE = ["qwen2_moe", "qwen3_moe", "mixtral"]
+ATTENTION = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+EXPERTS = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}  # transformers 5: fused 3-D parameters, not Linear
+# What [all-linear] adapts in each layer: attention and every expert (Qwen2-MoE's shared one too), no router.
+MOE_TARGETS = {
+    "qwen2_moe": ATTENTION | EXPERTS | {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                                        "mlp.shared_expert.down_proj"},
+    "qwen3_moe": ATTENTION | EXPERTS,
+    "mixtral": ATTENTION | EXPERTS,
+}
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """test_families' tiny Qwen2-MoE (with a gated shared expert), Qwen3-MoE and Mixtral (4 experts, top 2)."""
+    from test_families import _build
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    dirs = {}
+    for family in MOE:
+        torch.manual_seed(0)
+        dirs[family] = tmp_path_factory.mktemp(family)
+        _build(family, tokenizer).save_pretrained(dirs[family])
+        tokenizer.save_pretrained(dirs[family])
+    return dirs
+
+
+def _adapted_weights(learner: Learner) -> set[str]:
+    """The layer-0 weights that carry an adapter, as 'self_attn.q_proj' or 'mlp.experts.down_proj'."""
+    from peft.tuners.lora import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    prefix = "model.layers.0."
+    names = set()
+    for name, module in learner.policy.named_modules():
+        if isinstance(module, BaseTunerLayer) and name.startswith(prefix):
+            name = name[len(prefix):].replace(".base_layer", "")
+            names.add(f"{name}.{module.parameter_name}" if isinstance(module, ParamWrapper) else name)
+    return names
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_all_linear_on_a_mixture_of_experts_adapts_attention_and_experts_not_routers(moe_dirs: dict[str, Path],
+                                                                                  family: str) -> None:
+    """peft's own all-linear put adapters on Qwen2-MoE's shared_expert_gate but none on its experts, and on
+    Qwen3-MoE's and Mixtral's routers (mlp.gate)."""
+    learner = Learner(compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4"]), CPU, pad_id=0)
+    assert _adapted_weights(learner) == MOE_TARGETS[family]
+    assert all(".lora_" in n for n, p in learner.policy.named_parameters() if p.requires_grad)
+
+
+def test_lora_dropout_on_experts_is_one_line_saying_what_to_do(moe_dirs: dict[str, Path]) -> None:
+    """peft's ParamWrapper (the experts' adapters) takes no dropout: the message used to blame
+    model.lora_target_modules=['all-linear'] and suggest [all-linear]."""
+    from grpo_cli.errors import UserError
+
+    for family, layers in [("mixtral", "k_proj,o_proj,q_proj,v_proj"),
+                           ("qwen2_moe", "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj")]:
+        cfg = compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4", "model.lora_dropout=0.1"])
+        with pytest.raises(UserError) as caught:
+            Learner(cfg, CPU, pad_id=0)
+        assert str(caught.value) == (
+            "model.lora_dropout=0.1: peft cannot put dropout on the adapters of a mixture of experts' fused expert "
+            "weights (experts.down_proj, experts.gate_up_proj); set model.lora_dropout=0, or adapt the other layers "
+            f"only: model.lora_target_modules=[{layers}]")
+        learner = Learner(compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4",
+                                   "model.lora_dropout=0.1", f"model.lora_target_modules=[{layers}]"]), CPU, pad_id=0)
+        assert learner.dropout  # the advice works
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_lora_on_experts_merges_saves_and_resumes(moe_dirs: dict[str, Path], family: str, tmp_path: Path) -> None:
+    """[all-linear] on a mixture of experts. The merged weights are the policy: the experts' adapters (peft's ParamWrapper on the fused 3-D weights, nested: state-dict names like
+    mlp.experts.base_layer.base_layer.gate_up_proj) used to come out under those wrapped names and unmerged,
+    so a push or checkpoint held the base experts (Mixtral's log-probs 1.04 off the learner's)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4", "loss.beta=0.1",
+                   "trainer.lr=1e-2"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    for _ in range(2):
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    merged = dict(learner.named_weights())
+    original = _plain(moe_dirs[family]).state_dict()
+    assert merged.keys() == original.keys()
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert (merged[name] - original[name]).abs().max() > 1e-4, name  # the experts' adapters trained, and merged
+    plain = _plain(moe_dirs[family], merged)
+    batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
+    learner.policy.eval()
+    with torch.no_grad():
+        got, _ = sequence_logprobs(plain, batch, temperature=1.0)
+        want, _ = sequence_logprobs(learner.policy, batch, temperature=1.0)
+        base, _ = sequence_logprobs(_plain(moe_dirs[family]), batch, temperature=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (want - base)[batch.mask].abs().max() > 1e-2  # the adapters changed the policy
+    learner.policy.train()
+
+    learner.save_weights(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    for name, tensor in merged.items():  # Mixtral's checkpoint names (w1/w2/w3) come back as its own
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    fresh = Learner(cfg, CPU, pad_id=0)
+    fresh.load_state_dict(learner.state_dict(), tmp_path)
+    for (name, a), (_, b) in zip(fresh.named_weights(), learner.named_weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
