@@ -490,8 +490,9 @@ _KEEP_LORA = "model.lora_rank, lora_alpha and lora_target_modules stay as the ru
 
 
 def _adapted(adapter_state: dict[str, Any] | Sequence[str]) -> str:
-    """The kinds of layer an adapter state dict's keys put adapters on: 'k_proj, q_proj, v_proj'."""
-    return ", ".join(sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapter_state}))
+    """The kinds of layer an adapter state dict's keys put adapters on: 'k_proj, q_proj, v_proj' ('experts' for
+    a mixture of experts' fused expert weights, whose nested adapters' keys end in experts.base_layer.lora_A...)."""
+    return ", ".join(sorted({_unwrapped(key.split(".lora_")[0]).rsplit(".", 1)[-1] for key in adapter_state}))
 
 
 # policy_loss's per-token statistics averaged over all of a step's iterations (ratio_min / _max: the

@@ -417,3 +417,18 @@ def test_lora_on_experts_merges_saves_and_resumes(moe_dirs: dict[str, Path], fam
     fresh.load_state_dict(learner.state_dict(), tmp_path)
     for (name, a), (_, b) in zip(fresh.named_weights(), learner.named_weights(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_loading_adapters_on_other_layers_names_the_experts_once(moe_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The experts' nested adapters were named 'base_layer, experts' (their keys: experts.base_layer.lora_A...)."""
+    from grpo_cli.learner import TrainingError
+
+    base = [f"model.name_or_path={moe_dirs['mixtral']}", "model.lora_rank=4"]
+    saved = Learner(compose(base), CPU, pad_id=0)
+    saved.save_weights(tmp_path)
+    fresh = Learner(compose([*base, "model.lora_target_modules=[q_proj,v_proj]"]), CPU, pad_id=0)
+    with pytest.raises(TrainingError) as caught:
+        fresh.load_state_dict(saved.state_dict(), tmp_path)
+    assert str(caught.value).startswith(
+        f"checkpoint {tmp_path} holds adapters on experts, k_proj, o_proj, q_proj, v_proj, and "
+        "model.lora_target_modules=['q_proj', 'v_proj'] puts them on q_proj, v_proj; resume with the run's own.")
