@@ -573,16 +573,14 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     linear = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                                if isinstance(m, torch.nn.Linear) and m is not embeddings[1]}))
     targets: str | list[str] = list(cfg.lora_target_modules)
-    parameters = _expert_weights(model)
-    listed = targets != ["all-linear"]
-    if listed or not parameters:
-        parameters = []
-        if not listed:
-            targets = "all-linear"  # every linear layer except the output layer
-    else:  # a mixture of experts: see _all_linear
-        targets = _all_linear(model, embeddings[1])
+    experts = _expert_weights(model)
+    listed, parameters = targets != ["all-linear"], []
+    if not listed and not experts:
+        targets = "all-linear"  # every linear layer except the output layer
+    elif not listed:  # a mixture of experts: see _all_linear
+        targets, parameters = _all_linear(model, embeddings[1]), experts
         if cfg.lora_dropout > 0:
-            raise UserError(_expert_dropout(cfg, ", ".join(parameters)) + ", or adapt the other layers only: "
+            raise UserError(_expert_dropout(cfg, ", ".join(experts)) + ", or adapt the other layers only: "
                             f"model.lora_target_modules=[{','.join(targets)}]")
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, target_parameters=parameters or None, bias="none", task_type="CAUSAL_LM")
@@ -591,7 +589,7 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     except ValueError as e:  # e.g. a target module the model does not have (peft's NoMatchingPeftModuleError)
         problem = first_line(e).rstrip(".")
         if "ParamWrapper" in problem and "lora_dropout" in problem:  # the list named experts (peft maps Mixtral's w1..)
-            raise UserError(_expert_dropout(cfg, "experts") + ", or leave the experts out of "
+            raise UserError(_expert_dropout(cfg, ", ".join(experts)) + ", or leave the experts out of "
                             f"model.lora_target_modules={list(cfg.lora_target_modules)}") from None
         raise UserError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: {problem}; this model's linear "
                         f"layers are {linear} (or use [all-linear])") from None
@@ -599,7 +597,11 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
         # peft stops only when no name matches: Llama's [q_proj,k_proj,v_proj,o_proj] on Phi-3 (whose q/k/v are
         # one qkv_proj) put adapters on o_proj alone, and q/k/v stayed frozen without a word.
         names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        # peft maps a mixture of experts' transformers-4 expert and router names (Mixtral's w1, w2, w3, gate;
+        # Qwen3-MoE's gate_proj, up_proj, down_proj) onto the fused weights of transformers 5, as target_parameters.
+        converted = wrapped.peft_config["default"]
+        converted = set(targets) - set(converted.target_modules or ()) if converted.target_parameters else set()
+        unmatched = [t for t in targets if t not in converted and not any(n == t or n.endswith(f".{t}") for n in names)]
         if unmatched:
             matched = [t for t in targets if t not in unmatched]
             raise UserError(f"model.lora_target_modules={targets}: this model has no {', '.join(unmatched)} (only "

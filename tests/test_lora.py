@@ -432,3 +432,39 @@ def test_loading_adapters_on_other_layers_names_the_experts_once(moe_dirs: dict[
     assert str(caught.value).startswith(
         f"checkpoint {tmp_path} holds adapters on experts, k_proj, o_proj, q_proj, v_proj, and "
         "model.lora_target_modules=['q_proj', 'v_proj'] puts them on q_proj, v_proj; resume with the run's own.")
+
+
+@pytest.mark.parametrize(("family", "targets"), [("mixtral", "[q_proj,v_proj,w1,w2,w3]"),
+                                                 ("qwen3_moe", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")])
+def test_a_list_with_the_checkpoints_expert_names_adapts_the_experts(moe_dirs: dict[str, Path], family: str,
+                                                                    targets: str) -> None:
+    """peft maps the experts' names in the checkpoint (transformers 4's: Mixtral's w1/w2/w3, Qwen3-MoE's
+    gate/up/down_proj) onto the fused expert weights; grpo refused such a list, saying the model has no
+    such layers ("this model has no w1, w2, w3 (only q_proj, v_proj would get adapters)")."""
+    cfg = compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4", "loss.beta=0",
+                   "trainer.lr=1e-2", f"model.lora_target_modules={targets}"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    attention = {"self_attn.q_proj", "self_attn.v_proj"} if family == "mixtral" else ATTENTION
+    assert _adapted_weights(learner) == attention | EXPERTS
+    for _ in range(2):
+        learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    plain = _plain(moe_dirs[family], dict(learner.named_weights()))
+    batch = pack(PROMPTS, COMPLETIONS, pad_id=0, device=CPU)
+    learner.policy.eval()
+    with torch.no_grad():
+        got, _ = sequence_logprobs(plain, batch, temperature=1.0)
+        want, _ = sequence_logprobs(learner.policy, batch, temperature=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_lora_dropout_on_listed_experts_is_one_line(moe_dirs: dict[str, Path]) -> None:
+    from grpo_cli.errors import UserError
+
+    cfg = compose([f"model.name_or_path={moe_dirs['mixtral']}", "model.lora_rank=4", "model.lora_dropout=0.05",
+                   "model.lora_target_modules=[q_proj,w1,w2,w3]"])
+    with pytest.raises(UserError) as caught:
+        Learner(cfg, CPU, pad_id=0)
+    assert str(caught.value) == (
+        "model.lora_dropout=0.05: peft cannot put dropout on the adapters of a mixture of experts' fused expert "
+        "weights (experts.down_proj, experts.gate_up_proj); set model.lora_dropout=0, or leave the experts out of "
+        "model.lora_target_modules=['q_proj', 'w1', 'w2', 'w3']")
