@@ -577,7 +577,10 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     listed, parameters = targets != ["all-linear"], []
     if not listed and not experts:
         targets = "all-linear"  # every linear layer except the output layer
-    elif not listed:  # a mixture of experts: see _all_linear
+    elif listed:  # the experts' names in the checkpoint (Qwen2-MoE's gate_proj, ...) mean its fused weights
+        checkpoint_names = _expert_checkpoint_names(model)
+        parameters = [fused for fused, names in checkpoint_names.items() if set(names) <= set(targets)]
+    else:  # a mixture of experts: see _all_linear
         targets, parameters = _all_linear(model, embeddings[1]), experts
         if cfg.lora_dropout > 0:
             raise UserError(_expert_dropout(cfg, ", ".join(experts)) + ", or adapt the other layers only: "
@@ -597,10 +600,12 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
         # peft stops only when no name matches: Llama's [q_proj,k_proj,v_proj,o_proj] on Phi-3 (whose q/k/v are
         # one qkv_proj) put adapters on o_proj alone, and q/k/v stayed frozen without a word.
         names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        # peft maps a mixture of experts' transformers-4 expert and router names (Mixtral's w1, w2, w3, gate;
-        # Qwen3-MoE's gate_proj, up_proj, down_proj) onto the fused weights of transformers 5, as target_parameters.
+        # peft maps some mixture of experts' checkpoint names for experts and routers (Mixtral's w1, w2, w3, gate;
+        # Qwen3-MoE's gate_proj, up_proj, down_proj) onto the fused weights of transformers 5, as target_parameters
+        # (and Qwen2-MoE's not: they are among `parameters` above).
         converted = wrapped.peft_config["default"]
         converted = set(targets) - set(converted.target_modules or ()) if converted.target_parameters else set()
+        converted |= {name for fused in parameters for name in checkpoint_names[fused]}
         unmatched = [t for t in targets if t not in converted and not any(n == t or n.endswith(f".{t}") for n in names)]
         if unmatched:
             matched = [t for t in targets if t not in unmatched]
@@ -628,7 +633,12 @@ def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None) ->
     it could move the routing towards a few experts unchecked (and peft's own all-linear took
     shared_expert_gate, a (1, hidden) layer, but not `gate`). The experts' own weights are no nn.Linear in
     transformers 5: see _expert_weights."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+    experts = {name for names in _expert_checkpoint_names(model).values() for name in names}
+    # Qwen2-MoE's shared expert has the experts' checkpoint names (gate_proj, ...), which in a list mean the
+    # experts too (see _add_lora): it is named with its parent (shared_expert.gate_proj), so that the list
+    # [all-linear]'s dropout error suggests leaves the experts out.
+    return sorted({".".join(name.split(".")[-2 if name.rsplit(".", 1)[-1] in experts else -1:])
+                   for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and m is not output_layer
                    and not re.fullmatch(r"gate|router|.*_gate", name.rsplit(".", 1)[-1])})
 
@@ -640,6 +650,24 @@ def _expert_weights(model: torch.nn.Module) -> list[str]:
     and Qwen3-MoE (through its conversion of transformers 4 names) but not on Qwen2-MoE. Empty for a dense model."""
     return sorted({f"{name.rsplit('.', 1)[-1]}.{param}" for name, m in model.named_modules()
                    for param, p in m.named_parameters(recurse=False) if p.dim() == 3})
+
+
+def _expert_checkpoint_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each fused expert weight (see _expert_weights) with the names its experts' weights have in the
+    checkpoint: {'experts.gate_up_proj': ['gate_proj', 'up_proj'], 'experts.down_proj': ['down_proj']}
+    (Mixtral's: w1, w3 and w2), as transformers writes them back on saving. peft maps a list of these names
+    onto the fused weights for Mixtral and Qwen3-MoE, and for Qwen2-MoE not (only its shared expert, whose
+    layers have the same names, got adapters)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names: dict[str, list[str]] = {}
+    for module_name, m in model.named_modules():
+        for param, p in m.named_parameters(recurse=False):
+            fused = f"{module_name.rsplit('.', 1)[-1]}.{param}"
+            if p.dim() == 3 and fused not in names:
+                saved = revert_weight_conversion(model, {f"{module_name}.{param}": p})
+                names[fused] = sorted({name.rsplit(".", 2)[-2] for name in saved})
+    return names
 
 
 def _expert_dropout(cfg: ModelConfig, experts: str) -> str:

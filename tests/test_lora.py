@@ -368,7 +368,7 @@ def test_lora_dropout_on_experts_is_one_line_saying_what_to_do(moe_dirs: dict[st
     from grpo_cli.errors import UserError
 
     for family, layers in [("mixtral", "k_proj,o_proj,q_proj,v_proj"),
-                           ("qwen2_moe", "down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj")]:
+                           ("qwen2_moe", "k_proj,o_proj,q_proj,shared_expert.down_proj,shared_expert.gate_proj,shared_expert.up_proj,v_proj")]:
         cfg = compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4", "model.lora_dropout=0.1"])
         with pytest.raises(UserError) as caught:
             Learner(cfg, CPU, pad_id=0)
@@ -435,17 +435,19 @@ def test_loading_adapters_on_other_layers_names_the_experts_once(moe_dirs: dict[
 
 
 @pytest.mark.parametrize(("family", "targets"), [("mixtral", "[q_proj,v_proj,w1,w2,w3]"),
-                                                 ("qwen3_moe", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")])
+                                                 ("qwen3_moe", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"),
+                                                 ("qwen2_moe", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")])
 def test_a_list_with_the_checkpoints_expert_names_adapts_the_experts(moe_dirs: dict[str, Path], family: str,
                                                                     targets: str) -> None:
     """peft maps the experts' names in the checkpoint (transformers 4's: Mixtral's w1/w2/w3, Qwen3-MoE's
     gate/up/down_proj) onto the fused expert weights; grpo refused such a list, saying the model has no
-    such layers ("this model has no w1, w2, w3 (only q_proj, v_proj would get adapters)")."""
+    such layers ("this model has no w1, w2, w3 (only q_proj, v_proj would get adapters)"). peft has no such
+    mapping for Qwen2-MoE: the list adapted its shared expert (the same names) and left the experts frozen."""
     cfg = compose([f"model.name_or_path={moe_dirs[family]}", "model.lora_rank=4", "loss.beta=0",
                    "trainer.lr=1e-2", f"model.lora_target_modules={targets}"])
     learner = Learner(cfg, CPU, pad_id=0)
     attention = {"self_attn.q_proj", "self_attn.v_proj"} if family == "mixtral" else ATTENTION
-    assert _adapted_weights(learner) == attention | EXPERTS
+    assert _adapted_weights(learner) == (MOE_TARGETS[family] if family == "qwen2_moe" else attention | EXPERTS)
     for _ in range(2):
         learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
     plain = _plain(moe_dirs[family], dict(learner.named_weights()))
