@@ -632,7 +632,9 @@ def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None) ->
     load-balancing loss beside the language-model loss, which the GRPO loss has none of, so an adapter on
     it could move the routing towards a few experts unchecked (and peft's own all-linear took
     shared_expert_gate, a (1, hidden) layer, but not `gate`). The experts' own weights are no nn.Linear in
-    transformers 5: see _expert_weights."""
+    transformers 5: see _expert_weights. Known gap: on the families peft converts from transformers 4 names
+    with a shared expert (GLM-4-MoE, DeepSeek-V3, ...) peft takes shared_experts.gate_proj for the experts'
+    gate_proj and drops it, so their shared experts get no adapter (peft 0.21; found on a tiny GLM-4-MoE)."""
     experts = {name for names in _expert_checkpoint_names(model).values() for name in names}
     # Qwen2-MoE's shared expert has the experts' checkpoint names (gate_proj, ...), which in a list mean the
     # experts too (see _add_lora): it is named with its parent (shared_expert.gate_proj), so that the list
