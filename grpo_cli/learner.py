@@ -603,8 +603,8 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
         # peft maps some mixture of experts' checkpoint names for experts and routers (Mixtral's w1, w2, w3, gate;
         # Qwen3-MoE's gate_proj, up_proj, down_proj) onto the fused weights of transformers 5, as target_parameters
         # (and Qwen2-MoE's not: they are among `parameters` above).
-        converted = wrapped.peft_config["default"]
-        converted = set(targets) - set(converted.target_modules or ()) if converted.target_parameters else set()
+        mapped = wrapped.peft_config["default"]
+        converted = set(targets) - set(mapped.target_modules or ()) if mapped.target_parameters else set()
         converted |= {name for fused in parameters for name in checkpoint_names[fused]}
         unmatched = [t for t in targets if t not in converted and not any(n == t or n.endswith(f".{t}") for n in names)]
         if unmatched:
