@@ -389,6 +389,9 @@ def _validate_sampling(r: RolloutConfig) -> None:
         raise UserError(f"rollout.top_p={r.top_p}: must be above 0 and at most 1 (1.0 = off)")
     if r.top_k < 0:  # vLLM spells "off" -1; here it is 0, for every engine
         raise UserError(f"rollout.top_k={r.top_k}: use 0 to turn top-k off, or a number of tokens such as 50")
+    if "" in r.stop:  # found in every text: both engines stopped each completion at its first token
+        raise UserError("rollout.stop holds an empty string, which would end every completion after its first token; "
+                        "remove it (rollout.stop=[] for none)")
     if not 0 < r.gpu_memory_utilization <= 1:
         raise UserError(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization}: a share of the GPU's memory, "
                         "above 0 and at most 1 (e.g. 0.35)")

@@ -151,6 +151,9 @@ def test_user_config_dir_adds_recipes_and_group_options(tmp_path: Path) -> None:
     (["rollout.top_p=0"], "rollout.top_p=0.0: must be above 0"),
     (["rollout.top_k=-3"], "rollout.top_k=-3: use 0 to turn top-k off"),
     (["rollout.top_k=-1"], "rollout.top_k=-1: use 0 to turn top-k off"),
+    # an empty stop string is in every text: each completion ended after its first token, with text ""
+    (['rollout.stop=["</answer>",""]'], "rollout.stop holds an empty string, which would end every completion "
+                                       "after its first token; remove it (rollout.stop=[] for none)"),
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization=1.5: a share of the GPU's memory"),
     (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: needs two values, each at least 0 and below 1"),
     (["optimizer.betas=[0.9,1.0]"], "optimizer.betas=[0.9, 1.0]: needs two values"),
