@@ -55,7 +55,7 @@ from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
 from grpo_cli.models import load_tokenizer, resolve
 from grpo_cli.rewards import RewardScores, RewardSet, build_reward_set, shown
-from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config
+from grpo_cli.rollout import Engine, Sample, context_length, make_engine, sampling_from_config, special_stops
 from grpo_cli.runs import check_run_dir, discard_new_run_dir, prepare_run_dir, unlock_run
 from grpo_cli.schema import Config
 from grpo_cli.sync import checkpoint_format, engine_logprob_diff, mixture_of_experts, push_weights
@@ -81,6 +81,7 @@ def train(cfg: Config) -> Path:
     with _same_on_every_rank():
         if lacking:
             raise UserError(lacking)
+        special_stops(tokenizer, tuple(cfg.rollout.stop))  # a stop string that can never match: now, not at step 1
         run = _prepare_run(cfg)
     wandb_session = None
     try:

@@ -8,6 +8,7 @@ perturbed -> the perturbed model's values), whatever the bucket size.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -103,17 +104,17 @@ def perturbed(model, seed: int = 1):
     return other
 
 
-def eos_model(model, tokenizer, trigger_token: int):
-    """A copy that answers EOS right after `trigger_token` and babbles after anything else: every
-    layer's output projections zeroed (hidden state = embedding of the current token), and the tied
-    EOS embedding a multiple of the trigger's embedding."""
+def eos_model(model, tokenizer, trigger_token: int, answer: int | None = None):
+    """A copy that answers EOS (or the token `answer`) right after `trigger_token` and babbles after
+    anything else: every layer's output projections zeroed (hidden state = embedding of the current
+    token), and the tied EOS embedding a multiple of the trigger's embedding."""
     other = copy.deepcopy(model)
     with torch.no_grad():
         for layer in other.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         emb = other.model.embed_tokens.weight
-        emb[tokenizer.eos_token_id] = 20 * emb[trigger_token]  # EOS logit ~26 after the trigger
+        emb[tokenizer.eos_token_id if answer is None else answer] = 20 * emb[trigger_token]  # logit ~26 after the trigger
     return other
 
 
@@ -358,6 +359,38 @@ def test_vllm_eos_is_kept_and_ends_the_completion(fresh_engine, base_model, toke
     assert max_logprob_error(samples, model, 1.0) < ATOL
 
 
+def special_stop_model(base_model, tokenizer):
+    """`eos_model` answering "<|endoftext|>", a special token that is not the tiny model's EOS (as a
+    base model's turn end, Qwen base's <|im_end|>, is not its EOS): (model, that token's id)."""
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert end != tokenizer.eos_token_id and end in tokenizer.all_special_ids
+    trigger = tokenizer("stop here", add_special_tokens=False).input_ids[-1]
+    return eos_model(base_model, tokenizer, trigger, answer=end), end
+
+
+def check_special_stop(engine, model, end: int, tokenizer) -> None:
+    """rollout.stop=["<|endoftext|>"]: the completion text never shows a special token (skipped), so as
+    a stop string it never matched, and completions ran on past it. It ends a completion as an EOS does:
+    the token kept (trained on, with its log-prob), not in the text, the completion not truncated."""
+    sampling = SamplingSettings(n=4, max_new_tokens=8, temperature=1.0, seed=3, stop=("<|endoftext|>",))
+    samples = engine.generate(["stop here", "keep going"], sampling)
+    for s in samples[:4]:
+        assert s.completion_ids == [end] and s.text == "" and not s.truncated and len(s.logprobs) == 1
+    for s in samples[4:]:
+        assert end not in s.completion_ids[:-1]
+        assert s.truncated == (s.completion_ids[-1] != end)
+        assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+    assert max_logprob_error(samples, model, 1.0) < ATOL
+    with pytest.raises(UserError, match=r"^rollout.stop: '<\|endoftext\|>\\n' holds the special token '<\|endoftext\|>'"):
+        engine.generate(["stop here"], dataclasses.replace(sampling, stop=("</answer>", "<|endoftext|>\n")))
+
+
+def test_vllm_stop_string_of_a_special_token_ends_the_completion_at_it(fresh_engine, base_model, tokenizer) -> None:
+    model, end = special_stop_model(base_model, tokenizer)
+    push_weights(fresh_engine, model.state_dict().items())
+    check_special_stop(fresh_engine, model, end, tokenizer)
+
+
 def test_vllm_greedy_and_prompt_length(engine, base_model) -> None:
     greedy = SamplingSettings(n=2, max_new_tokens=6, temperature=0.0)  # evaluation: vLLM wants n=1 there
     samples = engine.generate(PROMPTS[:2], greedy)
@@ -544,6 +577,16 @@ def test_hf_stop_strings_and_eos(base_model, tokenizer) -> None:
     samples = HFEngine(model, tokenizer).generate(prompts, SAMPLING)
     check_eos(samples, tokenizer)  # EOS kept, the padding generate() added after it dropped
     assert max_logprob_error(samples, model, 1.0) < 1e-5
+
+
+def test_hf_stop_string_of_a_special_token_ends_the_completion_at_it(base_model, tokenizer) -> None:
+    from grpo_cli.rollout.hf import HFEngine
+
+    model, end = special_stop_model(base_model, tokenizer)
+    engine = HFEngine(model, tokenizer)
+    assert end not in engine.eos_ids
+    check_special_stop(engine, model, end, tokenizer)
+    assert end not in engine.eos_ids  # for this call only
 
 
 def test_make_engine_hf_and_push_is_a_no_op(tiny_model_dir: Path, base_model) -> None:

@@ -89,6 +89,20 @@ def test_resume_of_a_folder_without_a_run_is_a_user_error(tmp_path: Path) -> Non
     assert result.returncode == 2 and "not a run directory" in result.stderr
 
 
+def test_a_stop_string_that_can_never_match_is_one_line_before_the_run_starts(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """'<|im_end|> x' never shows in a completion's text (special tokens are skipped); found at the first
+    rollout, it left a run directory behind."""
+    run = tmp_path / "run"
+    result = _train(*_args(tiny_model_dir, run, steps=1), "rollout=hf", 'rollout.stop=["</answer>","<|im_end|> x"]')
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: rollout.stop: '<|im_end|> x' holds the special token '<|im_end|>', which a completion's text never "
+        "shows (special tokens are skipped), so it would never stop one; use '<|im_end|>' on its own: it ends a "
+        "completion at that token")
+    assert not run.exists()
+
+
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*_args(tiny_model_dir, run, steps=3), "trainer.save_every=100"]  # no periodic save before the end

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
 
 __all__ = ["Engine", "Sample", "SamplingSettings", "check_prompt_lengths", "context_length", "make_engine",
-           "prompt_seed", "sampling_from_config"]
+           "prompt_seed", "sampling_from_config", "special_stops"]
 
 _SEED_STRIDE = 0x9E3779B1  # spreads per-prompt seeds so that seed s and s + 1 share no streams
 
@@ -55,7 +55,8 @@ class SamplingSettings:
     temperature: float
     top_p: float = 1.0
     top_k: int = 0         # 0 = off
-    stop: tuple[str, ...] = ()   # stop strings, KEPT in the output text (include_stop_str_in_output)
+    stop: tuple[str, ...] = ()   # stop strings, KEPT in the output text (include_stop_str_in_output); one that is
+                                 # a special token's text ends a completion at that token, as an EOS (special_stops)
     seed: int | None = None      # same seed + same weights + same prompt at the same index -> same samples
 
 
@@ -97,6 +98,29 @@ def prompt_seed(seed: int, index: int, n: int) -> int:
     Spaced n apart because vLLM gives the j-th of a request's n samples the seed `base + j`: prompts
     of one call never share a stream, even identical ones."""
     return (seed * _SEED_STRIDE + index * n) % (1 << 63)
+
+
+def special_stops(tokenizer: Any, stop: tuple[str, ...]) -> tuple[tuple[str, ...], list[int]]:
+    """`stop` split into the stop strings a completion's text can show and the ids of the special tokens
+    named by the others. The text skips special tokens, so a stop string such as "<|im_end|>" (a base
+    model's turn end, not its EOS) never matched it: that token ends a completion as an EOS does, kept
+    in `completion_ids` and left out of `text`. A UserError for a stop string holding a special token
+    along with other text, which could never match."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {token.content: i for i, token in decoder.items() if token.special and token.content}
+    texts: list[str] = []
+    ids: list[int] = []
+    for s in stop:
+        if s in special:
+            ids.append(special[s])
+            continue
+        held = next((t for t in special if t in s), None)
+        if held is not None:
+            raise UserError(f"rollout.stop: {s!r} holds the special token {held!r}, which a completion's text never "
+                            f"shows (special tokens are skipped), so it would never stop one; use {held!r} on its "
+                            "own: it ends a completion at that token")
+        texts.append(s)
+    return tuple(texts), ids
 
 
 def sampling_from_config(rollout: RolloutConfig, seed: int | None = None) -> SamplingSettings:

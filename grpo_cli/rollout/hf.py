@@ -5,8 +5,8 @@ What a `Sample` holds, exactly:
 - `prompt_ids`: `tokenizer(prompt, add_special_tokens=False).input_ids`; prompts are left-padded
   into batches (the padding is masked and never part of a sample): one per room when a prompt near
   the context has less than max_new_tokens left, each cut into batches of at most max_rows rows.
-- `completion_ids`: the sampled tokens up to and including the first EOS token, or up to the token
-  that completed a stop string, or max_new_tokens of them, or as many as the model's context
+- `completion_ids`: the sampled tokens up to and including the first EOS token (or special token
+  named in the stop strings: `special_stops`), or up to the token that completed a stop string, or max_new_tokens of them, or as many as the model's context
   (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
   `generate` puts after a finished row is dropped. A prompt that fills the context is refused.
 - `logprobs`: the sampled token's log-probability under the distribution it was drawn from: log_softmax
@@ -43,7 +43,14 @@ from typing import Any
 
 import torch
 
-from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length, prompt_seed
+from grpo_cli.rollout import (
+    Sample,
+    SamplingSettings,
+    check_prompt_lengths,
+    context_length,
+    prompt_seed,
+    special_stops,
+)
 
 
 class _LogprobRecorder:
@@ -156,6 +163,9 @@ class HFEngine:
     def generate(self, prompts: list[str], sampling: SamplingSettings) -> list[Sample]:
         if not prompts:
             return []
+        texts, stop_ids = special_stops(self.tokenizer, sampling.stop)
+        sampling = dataclasses.replace(sampling, stop=texts)
+        eos_ids = sorted({*self.eos_ids, *stop_ids})  # a special token named in `stop` ends a completion as an EOS
         prompt_ids = [list(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
         if self.context is not None:
             check_prompt_lengths(prompts, prompt_ids, self.context, "the model's max_position_embeddings")
@@ -187,17 +197,18 @@ class HFEngine:
             fillers = int(distributed.all_reduce([float(len(calls))], "max")[0]) - len(calls)
         samples: list[Sample | None] = [None] * (len(prompts) * sampling.n)
         for max_new, chunk in calls:
-            for (i, first, _), part in zip(chunk, self._generate(chunk, prompt_ids, sampling, seed, max_new),
+            for (i, first, _), part in zip(chunk, self._generate(chunk, prompt_ids, sampling, seed, max_new, eos_ids),
                                            strict=True):
                 samples[i * sampling.n + first:i * sampling.n + first + len(part)] = part
         for _ in range(fillers):
-            self._generate([(0, 0, 1)], prompt_ids, dataclasses.replace(sampling, n=1), None, 1)
+            self._generate([(0, 0, 1)], prompt_ids, dataclasses.replace(sampling, n=1), None, 1, eos_ids)
         return samples  # type: ignore[return-value]
 
     def _generate(self, pieces: list[tuple[int, int, int]], all_prompt_ids: list[list[int]],
-                  sampling: SamplingSettings, seed: int | None, max_new: int) -> list[list[Sample]]:
+                  sampling: SamplingSettings, seed: int | None, max_new: int, eos_ids: list[int]) -> list[list[Sample]]:
         """For each piece (i, first, end): samples first..end-1 of the n of prompt `all_prompt_ids[i]`,
-        all in one batched `generate` of at most `max_new` steps; seed None: greedy."""
+        all in one batched `generate` of at most `max_new` steps, each ending at any of `eos_ids`; seed
+        None: greedy."""
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         greedy = seed is None
@@ -223,14 +234,14 @@ class HFEngine:
         processors.append(recorder)
         # do_sample=False: generate() takes the argmax of what the processors leave, which `_Sampler` drew.
         config = GenerationConfig(do_sample=False, max_new_tokens=max_new, num_return_sequences=1,
-                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
+                                  eos_token_id=eos_ids, pad_token_id=self.pad_id, use_cache=True)
         was_training = self.model.training
         model_config = getattr(self.model, "generation_config", None)
         try:
             self.model.eval()
             # generate() fills every unset option from the model's generation_config (repetition
             # penalty, min-p...): a blank one keeps sampling to exactly what `config` says.
-            self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+            self.model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=self.pad_id)
             with torch.no_grad():
                 sequences = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
@@ -252,7 +263,7 @@ class HFEngine:
         if logprobs.shape != completions.shape:
             raise RuntimeError(f"recorded log-probs {tuple(logprobs.shape)} do not match the generated tokens "
                                f"{tuple(completions.shape)}")
-        eos = torch.tensor(self.eos_ids)
+        eos = torch.tensor(eos_ids)
         samples: list[list[Sample]] = [[] for _ in pieces]
         piece_of = [p for p, (_, first, end) in enumerate(pieces) for _ in range(first, end)]
         for row, prompt_index in enumerate(row_prompts):

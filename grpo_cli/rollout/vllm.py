@@ -4,7 +4,8 @@ What a `Sample` holds, exactly:
 
 - `prompt_ids`: the engine's prompt tokens, which are `tokenizer(prompt, add_special_tokens=False)`
   (the prompt goes in as token ids, so vLLM adds nothing).
-- `completion_ids`: the sampled tokens; the EOS token is included when the model stopped by itself.
+- `completion_ids`: the sampled tokens; the EOS token is included when the model stopped by itself,
+  as is a special token named in the stop strings (`special_stops`), which ends a completion as EOS does.
   When a stop string ends a completion, the last token is the one that completed the stop string
   (it can carry characters past the stop string; `text` is cut right after the stop string).
 - `logprobs`: vLLM's `processed_logprobs` of the sampled tokens: log_softmax over the logits after
@@ -39,6 +40,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is i
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would drown the progress display
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import random
@@ -50,7 +52,14 @@ import torch
 
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.models import torch_dtype
-from grpo_cli.rollout import Sample, SamplingSettings, check_prompt_lengths, context_length, prompt_seed
+from grpo_cli.rollout import (
+    Sample,
+    SamplingSettings,
+    check_prompt_lengths,
+    context_length,
+    prompt_seed,
+    special_stops,
+)
 
 if TYPE_CHECKING:
     from grpo_cli.schema import ModelConfig, RolloutConfig
@@ -206,7 +215,8 @@ class VLLMEngine:
             # vLLM refuses n > 1 at temperature 0 (greedy): then each prompt goes in n times, n=1 each.
             copies = sampling.n if sampling.temperature == 0 else 1
             spans.append((len(requests), prompt_ids, copies))
-            params += [self._params(sampling, offset + i, sampling.n // copies)
+            texts, stop_ids = special_stops(self.tokenizer, sampling.stop)
+            params += [self._params(dataclasses.replace(sampling, stop=texts), offset + i, sampling.n // copies, stop_ids)
                        for i in range(len(prompts)) for _ in range(copies)]
             requests += [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(copies)]
         if not requests:
@@ -311,7 +321,7 @@ class VLLMEngine:
             raise UserError(f"the vLLM engine loaded {model_path} but cannot run it here ({type(e).__name__}: "
                             f"{first_line(e)}): set rollout.engine=hf to sample with transformers instead") from e
 
-    def _params(self, sampling: SamplingSettings, prompt_index: int, n: int) -> Any:
+    def _params(self, sampling: SamplingSettings, prompt_index: int, n: int, stop_ids: list[int]) -> Any:
         from vllm import SamplingParams
 
         seed = None if sampling.seed is None else prompt_seed(sampling.seed, prompt_index, sampling.n)
@@ -319,6 +329,7 @@ class VLLMEngine:
             n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else 0,  # vLLM: 0 = off
             stop=list(sampling.stop) or None, include_stop_str_in_output=True, seed=seed,
+            stop_token_ids=stop_ids or None,  # special tokens named as stop strings (special_stops); kept as EOS is
             logprobs=0,  # the sampled token's log-prob only
             skip_special_tokens=True, detokenize=True,
         )
