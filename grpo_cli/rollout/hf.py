@@ -6,9 +6,10 @@ What a `Sample` holds, exactly:
   into batches (the padding is masked and never part of a sample): one per room when a prompt near
   the context has less than max_new_tokens left, each cut into batches of at most max_rows rows.
 - `completion_ids`: the sampled tokens up to and including the first EOS token (or special token
-  named in the stop strings: `special_stops`), or up to the token that completed a stop string, or max_new_tokens of them, or as many as the model's context
-  (max_position_embeddings) leaves after the prompt, as vLLM's max_model_len does; the padding
-  `generate` puts after a finished row is dropped. A prompt that fills the context is refused.
+  named in the stop strings: `special_stops`), or up to the token that completed a stop string, or
+  max_new_tokens of them, or as many as the model's context (max_position_embeddings) leaves after
+  the prompt, as vLLM's max_model_len does; the padding `generate` puts after a finished row is
+  dropped. A prompt that fills the context is refused.
 - `logprobs`: the sampled token's log-probability under the distribution it was drawn from: log_softmax
   of the logits `generate` computed, after temperature scaling and top-k/top-p truncation, in fp32,
   as the vllm engine reports (see grpo_cli/rollout/__init__.py). Without truncation that is exactly
