@@ -589,6 +589,51 @@ def test_hf_stop_string_of_a_special_token_ends_the_completion_at_it(base_model,
     assert end not in engine.eos_ids  # for this call only
 
 
+def test_hf_text_reads_as_after_the_prompt_as_vllm_decodes_it() -> None:
+    """A SentencePiece-style tokenizer (Llama 2, Mistral: Metaspace, prepend_scheme "first") drops the
+    space that starts a text: decoded alone, a completion "▁Hello ▁world" read "Hello world", where
+    vLLM's detokenizer, primed with the prompt, gives " Hello world"; a stop string " world" then missed
+    the completion's first token. vLLM's way is the reference: tokenizers' DecodeStream from the prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.decoders import DecodeStream
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from grpo_cli.rollout.hf import HFEngine
+
+    words = ["Hello", "world", "The", "answer", "is", "two", "three", "four"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ":": 3, **{f"\u2581{w}": 4 + i for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, head_dim=64,
+                                         max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
+
+    def vllm_text(prompt_ids: list[int], ids: list[int]) -> str:
+        stream = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+        return "".join(stream.step(tokenizer._tokenizer, i) or "" for i in ids)  # as vLLM steps it
+
+    prompts = ["The answer is", "Hello:"]
+    samples = HFEngine(model, tokenizer).generate(prompts, SamplingSettings(n=8, max_new_tokens=6, temperature=1.0,
+                                                                             seed=2))
+    assert [s.text for s in samples] == [vllm_text(s.prompt_ids, s.completion_ids) for s in samples]
+    assert any(s.text.startswith(" ") for s in samples)  # the first token's space is kept
+    stopped = HFEngine(model, tokenizer).generate(prompts, SamplingSettings(n=8, max_new_tokens=6, temperature=1.0,
+                                                                             seed=2, stop=(" world",)))
+    first = 0
+    for s in stopped:
+        full = vllm_text(s.prompt_ids, s.completion_ids)
+        if " world" in full:  # ended by the token that completed it
+            assert s.text == full[: full.index(" world") + 6] and not s.truncated
+            assert " world" not in vllm_text(s.prompt_ids, s.completion_ids[:-1])
+            first += len(s.completion_ids) == 1
+        else:  # by EOS or max_new_tokens
+            assert s.text == full
+    assert first > 0  # some completions stopped at their first token
+
+
 def test_make_engine_hf_and_push_is_a_no_op(tiny_model_dir: Path, base_model) -> None:
     from grpo_cli.rollout.hf import HFEngine
 

@@ -15,7 +15,8 @@ What a `Sample` holds, exactly:
   as the vllm engine reports (see grpo_cli/rollout/__init__.py). Without truncation that is exactly
   log_softmax(logits / temperature), what the learner computes from a forward pass of the same
   weights. At temperature 0 (greedy): log_softmax(logits).
-- `text`: the completion decoded without special tokens, cut right after the first stop string.
+- `text`: the completion decoded without special tokens as it reads after the prompt (as vLLM
+  decodes it), cut right after the first stop string.
 - `truncated`: no EOS and no stop string within max_new_tokens (or the context).
 
 Sampling is exactly temperature / top-k / top-p (transformers' own warpers, in that order, as in
@@ -111,6 +112,9 @@ class _Sampler:
         return keys.masked_fill_(kept.logical_not_(), -1.0).argmax(dim=-1)
 
 
+_CONTEXT = 8  # tokens before a stop check's window decoded with it, so that its first token reads as it does in the text
+
+
 class _StopStrings:
     """A stopping criterion: a row is done once its completion text contains a stop string.
 
@@ -128,12 +132,14 @@ class _StopStrings:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         length = input_ids.shape[1] - self.prompt_len
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
-        for row, tail in enumerate(tails):
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        tails = input_ids[:, start:].tolist()
+        contexts = input_ids[:, max(0, start - _CONTEXT):start].tolist()
+        for row, (context, tail) in enumerate(zip(contexts, tails, strict=True)):
             if self.stopped_at[row] is not None:
                 done[row] = True
                 continue
-            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            text = _decode_after(self.tokenizer, context, tail)
             if any(s in text for s in self.stop):
                 self.stopped_at[row] = length
                 done[row] = True
@@ -276,7 +282,7 @@ class HFEngine:
                 end, by_eos = int(hits[0]) + 1, True
             if stopper is not None and stopper.stopped_at[row] is not None and stopper.stopped_at[row] <= end:
                 end, by_eos, by_stop = stopper.stopped_at[row], False, True
-            text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+            text = _decode_after(self.tokenizer, all_prompt_ids[prompt_index], ids[:end])
             if by_stop:
                 text = _cut_after_stop(text, sampling.stop)
             samples[piece_of[row]].append(Sample(
@@ -324,6 +330,15 @@ def _sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _decode_after(tokenizer: Any, context: list[int], ids: list[int]) -> str:
+    """`ids` decoded (special tokens skipped) as they read after `context`, as vLLM's detokenizer, primed
+    with the prompt, decodes a completion: a SentencePiece tokenizer (Llama 2, Mistral) drops the space
+    that starts a text, which a completion's first token does not start."""
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    whole = tokenizer.decode([*context, *ids], skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _cut_after_stop(text: str, stop: tuple[str, ...]) -> str:
