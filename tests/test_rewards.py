@@ -325,6 +325,11 @@ def test_reward_scores_metrics_empty():
     ("I got 3 apples and then 7.5 pears.", "7.5"),
     ("total: -1,234 units", "-1234"),
     ("ratio 3/4", "3/4"),
+    # A LaTeX fraction is one number, not its denominator; {,} is LaTeX's thousands separator.
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("so we get -\\dfrac{3}{4}", "-\\dfrac{3}{4}"),
+    ("So it is $\\tfrac12$", "\\tfrac12"),
+    ("There are 1{,}000 ways", "1000"),
     ("so the result is -7", "-7"),
     ("between 3-5 items", "5"),  # a hyphen is not a minus sign
     ("So the temperature is \u22125 degrees.", "-5"),  # U+2212 MINUS SIGN is a minus

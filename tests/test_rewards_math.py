@@ -31,6 +31,12 @@ ACCURACY_CASES = [
     ("\\boxed{0.75}", MATH_GOLD, 1.0, False),
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0, False),  # nested braces, simplified
     ("<answer>1,000</answer>", "1000", 1.0, False),
+    # An unmarked final answer that is a LaTeX fraction is that fraction, not its denominator.
+    ("The answer is $\\frac{1}{2}$.", "0.5", 1.0, False),
+    ("The answer is $\\frac{1}{2}$.", "2", 0.0, False),
+    ("so we get -\\dfrac{3}{4}", "-3/4", 1.0, False),
+    ("So it is $\\frac12$", "\\frac{1}{2}", 1.0, False),
+    ("There are 1{,}000 ways.", "1000", 1.0, False),  # LaTeX's thousands separator
     ("\\boxed{90^\\circ}", "90", 1.0, False),  # degrees
     ("<answer>10 \\text{ cm}</answer>", "10", 1.0, False),  # a unit in \\text{}
     ("First \\boxed{3}, corrected: \\boxed{4}", "4", 1.0, False),  # the last box wins

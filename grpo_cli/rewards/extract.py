@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
-# Integers with optional thousands separators, decimals and simple fractions ("3/4"). A minus
-# sign right after a word character is a hyphen or a subtraction ("2024-01", "3-5"), not a sign.
-_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?")
+# Integers with optional thousands separators ("1,000", LaTeX's "1{,}000"), decimals, simple
+# fractions ("3/4") and LaTeX fractions of numbers ("\frac{3}{4}", "\dfrac34"), whose denominator
+# alone is no answer. A minus sign right after a word character is a hyphen or a subtraction
+# ("2024-01", "3-5"), not a sign.
+_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?(?:\\[dt]?frac(?:\{\s*-?\d+(?:\.\d+)?\s*\}\{\s*\d+(?:\.\d+)?\s*\}|\d\d)"
+                        r"|(?:\d+(?:(?:,|\{,\})\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?)")
 _BOXED_NAMES = ("\\boxed", "\\fbox")
 # An en dash (U+2013) directly before a number.
 _EN_DASH_NUMBER_RE = re.compile(r"\u2013(?=\.?\d)")
@@ -97,7 +100,7 @@ def hash_answer(text: str) -> str | None:
 
 def final_number(text: str) -> str | None:
     matches = _NUMBER_RE.findall(text)
-    return matches[-1].replace(",", "") if matches else None
+    return matches[-1].replace("{,}", "").replace(",", "") if matches else None
 
 
 def extract_answer(text: str) -> str | None:
