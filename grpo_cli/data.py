@@ -269,6 +269,9 @@ def _reasoning_gym(cfg: DatasetConfig, split: str, limit: int | None = None) -> 
 
 def _hub(cfg: DatasetConfig, split: str) -> list[dict[str, Any]]:
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # without a network, 11 lines of retry warnings would bury the error
 
     folder = Path(cfg.path).expanduser()
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():

@@ -52,11 +52,14 @@ def resolve(name_or_path: str) -> str:
 
 
 def _quiet_transformers() -> None:
-    """Per-file progress bars from transformers would drown grpo's own progress display."""
+    """Per-file progress bars from transformers would drown grpo's own progress display, and without
+    a network huggingface_hub's retry warnings (11 lines over 23 s) the one-line error that follows."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
 
 
 def _builtin_dir(name: str) -> Path:

