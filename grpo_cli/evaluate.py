@@ -560,9 +560,12 @@ def evaluate_set(cfg: Config, engine: Engine, rewards: EvalRewards, eval_set: Ev
                         f"wrong answers were left out after {same.seconds:.0f} s of math-verify; those answers voted "
                         "by their text (maj@k may be slightly high)")
     invalid = sum(scores.invalid)
-    if invalid:
+    if invalid:  # every model scores 0 on such a problem: say which, so it can be fixed or left out
+        bad = sorted({s.prompt_index for s, flagged in zip(samples, scores.invalid, strict=True) if flagged})
+        which = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
         warnings.append(f"{eval_set.label}: {invalid} of {len(samples)} completions could not be scored (e.g. a "
-                        "reference answer math-verify cannot parse); they count as wrong")
+                        f"reference answer math-verify cannot parse), on {len(bad)} of {len(rows)} problems "
+                        f"({which}); they count as wrong (\"invalid\" in samples.jsonl)")
     return SetResult(eval_set.label, eval_set.dataset, len(rows), metrics, records, warnings)
 
 
@@ -819,6 +822,7 @@ def write_results(out: Path, target: Target, results: list[SetResult], sampling:
                      for r in results},
         "sampling": dataclasses.asdict(sampling),
         "seconds": round(seconds, 2),
+        "warnings": [line for r in results for line in r.warnings],  # also printed; kept beside the numbers
         "config": to_container(cfg),
     }
     atomic_write_text(out / "samples.jsonl", samples_jsonl(results))

@@ -414,6 +414,32 @@ def test_eval_says_when_comparing_wrong_answers_ran_out_of_time(tmp_path: Path,
                                "math-verify; those answers voted by their text (maj@k may be slightly high)"]
 
 
+def test_problems_whose_reference_cannot_be_parsed_are_named_and_recorded_in_results(tmp_path: Path) -> None:
+    """Their completions count as wrong, so every model scores 0 there: the warning says which problems
+    (indices as in samples.jsonl), and results.json keeps it for whoever reads the numbers later."""
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
+                            [("2+2?", "4"), ("Is it?", "yes, obviously"), ("2+3?", "#### 5"), ("?", "}{")]))
+    cfg = compose(["dataset=jsonl", f"dataset.path={data}", "dataset.template=plain", "rewards=accuracy",
+                   "eval.n=2", "eval.k=[1,2]", f"output_dir={tmp_path / 'out'}"])
+    (eval_set,) = load_eval_sets(cfg, None)
+    sampling = sampling_settings(cfg, 0)
+    result = evaluate_set(cfg, ScriptedEngine(["<answer>4</answer>", "<answer>5</answer>"]), eval_reward_set(cfg),
+                          eval_set, sampling)
+    assert [r["invalid"] for r in result.records] == [False, False, True, True, False, False, True, True]
+    # Correct of 2 per problem: 1, 0 (unparseable), 1, 0 (unparseable).
+    assert result.metrics["pass@1"] == pytest.approx((1 / 2 + 0 + 1 / 2 + 0) / 4, abs=1e-12)
+    assert result.metrics["pass@2"] == pytest.approx((1 + 0 + 1 + 0) / 4, abs=1e-12)
+    expected = ["bench: 4 of 8 completions could not be scored (e.g. a reference answer math-verify cannot parse), "
+                "on 2 of 4 problems (1, 3); they count as wrong (\"invalid\" in samples.jsonl)"]
+    assert result.warnings == expected
+    target = load_target([f"output_dir={tmp_path / 'out'}"], None)
+    from grpo_cli.evaluate import write_results
+
+    write_results(output_dir(target), target, [result], sampling, 1.0)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["warnings"] == expected
+
+
 def test_a_run_reward_needing_a_column_the_eval_set_lacks_is_left_out_of_its_total(tmp_path: Path) -> None:
     """A run trained with its own reward function on a column of its data (`difficulty`), evaluated
     on a file without it: that term is left out of the eval's reward total, once, with a warning,
