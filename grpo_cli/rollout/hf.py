@@ -112,7 +112,7 @@ class _Sampler:
         return keys.masked_fill_(kept.logical_not_(), -1.0).argmax(dim=-1)
 
 
-_CONTEXT = 8  # tokens before a stop check's window decoded with it, so that its first token reads as it does in the text
+_CONTEXT = 8  # tokens decoded before a completion (or a stop check's window), so that its first token reads as in the text
 
 
 class _StopStrings:
@@ -282,7 +282,7 @@ class HFEngine:
                 end, by_eos = int(hits[0]) + 1, True
             if stopper is not None and stopper.stopped_at[row] is not None and stopper.stopped_at[row] <= end:
                 end, by_eos, by_stop = stopper.stopped_at[row], False, True
-            text = _decode_after(self.tokenizer, all_prompt_ids[prompt_index], ids[:end])
+            text = _decode_after(self.tokenizer, all_prompt_ids[prompt_index][-_CONTEXT:], ids[:end])
             if by_stop:
                 text = _cut_after_stop(text, sampling.stop)
             samples[piece_of[row]].append(Sample(
