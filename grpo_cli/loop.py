@@ -115,7 +115,7 @@ def train(cfg: Config) -> Path:
         # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
         # hold an earlier run's pushes, or another checkpoint of the model: give them this run's.
         if start or getattr(engine, "holds_other_weights", False):
-            push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
+            _push(engine, learner)
         logger = RunLogger(run, cfg, start, wandb_session) if distributed.is_main() else _Silent()  # rank 0 writes
     except BaseException:  # nothing trained: a new run's directory would only block the corrected command
         if wandb_session is not None:
@@ -180,7 +180,7 @@ def train(cfg: Config) -> Path:
                 # Checked pushes also follow the last step, so that every update's push is checked.
                 synced = step % cfg.rollout.sync_every == 0 and (step < cfg.trainer.max_steps or check)
                 if synced:
-                    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
+                    _push(engine, learner)
             if synced and check:
                 with timer("sync_check"):
                     checks = check_sync(engine, learner, first.samples[0])
@@ -189,7 +189,7 @@ def train(cfg: Config) -> Path:
             eval_metrics: dict[str, float] = {}  # eval/<dataset>/<metric>, time/eval (not part of time/step)
             if evaluation is not None and evaluation.due(step):
                 if not synced:  # the engine must sample with this step's weights
-                    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
+                    _push(engine, learner)
                     if check:
                         checks = check_sync(engine, learner, first.samples[0])
                 # The ranks share the evaluation's engine calls and gather the samples; rank 0 writes.
@@ -260,6 +260,11 @@ def train(cfg: Config) -> Path:
         distributed.teardown()
         unlock_run(run)
     return run
+
+
+def _push(engine: Engine, learner: Learner) -> None:
+    """The learner's weights into the engine, under the names its checkpoint files use (checkpoint_format)."""
+    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
 
 
 @contextmanager
