@@ -901,6 +901,7 @@ def test_malformed_oversized_or_absurd_requests_get_a_4xx_and_the_server_lives_o
                                     ("top_p", 0, "top_p: expected a number above 0 and at most 1"),
                                     ("top_k", -1, "top_k: expected an integer >= 0"),
                                     ("stop", "END", "stop: expected a list of strings"),
+                                    ("stop", ["</answer>", ""], "stop: expected non-empty strings"),
                                     ("seed", 1.5, "seed: expected an integer or null")):
             refused(400, f"sampling.{match}", body={"prompts": ["a"], "sampling": {**good, field: value}})
         refused(400, r"600 prompts x n=500 is more than the 262144 sequences",

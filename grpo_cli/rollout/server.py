@@ -481,6 +481,8 @@ def _sampling(raw: dict[str, Any], max_model_len: int | None) -> Any:
     stop = raw.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
         raise bad("stop", "a list of strings")
+    if "" in stop:  # vLLM refuses it (a 500, with a traceback in this server's log)
+        raise bad("stop", "non-empty strings (an empty one would end every completion at once)")
     if raw.get("seed") is not None and not _is_int(raw["seed"]):
         raise bad("seed", "an integer or null")
     max_new_tokens = raw["max_new_tokens"] if max_model_len is None else min(raw["max_new_tokens"], max_model_len)
