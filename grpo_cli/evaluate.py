@@ -762,7 +762,7 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
     import torch
 
     from grpo_cli.models import load_model, load_tokenizer, resolve
-    from grpo_cli.rollout import make_engine
+    from grpo_cli.rollout import make_engine, special_stops
 
     cfg = target.cfg
     start = time.perf_counter()
@@ -775,6 +775,7 @@ def run_eval(target: Target, say: Callable[[str], None]) -> tuple[Path, list[Set
         sets, held_out = hold_out_of_run(cfg, sets)
     rewards = eval_reward_set(cfg)
     sampling = sampling_settings(cfg, seed=cfg.seed)
+    special_stops(tokenizer, sampling.stop)  # a stop string that can never match: now, not after the engine starts
     say(f"evaluating {cfg.model.name_or_path} on {', '.join(f'{s.label} ({len(s.rows)})' for s in sets)}, "
         f"n={sampling.n}, temperature {sampling.temperature}")
     wandb_note = cfg.logging.wandb and ("note: grpo eval writes results.json and samples.jsonl, not to W&B "

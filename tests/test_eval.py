@@ -1021,3 +1021,15 @@ def test_the_jsonl_template_in_eval_datasets_points_at_eval_files() -> None:
         eval_datasets(compose(["eval.datasets=[jsonl]"]))
     assert str(caught.value) == ("eval.datasets: 'jsonl' is a template for your own data (it has no dataset.path); "
                                  "list the file itself, e.g. eval.datasets=[data/test.jsonl]")
+
+
+def test_a_stop_string_that_can_never_match_is_one_line_before_the_engine_starts(tiny_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """'<|im_end|> x' never shows in a completion's text (special tokens are skipped); eval found it at the
+    first generate, after the model had loaded and the evaluation had begun."""
+    result = _grpo("eval", f"model.name_or_path={tiny_model_dir}", "dataset=chain_sum", "rollout=hf", "--limit", "1",
+                   'rollout.stop=["<|im_end|> x"]', f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluating" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: rollout.stop: '<|im_end|> x' holds the special token '<|im_end|>'")
