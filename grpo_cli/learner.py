@@ -466,6 +466,7 @@ class Learner:
         tensors: dict[str, Tensor] = {}
         for shard in sorted(weights_dir.glob("*.safetensors")):
             tensors.update(load_file(shard, device="cpu" if self.sharded else str(self.device)))
+        tensors = _model_names(self.policy, tensors)
         if self.sharded:
             current = self.policy.state_dict()
             missing, unexpected = [k for k in current if k not in tensors], [k for k in tensors if k not in current]
@@ -479,6 +480,42 @@ class Learner:
         if missing or unexpected:
             raise TrainingError(f"checkpoint {weights_dir} does not match the model: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}")
+
+
+def _model_names(model: torch.nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's tensors under the names and shapes of `model`'s state_dict(): the conversions
+    transformers 5 applied when it loaded the model (Mixtral's block_sparse_moe.experts.<i>.w1/w3/w2 and
+    Qwen-MoE's experts.<i>.gate_proj/up_proj/down_proj stacked into mlp.experts.gate_up_proj and
+    down_proj), the inverse of grpo_cli.sync.checkpoint_format. save_pretrained writes the checkpoint
+    names, and a resume of a mixture of experts stopped on them ("does not match the model").
+    Unchanged for a model transformers loads as stored."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    conversions = getattr(model, "_weight_conversions", None) or []
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    if not converters and not renamings:
+        return tensors
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    groups: dict[str, Any] = {}  # the model's name -> the transform that makes it from the checkpoint's tensors
+    # In transformers' own loading order: the experts of a stack in their natural order (2 before 10).
+    for name, tensor in sorted(tensors.items(), key=lambda item: dot_natural_key(item[0])):
+        renamed, pattern = rename_source_key(name, renamings, converters)
+        transform = groups.setdefault(renamed, deepcopy(by_pattern[pattern]) if pattern is not None
+                                      else WeightRenaming(name, renamed))
+        transform.add_tensor(renamed, name, pattern or name, tensor)
+    out: dict[str, Tensor] = {}
+    for renamed, transform in groups.items():
+        for name, tensor in transform.convert(renamed, model=model, config=model.config).items():
+            out[name] = tensor[0] if isinstance(tensor, list) else tensor
+    return out
 
 
 def _unwrapped(name: str) -> str:

@@ -419,6 +419,32 @@ def test_lora_on_experts_merges_saves_and_resumes(moe_dirs: dict[str, Path], fam
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("family", MOE)
+def test_full_training_of_experts_saves_and_resumes(moe_dirs: dict[str, Path], family: str, tmp_path: Path) -> None:
+    """Without LoRA. The checkpoint holds the experts under their checkpoint names (Mixtral's
+    block_sparse_moe.experts.<i>.w1, Qwen-MoE's experts.<i>.gate_proj), which a resume has to stack back
+    into the model's fused mlp.experts.gate_up_proj / down_proj: it stopped on a TrainingError
+    ("does not match the model")."""
+    from safetensors.torch import load_file
+
+    cfg = compose([f"model.name_or_path={moe_dirs[family]}", "trainer.lr=1e-2"])
+    learner = Learner(cfg, CPU, pad_id=0)
+    learner.update(PROMPTS, COMPLETIONS, [[0.0] * len(c) for c in COMPLETIONS], ADVANTAGES)
+    learner.save_weights(tmp_path)
+    assert load_file(tmp_path / "model.safetensors").keys() == load_file(moe_dirs[family] / "model.safetensors").keys()
+    trained, original = dict(learner.named_weights()), _plain(moe_dirs[family]).state_dict()
+    fresh = Learner(cfg, CPU, pad_id=0)
+    fresh.load_state_dict(learner.state_dict(), tmp_path)
+    restored = dict(fresh.named_weights())
+    assert restored.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(restored[name], trained[name], rtol=0, atol=0, msg=name)
+    # The step moved the experts, so the restored ones are the trained ones, not the initial ones; each expert
+    # is random and distinct, so one stacked in another's slot would fail the exact comparison above.
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert (trained[name] - original[name]).abs().max() > 1e-3, name
+
+
 def test_loading_adapters_on_other_layers_names_the_experts_once(moe_dirs: dict[str, Path], tmp_path: Path) -> None:
     """The experts' nested adapters were named 'base_layer, experts' (their keys: experts.base_layer.lora_A...)."""
     from grpo_cli.learner import TrainingError
