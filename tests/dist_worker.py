@@ -1,11 +1,15 @@
 """One rank of the sharded-learner check in test_distributed.py, started by torchrun:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR MODEL_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR MODEL_DIR [moe]
 
 For each case of CASES: a sharded Learner.update on this rank's rows of the fixed batch, then rank 0
 writes the updated full weights (OUT_DIR/<case>.safetensors) and every rank its stats
 (OUT_DIR/<case>-rank<r>.json). The `resume` case also saves a checkpoint, loads it into a fresh
 learner and takes one more step with both (OUT_DIR/resume-{straight,restored}.safetensors).
+
+`moe` (MODEL_DIR a mixture of experts): the `resume` case's step, then rank 0 writes what a weight push
+sends (checkpoint_format of the gathered weights: OUT_DIR/moe-pushed.safetensors) and the gathered
+weights (moe.safetensors); a checkpoint is saved and loaded into a fresh learner (moe-restored.safetensors).
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ def update(learner, rows) -> dict[str, float]:  # noqa: ANN001
                           [ENGINE_LOGPROBS[i] for i in rows], torch.tensor([ADVANTAGES[i] for i in rows]))
 
 
-def main(out: Path, model_dir: str) -> None:
+def main(out: Path, model_dir: str, moe: bool = False) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from grpo_cli import checkpoint, distributed
     from grpo_cli.learner import Learner
+    from grpo_cli.sync import checkpoint_format
 
     device = distributed.setup()
     rank = distributed.rank()
@@ -69,7 +74,22 @@ def main(out: Path, model_dir: str) -> None:
         # Every rank gathers (named_weights is collective); only rank 0 writes.
         return {name: t.clone().contiguous() for name, t in learner.named_weights() if name != "lm_head.weight"}
 
-    for case, (overrides, split) in CASES.items():
+    if moe:
+        overrides, split = CASES["resume"]
+        torch.manual_seed(0)
+        learner = Learner(config(model_dir, overrides), device, pad_id=0)
+        update(learner, split[rank])
+        full = weights(learner)
+        pushed = {name: t.contiguous() for name, t in checkpoint_format(learner.policy, learner.named_weights())}
+        saved = checkpoint.save(out / "run", 1, learner, AutoTokenizer.from_pretrained(model_dir), keep_last=1,
+                                data_position=2)
+        restored = Learner(config(model_dir, overrides), device, pad_id=0)
+        checkpoint.load(saved, restored)
+        back = weights(restored)
+        if rank == 0:
+            for name, tensors in (("moe", full), ("moe-pushed", pushed), ("moe-restored", back)):
+                save_file(tensors, out / f"{name}.safetensors")
+    for case, (overrides, split) in ({} if moe else CASES).items():
         torch.manual_seed(0)
         learner = Learner(config(model_dir, overrides), device, pad_id=0)
         for _ in range(STEPS):
@@ -95,4 +115,4 @@ def main(out: Path, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["moe"])
