@@ -610,15 +610,15 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     linear = ", ".join(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                                if isinstance(m, torch.nn.Linear) and m is not embeddings[1]}))
     targets: str | list[str] = list(cfg.lora_target_modules)
-    experts = _expert_weights(model)
+    checkpoint_names = _expert_checkpoint_names(model)
+    experts = sorted(checkpoint_names)  # a mixture of experts' fused expert weights; none for a dense model
     listed, parameters = targets != ["all-linear"], []
     if not listed and not experts:
         targets = "all-linear"  # every linear layer except the output layer
     elif listed:  # the experts' names in the checkpoint (Qwen2-MoE's gate_proj, ...) mean its fused weights
-        checkpoint_names = _expert_checkpoint_names(model)
         parameters = [fused for fused, names in checkpoint_names.items() if set(names) <= set(targets)]
     else:  # a mixture of experts: see _all_linear
-        targets, parameters = _all_linear(model, embeddings[1]), experts
+        targets, parameters = _all_linear(model, embeddings[1], checkpoint_names), experts
         if cfg.lora_dropout > 0:
             raise UserError(_expert_dropout(cfg, ", ".join(experts)) + ", or adapt the other layers only: "
                             f"model.lora_target_modules=[{','.join(targets)}]")
@@ -662,17 +662,18 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig) -> Any:
     return wrapped
 
 
-def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None) -> list[str]:
+def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None,
+                checkpoint_names: dict[str, list[str]]) -> list[str]:
     """The linear layers model.lora_target_modules=[all-linear] adapts (by name, as peft matches them):
     every nn.Linear but the output layer and a mixture of experts' routers. A router (Mixtral's and
     Qwen-MoE's `gate`, Qwen2-MoE's `shared_expert_gate`) picks which experts run; models train it with a
     load-balancing loss beside the language-model loss, which the GRPO loss has none of, so an adapter on
     it could move the routing towards a few experts unchecked (and peft's own all-linear took
     shared_expert_gate, a (1, hidden) layer, but not `gate`). The experts' own weights are no nn.Linear in
-    transformers 5: see _expert_weights. Known gap: on the families peft converts from transformers 4 names
+    transformers 5: see _expert_checkpoint_names. Known gap: on the families peft converts from transformers 4 names
     with a shared expert (GLM-4-MoE, DeepSeek-V3, ...) peft takes shared_experts.gate_proj for the experts'
     gate_proj and drops it, so their shared experts get no adapter (peft 0.21; found on a tiny GLM-4-MoE)."""
-    experts = {name for names in _expert_checkpoint_names(model).values() for name in names}
+    experts = {name for names in checkpoint_names.values() for name in names}
     # Qwen2-MoE's shared expert has the experts' checkpoint names (gate_proj, ...), which in a list mean the
     # experts too (see _add_lora): it is named with its parent (shared_expert.gate_proj), so that the list
     # [all-linear]'s dropout error suggests leaves the experts out.
@@ -682,21 +683,15 @@ def _all_linear(model: torch.nn.Module, output_layer: torch.nn.Module | None) ->
                    and not re.fullmatch(r"gate|router|.*_gate", name.rsplit(".", 1)[-1])})
 
 
-def _expert_weights(model: torch.nn.Module) -> list[str]:
-    """A mixture of experts' fused expert weights, for peft's `target_parameters`: ['experts.down_proj',
-    'experts.gate_up_proj'] (transformers 5 stacks each expert projection into one (experts, out, in)
-    parameter, which peft adapts with lora.ParamWrapper). Left to peft, [all-linear] adapted them on Mixtral
-    and Qwen3-MoE (through its conversion of transformers 4 names) but not on Qwen2-MoE. Empty for a dense model."""
-    return sorted({f"{name.rsplit('.', 1)[-1]}.{param}" for name, m in model.named_modules()
-                   for param, p in m.named_parameters(recurse=False) if p.dim() == 3})
-
-
 def _expert_checkpoint_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Each fused expert weight (see _expert_weights) with the names its experts' weights have in the
-    checkpoint: {'experts.gate_up_proj': ['gate_proj', 'up_proj'], 'experts.down_proj': ['down_proj']}
-    (Mixtral's: w1, w3 and w2), as transformers writes them back on saving. peft maps a list of these names
-    onto the fused weights for Mixtral and Qwen3-MoE, and for Qwen2-MoE not (only its shared expert, whose
-    layers have the same names, got adapters)."""
+    """A mixture of experts' fused expert weights, for peft's `target_parameters` (transformers 5 stacks each
+    expert projection into one (experts, out, in) parameter, which peft adapts with lora.ParamWrapper; left
+    to peft, [all-linear] adapted them on Mixtral and Qwen3-MoE but not on Qwen2-MoE), each with the names
+    its experts' weights have in the checkpoint: {'experts.gate_up_proj': ['gate_proj', 'up_proj'],
+    'experts.down_proj': ['down_proj']} (Mixtral's: w1, w3 and w2), as transformers writes them back on
+    saving. peft maps a list of these names onto the fused weights for Mixtral and Qwen3-MoE, and for
+    Qwen2-MoE not (only its shared expert, whose layers have the same names, got adapters). Empty for a
+    dense model."""
     from transformers.core_model_loading import revert_weight_conversion
 
     names: dict[str, list[str]] = {}
