@@ -135,7 +135,7 @@ def build_spec(cfg: Any, grpo_overrides: list[str], args: argparse.Namespace, ru
     return {
         "repo": str(ROOT), "rollout": cfg.rollout.engine, "model": model, "model_name": cfg.model.name_or_path, "device": device.type,
         "dtype": str(torch_dtype(cfg.model.dtype, device)).removeprefix("torch."),
-        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing, "cpu_matmul": cfg.model.cpu_matmul,
         "rows": [{"prompt": r["prompt"], "answer": str(r["answer"])} for r in picked],
         "steps": args.steps + 1, "prompts_per_step": P, "group_size": cfg.rollout.group_size,
         "micro_batch_size": cfg.trainer.micro_batch_size, "max_new_tokens": cfg.rollout.max_new_tokens,

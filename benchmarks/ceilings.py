@@ -15,6 +15,9 @@ learner: plain transformers, the same model and dtype: for each step, forward+ba
          step's P x G sequences (its real prompts, completions of the step's mean length as logged
          by grpo, random tokens) in micro-batches of the same size, logits only at completion
          positions; the reference model's forward over the same batch (when beta > 0); one AdamW step.
+         Its linear layers, the output layer's too, multiply as grpo's learner's do: through oneDNN
+         where grpo's model.cpu_matmul puts them there (grpo_cli/onednn.py), so that the ceiling
+         shows the loop's overhead, not a difference of matrix-product kernels.
 
 The first step's prompts are a warm-up (vllm: a whole generation; learner: one micro-batch), not
 reported. Each phase runs in its own process (bench.py starts it) so its peak memory is its own;
@@ -140,6 +143,8 @@ def learner_ceiling(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from grpo_cli import onednn
+
     device, dtype = _device(spec), getattr(torch, spec["dtype"])
     G, M = spec["group_size"], spec["micro_batch_size"]
     pad = spec["pad_id"]
@@ -151,6 +156,11 @@ def learner_ceiling(spec: dict) -> dict:
     if spec["beta"] != 0:
         reference = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(device).eval()
         reference.requires_grad_(False)
+    linear = "torch"
+    if onednn.wanted(spec.get("cpu_matmul", "torch"), device, sharded=False):
+        for model in (policy, reference):
+            if model is not None and onednn.use_onednn(model, output_layer=True):
+                linear = "onednn"
     optimizer = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], betas=tuple(spec["adam_betas"]),
                                   eps=spec["adam_eps"], weight_decay=spec["weight_decay"])
     generator = torch.Generator().manual_seed(spec["seed"])
@@ -210,7 +220,7 @@ def learner_ceiling(spec: dict) -> dict:
         steps.append({"fwd_bwd_s": fwd_bwd, "ref_s": ref, "optimizer_s": opt, "completion_len": length})
         print(f"[learner] step {s + 1}: fwd+bwd {fwd_bwd:.1f} s, reference {ref:.1f} s, AdamW {opt:.2f} s "
               f"({len(prompts) * G} x ({len(prompts[0])}+{length}) tokens)", flush=True)
-    return {"steps": steps}
+    return {"steps": steps, "linear": linear}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class Results:
     generation: dict[str, Any]       # ceilings.py vllm (or hf) result: raw generation by grpo's engine
     learner: list[dict[str, float]]  # ceilings.py learner steps
     gpu_peak: dict[str, float]       # on a GPU: peak allocated GPU bytes per process (grpo, trl, ceilings)
+    learner_linear: str = "torch"    # the learner ceiling's linear layers: "onednn" as grpo's on a CPU, or torch's own
 
     def grpo_times(self) -> list[float]:
         return [r["time/step"] for r in self.grpo]
@@ -70,7 +71,8 @@ def load(run_dir: Path) -> Results:
                     "learner": learner.get("gpu_peak_bytes", 0)}
     return Results(spec=spec, run=run, grpo=grpo_measured(run_dir / "grpo", run["steps"]),
                    trl=trl["steps"][1:],  # [0] is the warm-up
-                   generation=generation, learner=learner["steps"], gpu_peak=gpu_peak)
+                   generation=generation, learner=learner["steps"], gpu_peak=gpu_peak,
+                   learner_linear=learner.get("linear", "torch"))
 
 
 def markdown(r: Results) -> str:
@@ -139,7 +141,10 @@ def markdown(r: Results) -> str:
         f"{_med([x['seconds'] for x in r.generation['steps']]):.2f} s per batch, {raw_tok / raw_s:.1f} tok/s; "
         f"grpo's rollout costs {rollout_per_tok / raw_per_tok:.2f}x {raw} per token; "
         f"peak RSS {_gib(rss['generation'])} GiB" + (f", peak GPU {_gib(gpu['generation'])} GiB" if gpu else ""),
-        f"- ceiling, bare transformers forward+backward of the same batch: {fwd_bwd:.2f} s; + reference forward + "
+        "- ceiling, bare transformers forward+backward of the same batch"
+        + (" (its linear layers through oneDNN, as grpo's learner's; TRL runs torch's own)"
+           if r.learner_linear == "onednn" else "")
+        + f": {fwd_bwd:.2f} s; + reference forward + "
         f"AdamW: {full:.2f} s; grpo's learner phase is {split['learner'] / fwd_bwd:.2f}x the forward+backward and "
         f"{split['learner'] / full:.2f}x the full bare update; peak RSS {_gib(rss['learner'])} GiB"
         + (f", peak GPU {_gib(gpu['learner'])} GiB" if gpu else ""),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpo_cli import distributed
+from grpo_cli import distributed, onednn
 from grpo_cli.errors import UserError, first_line
 from grpo_cli.logprobs import (
     Packed,
@@ -109,6 +109,10 @@ class Learner:
             # it is the same model with its adapters switched off, so no second copy is loaded
             self.reference = load_model(model_cfg, load_device).eval().requires_grad_(False)
             set_logit_form(self.reference, form)  # the same architecture
+        if onednn.wanted(cfg.model.cpu_matmul, device, self.sharded):
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    onednn.use_onednn(model)
         if self.sharded:
             for model in (self.policy, self.reference):
                 if model is not None:

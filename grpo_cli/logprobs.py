@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from grpo_cli import onednn
 from grpo_cli.errors import UserError
 
 # fp32 logits of one chunk of completion tokens (logit_chunk): all the vocabulary-wide memory the
@@ -180,7 +181,7 @@ def _token_logprobs(z: Tensor, targets: Tensor, with_entropy: bool) -> tuple[Ten
 
 def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
     """(M, V) hidden @ weight.T / temperature in fp32 (or better): a new tensor, free to write into."""
-    return _scaled(hidden @ weight.t(), temperature, own=True)
+    return _scaled(onednn.product(hidden, weight), temperature, own=True)
 
 
 def _scaled(logits: Tensor, temperature: float, own: bool = False) -> Tensor:
@@ -231,7 +232,7 @@ class _OutputLayerLogprob(torch.autograd.Function):
         if temperature != 1.0:
             grad.div_(temperature)
         grad = grad.to(weight.dtype)
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_hidden = onednn.product(grad, weight, transposed=False) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
             if getattr(weight, _IN_PLACE, False):

@@ -24,6 +24,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     share_prompts: bool | None = None  # None: on a CPU, off on a GPU (see grpo_cli/logprobs.py)
+    cpu_matmul: str = _choice("auto", "onednn", "torch")  # a CPU learner's fp32 linear layers (grpo_cli/onednn.py)
     lora_rank: int = 0
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0

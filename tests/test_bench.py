@@ -131,3 +131,26 @@ def test_the_summary_states_the_settings_that_set_the_cost_and_the_ratio_of_medi
     assert r.ratio() == 4.0 / 10.0  # median 4 s against median 10 s, not the means (5 and 10.33)
     assert text.rstrip().endswith("step_time_ratio_vs_trl=0.400")
     assert "| grpo (vLLM rollouts) | 4.00 | 3.00 | 8.00 | 8.0 |" in text  # 120 tokens in 15 s
+    assert "- ceiling, bare transformers forward+backward of the same batch: 2.00 s" in text
+    r.learner_linear = "onednn"
+    assert ("- ceiling, bare transformers forward+backward of the same batch (its linear layers through oneDNN, "
+            "as grpo's learner's; TRL runs torch's own): 2.00 s") in report.markdown(r)
+
+
+@pytest.mark.parametrize("matmul", ["auto", "torch"])
+def test_the_learner_ceiling_multiplies_as_grpos_learner(tiny_model_dir: Path, matmul: str) -> None:
+    """Its linear layers, the output layer's too, go through oneDNN where grpo's do, so that the
+    ceiling measures the loop's overhead and not a kernel difference."""
+    spec = importlib.util.spec_from_file_location("ceilings", REPO / "benchmarks" / "ceilings.py")
+    ceilings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceilings)
+    from grpo_cli import onednn
+
+    workload = {"device": "cpu", "dtype": "float32", "model": str(tiny_model_dir), "group_size": 2,
+                "micro_batch_size": 2, "pad_id": 0, "gradient_checkpointing": False, "beta": 0.04, "lr": 1e-6,
+                "adam_betas": [0.9, 0.99], "adam_eps": 1e-8, "weight_decay": 0.0, "seed": 0, "temperature": 1.0,
+                "max_grad_norm": 1.0, "prompts_per_step": 1, "completion_lengths": [3],
+                "rows": [{"prompt": "1 + 2 ="}, {"prompt": "3 + 4 ="}], "cpu_matmul": matmul}
+    result = ceilings.learner_ceiling(workload)
+    assert len(result["steps"]) == 1
+    assert result["linear"] == ("onednn" if matmul == "auto" and onednn.available() else "torch")
