@@ -49,7 +49,14 @@ from grpo_cli import checkpoint, distributed
 from grpo_cli.data import data_fingerprint, fitting_prompts, load_prompts, special_token_note
 from grpo_cli.errors import SameOnEveryRank, UserError, first_line
 from grpo_cli.evaluate import PeriodicEval, greedy_note, reward_label, training_file_note
-from grpo_cli.learner import Learner, TrainingError, _logprobs, keep_freed_host_memory, refuse_sharded_lora
+from grpo_cli.learner import (
+    Learner,
+    TrainingError,
+    _logprobs,
+    keep_freed_host_memory,
+    own_mappings,
+    refuse_sharded_lora,
+)
 from grpo_cli.logging import RunLogger, discard_wandb, start_wandb
 from grpo_cli.logprobs import pack
 from grpo_cli.loss import group_advantages
@@ -110,8 +117,6 @@ def train(cfg: Config) -> Path:
             rollout_cfg = dataclasses.replace(cfg.rollout, max_new_tokens=longest)
         engine = make_engine(rollout_cfg, cfg.model, resolve(cfg.model.name_or_path), policy=learner.policy,
                              run_dir=run)
-        if device.type == "cpu":
-            keep_freed_host_memory()
         # The engine starts from the base weights: give it the resumed ones. Rollout servers may still
         # hold an earlier run's pushes, or another checkpoint of the model: give them this run's.
         if start or getattr(engine, "holds_other_weights", False):
@@ -144,6 +149,7 @@ def train(cfg: Config) -> Path:
             # The starting weights' scores, as step 0: the baseline the run's evaluations compare with.
             logger.log(0, evaluation.run(engine, 0, run / "samples" if distributed.is_main() else None,
                                          say=logger.message))
+        heap_only = False  # keep_freed_host_memory: a CPU learner's allocations from the heap, after its first update
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             timer = _Timer()
 
@@ -172,6 +178,8 @@ def train(cfg: Config) -> Path:
                     stats = learner.update([s.prompt_ids for s in train_rows.samples],
                                            [s.completion_ids for s in train_rows.samples],
                                            [s.logprobs for s in train_rows.samples], train_rows.advantages)
+                    if device.type == "cpu" and not heap_only:  # once the optimizer's state exists
+                        heap_only = keep_freed_host_memory()
             completed, completed_position = step, position
 
             # ---------------------------------------------------------------- sync
@@ -263,8 +271,10 @@ def train(cfg: Config) -> Path:
 
 
 def _push(engine: Engine, learner: Learner) -> None:
-    """The learner's weights into the engine, under the names its checkpoint files use (checkpoint_format)."""
-    push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
+    """The learner's weights into the engine, under the names its checkpoint files use (checkpoint_format);
+    the engine's new weights in their own mappings, not in the learner's heap (own_mappings)."""
+    with own_mappings():
+        push_weights(engine, checkpoint_format(learner.policy, learner.named_weights()))
 
 
 @contextmanager

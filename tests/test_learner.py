@@ -526,6 +526,58 @@ print(faults[-1])
         assert low <= int(out.stdout) <= high, (mode, out.stdout)
 
 
+def test_a_weight_push_gets_its_own_mappings_and_the_heap_gives_back_its_free_pages() -> None:
+    """own_mappings, after keep_freed_host_memory: a 4 MiB tensor made inside is mapped on its own
+    (glibc's mmapped bytes grow by it), one made outside or after is not, and entering gives the
+    heap's free pages back (a freed 256 MiB tensor stays resident until then). In a subprocess: the
+    settings are the whole process's."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc" or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33):
+        pytest.skip("glibc's settings (mallinfo2: glibc 2.33)")
+    script = """
+import ctypes, torch
+from grpo_cli.learner import keep_freed_host_memory, own_mappings
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+def mapped():
+    return libc.mallinfo2().hblkhd
+def resident():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+assert keep_freed_host_memory()
+base = mapped()
+outside = torch.ones(1 << 20)
+freed = torch.ones(1 << 26)
+del freed
+before = resident()
+with own_mappings():
+    trimmed = before - resident()
+    inside = torch.ones(1 << 20)
+    inside_mapped = mapped() - base
+after = torch.ones(1 << 20)
+print(inside_mapped, mapped() - base - inside_mapped, trimmed)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    inside, outside, trimmed = map(int, out.stdout.split())
+    assert 4 << 20 <= inside <= 5 << 20 and outside == 0
+    assert trimmed > 200 << 20
+
+
+def test_a_cpu_learner_keeps_its_gradients_memory(tiny_model_dir: Path) -> None:
+    """Zeroed in place between updates, not freed and made anew (keep_freed_host_memory's heap)."""
+    learner = Learner(_config(tiny_model_dir, "loss.beta=0"), CPU, pad_id=0)
+    args = ([[1, 2]] * 2, [[3, 4], [5]], [[-1.0, -1.0], [-1.0]], torch.tensor([1.0, -1.0]))
+    learner.update(*args)
+    pointers = [p.grad.data_ptr() for p in learner.trainable]
+    learner.update(*args)
+    assert [p.grad.data_ptr() for p in learner.trainable] == pointers
+
+
 def _transformed_logits_model(kind: str) -> torch.nn.Module:
     """A one-layer float64 model whose forward scales or soft-caps its logits, with an output layer
     large enough (logits of ~10) that the transform matters."""
