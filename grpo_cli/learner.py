@@ -629,7 +629,8 @@ def own_mappings(threshold: int = 1 << 20) -> Iterator[None]:
     still exist. In the heap those long-lived tensors landed among the learner's freed blocks, and
     each push left the heap bigger (SmolLM2, the benchmark's steps: +0.67, +0.29 and +0.23 GB over
     three pushes, its used part unchanged); mapped on top of the heap's kept free pages, they raised
-    the peak instead. Both ways the process's peak was 0.3-0.4 GB above that of a run without them."""
+    the peak instead: a 6-step benchmark run peaked at 6.18-6.23 GB either way, and at 5.75-5.79 GB
+    with the heap given back first and the gradients kept (benchmarks/RESULTS.md)."""
     libc = _libc() if _heap_only else None
     if libc is None:
         yield

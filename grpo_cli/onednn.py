@@ -22,7 +22,7 @@ memory grew with every update (SmolLM2-135M, updates of random 8 x 8 batches: +0
 2nd to the 6th). The package sets both caches smaller on import (grpo_cli.ONEDNN_CACHES, unless
 the environment already sets them), before any primitive exists; a micro-batch needs about 15,
 which stay cached through its forwards and its backward. Measured over 10 such updates: memory
-flat after the 3rd, within 0.03 GB of torch's own products, and updates as fast as with the
+flat after the 3rd, within 0.06 GB of torch's own products, and updates as fast as with the
 default caches (7.3 s against 7.2; 11.3 s with torch's products).
 """
 
