@@ -12,6 +12,7 @@ or per-token).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -573,6 +574,7 @@ def _logprobs(model: torch.nn.Module, batch: Packed | Segments, temperature: flo
     return sequence_logprobs(model, batch, temperature, entropy=entropy)
 
 
+@functools.cache
 def _libc() -> Any:
     """glibc through ctypes, or None (another C library, or none found)."""
     import ctypes
@@ -612,6 +614,8 @@ def keep_freed_host_memory() -> bool:
     mappings and only the loop's short-lived ones share the heap, which they would otherwise split
     into pieces. A weight push, which makes the engine's weights anew, runs under `own_mappings`."""
     global _heap_only
+    if _heap_only:  # already set (the loop calls this after every update)
+        return True
     libc = _libc()
     # The largest threshold mallopt takes (2 GiB of free memory at the heap's top before it trims).
     _heap_only = (libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0))

@@ -149,7 +149,6 @@ def train(cfg: Config) -> Path:
             # The starting weights' scores, as step 0: the baseline the run's evaluations compare with.
             logger.log(0, evaluation.run(engine, 0, run / "samples" if distributed.is_main() else None,
                                          say=logger.message))
-        heap_only = False  # keep_freed_host_memory: a CPU learner's allocations from the heap, after its first update
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             timer = _Timer()
 
@@ -178,8 +177,8 @@ def train(cfg: Config) -> Path:
                     stats = learner.update([s.prompt_ids for s in train_rows.samples],
                                            [s.completion_ids for s in train_rows.samples],
                                            [s.logprobs for s in train_rows.samples], train_rows.advantages)
-                    if device.type == "cpu" and not heap_only:  # once the optimizer's state exists
-                        heap_only = keep_freed_host_memory()
+                    if device.type == "cpu":  # once the optimizer's state exists; later calls change nothing
+                        keep_freed_host_memory()
             completed, completed_position = step, position
 
             # ---------------------------------------------------------------- sync
