@@ -627,7 +627,9 @@ def keep_freed_host_memory() -> bool:
 def own_mappings(threshold: int = 1 << 20) -> Iterator[None]:
     """For a weight push into a CPU vLLM engine, once keep_freed_host_memory took (else nothing
     changes): the heap's free pages go back to the system first (malloc_trim), and within the block
-    allocations of `threshold` bytes and more get their own mappings again.
+    allocations of `threshold` bytes and more that none of the heap's free blocks can hold get their
+    own mappings instead of growing the heap (glibc serves what a free block holds from it, and maps
+    only the rest).
 
     A push makes the engine's weights anew (vLLM repacks them for its kernels) while the old ones
     still exist. In the heap those long-lived tensors landed among the learner's freed blocks, and
