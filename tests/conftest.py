@@ -33,6 +33,20 @@ def _isolate_cache() -> None:
 
 _isolate_cache()
 
+
+def _restore_ctrl_c() -> None:
+    """Ctrl-C works in the tests even when they are started with SIGINT ignored (a shell's background
+    job does that): ignored is inherited by every `grpo` the tests start, and the tests that stop a
+    run with a real SIGINT (GRPO_INTERRUPT_AFTER_STEP) would see it finish instead. A Python handler
+    is not inherited: the commands start with the default, and Python turns it into KeyboardInterrupt."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_restore_ctrl_c()
+
 REPO = Path(__file__).resolve().parents[1]
 
 
