@@ -11,9 +11,9 @@ views:   the same split with the keys as views: the prompt's keys expanded over 
          concatenated with each completion's own (completions of one length).
 
 Each way's output and gradients are checked against `mask` before it is timed. Only the arithmetic
-of attention is timed here. A first try at folding the gather way into a model's attention
-(transformers' AttentionInterface) was slower than the mask: its gathers and scatter cost more than
-the attention saved (benchmarks/RESULTS.md).
+of attention is timed here. Folded into a model's attention (a transformers AttentionInterface
+function), the gather way gained nothing on a whole SmolLM2 forward+backward of such a row: the
+copies it needs cost what the smaller attention saved (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
