@@ -19,12 +19,17 @@ copies it needs cost what the smaller attention saved (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo_cli.logprobs import pack_segments  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +43,11 @@ def main() -> None:
     P, C, G = args.prompt, args.completion, args.group
     H, KV, D = args.heads
     N = P + G * C
-    group = torch.tensor([-1] * P + [g for g in range(G) for _ in range(C)])
-    row_mask = (((group[None, :] == -1) | (group[:, None] == group[None, :]))
-                & torch.ones(N, N, dtype=torch.bool).tril())[None, None]
+    # The learner's own row and mask: each completion's last token predicts nothing, so C + 1 tokens.
+    row = pack_segments([list(range(P))] * G, [[0] * (C + 1)] * G, pad_id=0, device=torch.device("cpu"),
+                        row_tokens=N)
+    assert row.allowed.shape == (1, N, N)
+    row_mask = row.allowed[:, None]
     index = torch.stack([torch.cat([torch.arange(P), P + g * C + torch.arange(C)]) for g in range(G)])
     own_mask = torch.ones(P + C, P + C, dtype=torch.bool).tril()[P:]  # a completion's queries: (C, P + C)
 
